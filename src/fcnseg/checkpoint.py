@@ -1,0 +1,196 @@
+"""Checkpoints: safetensors weights plus a JSON record; safe reading of .pth files; built-in models.
+
+A checkpoint ``NAME.safetensors`` carries its record in the file's metadata (key ``fcnseg``) and,
+for people and tools, beside it as ``NAME.json``. The record says how to rebuild the network
+(``arch``, ``num_classes``, ``model_kwargs``) and what its outputs mean (``classes``, ``colors``,
+``normalization``), and where it came from (``provenance``, ``metrics``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import FcnsegError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write through ``write(tmp_path)`` to a temporary name in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from .safetensors, or from .pth/.pt with ``weights_only=True`` (no code ever runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FcnsegError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FcnsegError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise FcnsegError(f"{path}: refused to load: the file holds Python objects other than tensors, which "
+                          f"could run code ({first[:160]}). Convert it to safetensors from a trusted source.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise FcnsegError(f"{path}: not a readable PyTorch file ({str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FcnsegError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def make_record(model: nn.Module, classes: list[str] | None = None, colors: list[list[int]] | None = None,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, **extra: Any) -> dict[str, Any]:
+    """The JSON record for ``model`` (built with ``build_model``), plus any extra fields."""
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise ValueError("model has no .arch: build it with fcnseg.build_model")
+    num_classes = model.num_classes
+    record = {
+        "format": "fcnseg-checkpoint/1",
+        "arch": arch,
+        "num_classes": num_classes,
+        "model_kwargs": dict(getattr(model, "build_kwargs", {})),
+        "classes": list(classes) if classes else [f"class_{i}" for i in range(num_classes)],
+        "colors": [list(map(int, c)) for c in colors] if colors else default_palette(num_classes),
+        "normalization": {"mean": list(mean), "std": list(std)},
+    }
+    record.update(extra)
+    return record
+
+
+def default_palette(n: int) -> list[list[int]]:
+    """The PASCAL VOC colour map (bit-interleaved), which gives distinct colours for any n."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out.append([r, g, b])
+    return out
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write ``path`` (.safetensors) and its ``.json`` record atomically. ``dtype`` (e.g. float16)
+    stores floating tensors compactly; they are cast back to float32 on load."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    record = dict(record) if record is not None else make_record(model)
+    if dtype is not None:
+        record["stored_dtype"] = str(dtype).replace("torch.", "")
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        state[k] = v.contiguous()
+    meta = {"fcnseg": json.dumps(record)}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    return path
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The record stored in a checkpoint's metadata (or its .json beside it)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for damaged headers
+        raise FcnsegError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    if "fcnseg" in meta:
+        return json.loads(meta["fcnseg"])
+    side = path.with_suffix(".json")
+    if side.is_file():
+        return json.loads(side.read_text())
+    raise FcnsegError(f"{path}: no fcnseg record in the file or beside it ({side.name}); "
+                      f"import foreign weights with 'fcnseg convert'")
+
+
+def builtin_checkpoints() -> dict[str, Path]:
+    """Name -> file of the trained models shipped inside the package."""
+    if not WEIGHTS_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
+
+
+def resolve_checkpoint(path_or_name: str | Path) -> Path:
+    """A built-in name, a checkpoint file, or a run directory (its last checkpoint)."""
+    builtins = builtin_checkpoints()
+    if isinstance(path_or_name, str) and path_or_name in builtins and not Path(path_or_name).exists():
+        return builtins[path_or_name]
+    path = Path(path_or_name)
+    if path.is_dir():
+        for cand in (path / "checkpoints" / "last.safetensors", path / "last.safetensors",
+                     path / "checkpoints" / "best.safetensors", path / "best.safetensors"):
+            if cand.is_file():
+                return cand
+        raise FcnsegError(f"{path}: a directory without checkpoints/last.safetensors; is it a training run?")
+    if not path.is_file():
+        names = ", ".join(builtins) or "none installed"
+        raise FcnsegError(f"{path}: no such checkpoint file (built-in checkpoints: {names})")
+    return path
+
+
+def load_checkpoint(path_or_name: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A ready model in eval mode, with its record as ``model.record``.
+
+    ``path_or_name``: a built-in name (``fcnseg models`` lists them), a ``.safetensors``
+    checkpoint, or a run directory.
+    """
+    from .registry import build_model
+
+    path = resolve_checkpoint(path_or_name)
+    if path.suffix != ".safetensors":
+        raise FcnsegError(f"{path}: fcnseg checkpoints are .safetensors; convert other formats with 'fcnseg convert'")
+    record = read_record(path)
+    model = build_model(record["arch"], num_classes=record["num_classes"], **record.get("model_kwargs", {}))
+    state = read_state_dict(path)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise FcnsegError(f"{path}: weights do not fit {record['arch']} ({str(e).splitlines()[0]})") from None
+    model.record = record
+    return model.to(device).eval()

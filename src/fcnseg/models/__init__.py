@@ -1,0 +1,11 @@
+"""Networks: backbones keyed by stride, the FCN head, upsampling, and the registered models."""
+from . import paper  # noqa: F401  (registers the paper's nets)
+from .backbones import Backbone
+from .convolutionalize import convolutionalize, fc_to_conv
+from .fcn import FCN
+from .geometry import Geometry
+from .paper import transfer_weights
+from .upsample import Upsample, bilinear_kernel
+
+__all__ = ["Backbone", "FCN", "Geometry", "Upsample", "bilinear_kernel", "convolutionalize", "fc_to_conv",
+           "transfer_weights"]
