@@ -1,0 +1,43 @@
+"""SIFT Flow semantic labels: ``images/*.jpg``, ``labels/*.png`` (0 void, 1..33), split lists."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from ..checkpoint import default_palette
+from ..errors import FcnsegError
+from .base import IGNORE_INDEX, SegmentationDataset, check_split, read_list, register_dataset
+
+SIFTFLOW_CLASSES = ["awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
+                    "desert", "door", "fence", "field", "grass", "moon", "mountain", "person", "plant", "pole",
+                    "river", "road", "rock", "sand", "sea", "sidewalk", "sign", "sky", "staircase", "streetlight",
+                    "sun", "tree", "window"]
+
+
+def holdout_split(names: list[str], split: str, val_fraction: float, seed: int) -> list[str]:
+    """A deterministic train/val partition of ``names``: the same seed gives the same val set on any machine."""
+    if not 0 < val_fraction < 1:
+        raise FcnsegError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    order = list(range(len(names)))
+    random.Random(seed).shuffle(order)
+    val = set(order[: max(1, round(len(names) * val_fraction))])
+    return [n for i, n in enumerate(names) if (i in val) == (split == "val")]
+
+
+@register_dataset("siftflow")
+def siftflow(root: Path, split: str, transforms=None, skip_bad: bool = False, split_list: str | Path | None = None,
+             val_fraction: float = 0.1, seed: int = 0) -> SegmentationDataset:
+    """SIFT Flow. Splits: ``trainval`` (trainval.txt), ``test`` (test.txt), and ``train``/``val``: trainval with a
+    fixed ``val_fraction`` held out by ``seed``. ``split_list`` reads the names from a file you give instead."""
+    if split_list is not None:
+        names = read_list(Path(split_list))
+    else:
+        check_split("siftflow", split, ("train", "val", "trainval", "test"))
+        names = read_list(root / ("test.txt" if split == "test" else "trainval.txt"))
+        if split in ("train", "val"):
+            names = holdout_split(names, split, val_fraction, seed)
+    files = [(root / "images" / f"{n}.jpg", root / "labels" / f"{n}.png") for n in names]
+    value_map = {0: IGNORE_INDEX} | {v: v - 1 for v in range(1, len(SIFTFLOW_CLASSES) + 1)}
+    return SegmentationDataset(name="siftflow", root=root, split=split, files=files, names=names,
+                               classes=SIFTFLOW_CLASSES, colors=default_palette(len(SIFTFLOW_CLASSES) + 1)[1:],
+                               transforms=transforms, value_map=value_map, skip_bad=skip_bad)
