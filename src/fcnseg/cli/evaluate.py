@@ -1,0 +1,84 @@
+"""``fcnseg evaluate``: score a checkpoint on a dataset split at the images' original resolution."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("evaluate", help="score a checkpoint: pixel acc., mean acc., mean IU, f.w. IU, per class",
+                       description="Score a checkpoint on a dataset split (batch size 1, original resolution). "
+                                   "Means leave out classes with no defined value (see fcnseg.metrics).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a .safetensors checkpoint, a run directory, or a built-in name")
+    p.add_argument("--dataset", required=True, help="dataset family: camvid, siftflow, voc, folder, ...")
+    p.add_argument("--root", required=True, metavar="DIR", help="dataset folder")
+    p.add_argument("--split", default="val", help="split to score (default val)")
+    p.add_argument("--json", metavar="FILE", help="write the scores (fractions in [0, 1]) as JSON")
+    p.add_argument("--confusion-png", metavar="FILE", help="write a row-normalised confusion-matrix plot")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="CLASS",
+                   help="leave these classes (names or indices) out of the class-averaged means")
+    p.add_argument("--exclude-absent", action="store_true",
+                   help="leave out classes with no pixel in this split (the paper's SIFT Flow protocol)")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="score the first N images only")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import load_checkpoint
+    from ..data import build_dataset, build_transforms
+    from ..engine import evaluate
+    from ..errors import FcnsegError
+    from ..metrics import absent_classes, format_table
+    from ..train.distributed import pick_device
+    from ..train.loader import Seeded, make_loader
+    from ..train.report import plot_confusion, write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    model = load_checkpoint(args.checkpoint, device=device)
+    record = model.record
+    dataset = build_dataset(args.dataset, args.root, args.split)
+    norm = record.get("normalization", {})
+    if "mean" in norm and "std" in norm:  # the checkpoint's own preprocessing, at original resolution
+        dataset.transforms = build_transforms(getattr(dataset, "preset", args.dataset), train=False,
+                                              mean=norm["mean"], std=norm["std"])
+    if dataset.num_classes != model.num_classes:
+        raise FcnsegError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
+                          f"{dataset.num_classes}; evaluate on the dataset it was trained for")
+    if list(record.get("classes", dataset.classes)) != list(dataset.classes):
+        print(f"fcnseg: warning: the checkpoint's class names differ from {args.dataset}'s; scoring by index",
+              file=sys.stderr)
+    classes = list(dataset.classes)
+    exclude = []
+    for c in args.exclude:
+        if c in classes:
+            exclude.append(classes.index(c))
+        elif c.isdigit() and int(c) < len(classes):
+            exclude.append(int(c))
+        else:
+            raise FcnsegError(f"--exclude {c!r}: not a class of {args.dataset} ({', '.join(classes)})")
+    n = min(args.limit, len(dataset)) if args.limit else len(dataset)
+    loader = make_loader(Seeded(dataset), list(range(n)), 1, args.workers, device)
+    cm = evaluate(model, loader, model.num_classes, device=device, ignore_index=dataset.ignore_index,
+                  amp_dtype=torch.bfloat16 if args.amp else None, desc=f"{args.dataset} {args.split}")
+    if args.exclude_absent:
+        exclude += [i for i in absent_classes(cm) if i not in exclude]
+    scores = cm.compute(exclude=exclude, class_names=classes)
+    scores = {"checkpoint": str(args.checkpoint), "arch": record.get("arch"), "dataset": args.dataset,
+              "split": args.split, "images": n, "excluded": [classes[i] for i in sorted(exclude)], **scores}
+    print(f"{record.get('arch')} on {args.dataset} {args.split} ({n} images)")
+    print(format_table(scores))
+    if args.json:
+        write_json(args.json, scores)
+    if args.confusion_png:
+        plot_confusion(scores["confusion_matrix"], classes, args.confusion_png,
+                       title=f"{record.get('arch')} on {args.dataset} {args.split}")
+    return 0

@@ -1,0 +1,109 @@
+"""``fcnseg train``: parse flags into a TrainConfig (defaults < --config YAML < flags) and call ``fcnseg.train.fit``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# flag -> (config key, argparse keywords); every flag defaults to None so only given flags override
+FLAGS: dict[str, tuple[str, dict]] = {
+    "--model": ("model", dict(help="architecture (see 'fcnseg models')")),
+    "--pretrained": ("pretrained", dict(action=argparse.BooleanOptionalAction, help="ImageNet-initialised backbone")),
+    "--init-from": ("init_from", dict(metavar="CHECKPOINT", help="staged training: start from this checkpoint's "
+                                                                  "shared weights (FCN-32s -> 16s -> 8s)")),
+    "--dataset": ("dataset", dict(help="dataset family: camvid, siftflow, voc, folder, ...")),
+    "--root": ("root", dict(metavar="DIR", help="dataset folder")),
+    "--split": ("split", dict(help="training split (default train)")),
+    "--val-split": ("val_split", dict(help="validation split (default val; 'none' for no validation)")),
+    "--crop-size": ("crop_size", dict(type=int, nargs=2, metavar=("H", "W"), help="random training crop")),
+    "--scale-range": ("scale_range", dict(type=float, nargs=2, metavar=("LO", "HI"), help="random rescaling")),
+    "--workers": ("workers", dict(type=int, help="data loading processes")),
+    "--epochs": ("epochs", dict(type=int)),
+    "--batch-size": ("batch_size", dict(type=int, help="images per step per process")),
+    "--accumulate": ("accumulate", dict(type=int, help="micro-batches per optimiser step")),
+    "--optimizer": ("optimizer", dict(choices=("sgd", "adam", "adamw"))),
+    "--lr": ("lr", dict(type=float, help="base learning rate")),
+    "--momentum": ("momentum", dict(type=float)),
+    "--weight-decay": ("weight_decay", dict(type=float)),
+    "--schedule": ("schedule", dict(choices=("fixed", "poly", "cosine"))),
+    "--warmup-steps": ("warmup_steps", dict(type=int)),
+    "--max-steps": ("max_steps", dict(type=int, help="stop after N optimiser steps (also the schedule length)")),
+    "--time-budget-min": ("time_budget_min", dict(type=float, metavar="MIN", help="stop after MIN minutes")),
+    "--loss-reduction": ("loss_reduction", dict(choices=("mean", "sum"), help="sum: the paper's unnormalised loss")),
+    "--class-weights": ("class_weights", dict(metavar="FILE.json|median", help="per-class loss weights")),
+    "--loss-sample": ("loss_sample", dict(type=float, metavar="P", help="keep each output cell with probability P")),
+    "--on-nonfinite": ("on_nonfinite", dict(choices=("stop", "skip"), help="on a NaN/inf loss (default stop)")),
+    "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="mixed precision (bf16 on CPU)")),
+    "--amp-dtype": ("amp_dtype", dict(choices=("auto", "bf16", "fp16"))),
+    "--channels-last": ("channels_last", dict(action=argparse.BooleanOptionalAction)),
+    "--threads": ("threads", dict(type=int, help="torch CPU threads")),
+    "--device": ("device", dict(help="auto, cpu, cuda, cuda:N")),
+    "--seed": ("seed", dict(type=int)),
+    "--eval-every": ("eval_every", dict(type=int, metavar="N", help="validate every N epochs")),
+    "--val-limit": ("val_limit", dict(type=int, metavar="N", help="validate on the first N images only")),
+    "--checkpoint-every-steps": ("checkpoint_every_steps", dict(type=int, metavar="N",
+                                                                help="also save the resume state every N steps")),
+    "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bars")),
+    "--out": ("out", dict(metavar="RUN_DIR", help="run directory")),
+}
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a model; a run directory keeps config, metrics, plots and checkpoints",
+        description="Train a segmentation model. Settings come from the defaults, then --config FILE, then flags. "
+                    "Multi-process: torchrun --nproc-per-node N -m fcnseg train ...")
+    p.add_argument("--config", metavar="FILE", help="flat YAML file of TrainConfig keys (see configs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest good state")
+    for flag, (key, kw) in FLAGS.items():
+        p.add_argument(flag, dest=key, default=None, **kw)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key (YAML syntax for the value), e.g. --set bias_lr_mult=2")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def resolve_config(args: argparse.Namespace):
+    """The TrainConfig these arguments describe (for a resume: the run's config.yaml, then flags)."""
+    import yaml
+
+    from ..config import TrainConfig, dump_config, from_dict, load_config  # noqa: F401
+    from ..errors import FcnsegError
+
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise FcnsegError(f"{args.resume}: no config.yaml; is it a training run directory?")
+        cfg = load_config(saved)
+        if args.config:
+            raise FcnsegError("--resume uses the run's own config.yaml; drop --config")
+    else:
+        cfg = load_config(args.config) if args.config else TrainConfig()
+    given = {key: getattr(args, key) for _, (key, _) in FLAGS.items() if getattr(args, key) is not None}
+    if given.get("val_split") in ("none", "None", ""):
+        given["val_split"] = None
+    cfg = from_dict(given, cfg, source="flag")
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FcnsegError(f"--set expects KEY=VALUE, got {item!r}")
+        cfg = from_dict({key: yaml.safe_load(value)}, cfg, source="--set")
+    if args.resume:
+        cfg.out = str(args.resume)
+    if not args.resume and not args.print_config:
+        missing = [k for k in ("root",) if not getattr(cfg, k)]
+        if missing:
+            raise FcnsegError(f"missing --{missing[0]} (or '{missing[0]}:' in the --config file)")
+    return cfg.validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import dump_config
+    from ..train import fit
+
+    cfg = resolve_config(args)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    fit(cfg, resume=bool(args.resume), command=["fcnseg", *sys.argv[1:]])
+    return 0
