@@ -37,8 +37,11 @@ class TrainConfig:
     root: str = ""  # dataset folder
     split: str = "train"
     val_split: Optional[str] = "val"  # None: no validation
-    crop_size: Optional[list[int]] = None  # [H, W] random training crops; None: whole images
-    scale_range: Optional[list[float]] = None  # [lo, hi] random rescaling; None: the dataset's default
+    dataset_kwargs: dict = field(default_factory=dict)  # extra build_dataset arguments, e.g. {val_fraction: 0.1}
+    crop_size: Optional[list[int]] = None  # [H, W] random training crops; None: the dataset's preset; []: whole images
+    scale_range: Optional[list[float]] = None  # [lo, hi] random rescaling; None: the dataset's preset
+    flip: bool = True  # random horizontal flips in training
+    jitter: Optional[float] = None  # colour jitter strength; None: the dataset's preset; 0: off
     workers: int = 2  # DataLoader worker processes
     val_limit: int = 0  # validate on the first N images only (0: all)
 
@@ -103,8 +106,9 @@ class TrainConfig:
             raise FcnsegError(f"lr must be positive, got {self.lr}")
         if not 0.0 < self.loss_sample <= 1.0:
             raise FcnsegError(f"loss_sample is a keep probability in (0, 1], got {self.loss_sample}")
-        if self.crop_size is not None and (len(self.crop_size) != 2 or min(self.crop_size) < 1):
-            raise FcnsegError(f"crop_size is [H, W] with positive sizes, got {self.crop_size}")
+        if self.crop_size is not None and self.crop_size not in ([], [0, 0]) and (
+                len(self.crop_size) != 2 or min(self.crop_size) < 1):
+            raise FcnsegError(f"crop_size is [H, W] with positive sizes ([] for whole images), got {self.crop_size}")
         if self.scale_range is not None and (len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]):
             raise FcnsegError(f"scale_range is [lo, hi] with 0 < lo <= hi, got {self.scale_range}")
         if len(self.betas) != 2:

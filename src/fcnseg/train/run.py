@@ -53,15 +53,19 @@ def build_data(cfg: TrainConfig) -> Data:
     validation split at original resolution."""
     from ..data import build_dataset, build_transforms
 
-    train = build_dataset(cfg.dataset, cfg.root, cfg.split)
+    train = build_dataset(cfg.dataset, cfg.root, cfg.split, **cfg.dataset_kwargs)
     kw: dict[str, Any] = {"mean": tuple(getattr(train, "mean", IMAGENET_MEAN)),
                           "std": tuple(getattr(train, "std", IMAGENET_STD))}
-    if cfg.crop_size:
-        kw["crop_size"] = tuple(cfg.crop_size)
+    aug: dict[str, Any] = {"flip": cfg.flip}
+    if cfg.crop_size is not None:
+        aug["crop_size"] = () if cfg.crop_size in ([], [0, 0]) else tuple(cfg.crop_size)  # (): whole images
     if cfg.scale_range:
-        kw["scale_range"] = tuple(cfg.scale_range)
-    train.transforms = build_transforms(getattr(train, "preset", cfg.dataset), train=True, **kw)
-    val = build_dataset(cfg.dataset, cfg.root, cfg.val_split) if cfg.val_split else None  # evaluation preset
+        aug["scale_range"] = tuple(cfg.scale_range)
+    if cfg.jitter is not None:
+        aug["jitter"] = cfg.jitter
+    train.transforms = build_transforms(getattr(train, "preset", cfg.dataset), train=True, **kw, **aug)
+    # validation: the evaluation preset (original resolution)
+    val = build_dataset(cfg.dataset, cfg.root, cfg.val_split, **cfg.dataset_kwargs) if cfg.val_split else None
     if len(train) == 0:
         raise FcnsegError(f"{cfg.root}: the {cfg.split!r} split of {cfg.dataset} is empty")
     return Data(train, val, list(train.classes), [list(c) for c in train.colors], int(train.num_classes),
@@ -100,7 +104,7 @@ def resolve_class_weights(spec, data: Data, cfg: TrainConfig) -> torch.Tensor | 
     if isinstance(spec, str) and spec == "median":
         from ..data import build_dataset
 
-        plain = build_dataset(cfg.dataset, cfg.root, cfg.split)  # evaluation preset: whole masks, no crops
+        plain = build_dataset(cfg.dataset, cfg.root, cfg.split, **cfg.dataset_kwargs)  # whole masks, no crops
         return median_frequency_weights(plain, k, data.ignore_index)
     if isinstance(spec, str):
         path = Path(spec)
