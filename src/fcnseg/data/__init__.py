@@ -3,7 +3,7 @@
 ``build_dataset(name, root, split)`` gives ``(image, mask)`` pairs: image float32 (C, H, W) normalised,
 mask int64 (H, W) with 255 = ignore; ``build_transforms(name, train)`` the matching presets.
 """
-from . import camvid, siftflow  # noqa: F401  (register the families)
+from . import camvid, folder, nyudv2, siftflow, voc  # noqa: F401  (register the families)
 from .base import IGNORE_INDEX, SegmentationDataset, build_dataset, list_datasets, register_dataset
 from .io import DataFileError
 from .transforms import PRESETS, build_transforms

@@ -1,6 +1,7 @@
 """The dataset registry and the base class every family shares: listed files, read with checks, ids mapped."""
 from __future__ import annotations
 
+import random
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -72,6 +73,16 @@ def read_list(path: Path) -> list[str]:
         if line:
             names.append(line.split()[0])
     return names
+
+
+def holdout_split(names: list[str], split: str, val_fraction: float, seed: int) -> list[str]:
+    """A deterministic train/val partition of ``names``: the same seed gives the same val set on any machine."""
+    if not 0 < val_fraction < 1:
+        raise FcnsegError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    order = list(range(len(names)))
+    random.Random(seed).shuffle(order)
+    val = set(order[: max(1, round(len(names) * val_fraction))])
+    return [n for i, n in enumerate(names) if (i in val) == (split == "val")]
 
 
 def _ranges(values: Sequence[int]) -> str:

@@ -1,27 +1,15 @@
 """SIFT Flow semantic labels: ``images/*.jpg``, ``labels/*.png`` (0 void, 1..33), split lists."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from ..checkpoint import default_palette
-from ..errors import FcnsegError
-from .base import IGNORE_INDEX, SegmentationDataset, check_split, read_list, register_dataset
+from .base import IGNORE_INDEX, SegmentationDataset, check_split, holdout_split, read_list, register_dataset
 
 SIFTFLOW_CLASSES = ["awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
                     "desert", "door", "fence", "field", "grass", "moon", "mountain", "person", "plant", "pole",
                     "river", "road", "rock", "sand", "sea", "sidewalk", "sign", "sky", "staircase", "streetlight",
                     "sun", "tree", "window"]
-
-
-def holdout_split(names: list[str], split: str, val_fraction: float, seed: int) -> list[str]:
-    """A deterministic train/val partition of ``names``: the same seed gives the same val set on any machine."""
-    if not 0 < val_fraction < 1:
-        raise FcnsegError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    order = list(range(len(names)))
-    random.Random(seed).shuffle(order)
-    val = set(order[: max(1, round(len(names) * val_fraction))])
-    return [n for i, n in enumerate(names) if (i in val) == (split == "val")]
 
 
 @register_dataset("siftflow")
