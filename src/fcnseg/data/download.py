@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -113,7 +114,7 @@ def fetch(url: str, dest: Path, checksum: str | None = None, progress: bool = Tr
                         f.write(block)
                         if bar is not None:
                             bar.update(len(block))
-            except (OSError, urllib.error.URLError) as e:
+            except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
                 raise FcnsegError(f"{url}: download interrupted ({e}); run the same command to resume") from None
             finally:
                 if bar is not None:
