@@ -157,7 +157,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
                     files = [names[int(i)] for i in indices] if names is not None else [str(int(i)) for i in indices]
                     where = "this process's batch" if bad else "another process's batch"
                     raise NonFiniteLossError(
-                        f"non-finite loss ({float(loss_sum)}) at step {global_step + 1} (epoch {epoch + 1}, batch "
+                        f"non-finite loss ({float(loss_sum.detach())}) at step {global_step + 1} (epoch {epoch + 1}, batch "
                         f"{b + 1}) in {where}: {', '.join(files)}. Lower the learning rate, check these files, or "
                         f"pass --on-nonfinite skip to skip such steps")
                 tainted = True

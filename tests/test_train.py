@@ -1,0 +1,270 @@
+"""Training: loss normalisation, optimiser groups, schedules, data order, non-finite loss, end to end."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fcnseg.config import from_dict
+from fcnseg.engine import NonFiniteLossError, SegmentationLoss, train_one_epoch
+from fcnseg.train.loader import Seeded, ShardSampler, collate, sample_seed
+from fcnseg.train.optim import build_optimizer, lr_factor, param_groups
+
+from test_train_helpers import make_folder_dataset, read_weights, register_tiny, unregister_tiny
+
+
+@pytest.fixture
+def tiny():
+    register_tiny()
+    yield
+    unregister_tiny()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder_dataset(tmp_path_factory.mktemp("data"))
+
+
+# ---- loss --------------------------------------------------------------------------------------------------
+def test_loss_mean_and_sum_reductions():
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, 0] = 255
+    per_pixel = nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    s, n = SegmentationLoss(reduction="mean")(logits, target)
+    assert float(s / n) == pytest.approx(float(per_pixel.sum() / (target != 255).sum()))
+    s, n = SegmentationLoss(reduction="sum")(logits, target)
+    assert float(n) == 2 and float(s / n) == pytest.approx(float(per_pixel.sum() / 2))  # per image, unnormalised
+
+
+def test_loss_class_weights_match_torch():
+    logits = torch.randn(1, 3, 6, 6)
+    target = torch.randint(0, 3, (1, 6, 6))
+    w = torch.tensor([0.5, 2.0, 1.0])
+    s, n = SegmentationLoss(w)(logits, target)
+    assert float(s / n) == pytest.approx(float(nn.functional.cross_entropy(logits, target, weight=w)), rel=1e-5)
+
+
+def test_loss_sampling_keeps_about_p_of_the_cells():
+    torch.manual_seed(0)
+    logits = torch.zeros(1, 3, 100, 100)
+    target = torch.zeros(1, 100, 100, dtype=torch.long)
+    _, n = SegmentationLoss(sample=0.25)(logits, target)
+    assert 0.22 < float(n) / 10_000 < 0.28
+
+
+# ---- optimiser and schedules --------------------------------------------------------------------------------
+def test_bias_groups_follow_the_paper():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))
+    model[1].requires_grad_(False)  # frozen layers stay out of the optimiser
+    groups = param_groups(model, lr=1e-10, weight_decay=5e-4, bias_lr_mult=2.0, bias_decay=False)
+    assert [len(g["params"]) for g in groups] == [1, 1]
+    assert groups[1]["lr"] == 2e-10 and groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 5e-4
+    opt = build_optimizer(model, from_dict({"optimizer": "sgd", "lr": 1e-10, "momentum": 0.99}))
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.99
+
+
+def test_schedules():
+    assert lr_factor(0, 100, "fixed") == 1.0 and lr_factor(99, 100, "fixed") == 1.0
+    assert lr_factor(0, 100, "poly") == 1.0 and lr_factor(100, 100, "poly") == 0.0
+    assert lr_factor(50, 100, "poly", poly_power=1.0) == pytest.approx(0.5)
+    assert lr_factor(50, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, "cosine", min_lr=0.1) == pytest.approx(0.1)
+    # linear warm-up from warmup_factor, then the schedule over the remaining steps
+    assert lr_factor(0, 110, "cosine", warmup_steps=10, warmup_factor=0.1) == pytest.approx(0.1)
+    assert lr_factor(5, 110, "cosine", warmup_steps=10, warmup_factor=0.1) == pytest.approx(0.55)
+    assert lr_factor(10, 110, "cosine", warmup_steps=10) == pytest.approx(1.0)
+
+
+# ---- data order ---------------------------------------------------------------------------------------------
+def test_two_shards_cover_the_same_global_batches_as_one_process():
+    n, b = 12, 3
+    single = list(ShardSampler(n, seed=5, epoch=2))
+    shards = [list(ShardSampler(n, seed=5, epoch=2, world=2, rank=r)) for r in range(2)]
+    for step in range(n // (2 * b)):
+        union = sorted(shards[0][step * b:(step + 1) * b] + shards[1][step * b:(step + 1) * b])
+        assert union == sorted(single[step * 2 * b:(step + 1) * 2 * b])
+    # resuming inside an epoch skips exactly what was done
+    assert list(ShardSampler(n, seed=5, epoch=2, start=4)) == single[4:]
+    assert sample_seed(0, 0, 1) != sample_seed(0, 1, 0)
+
+
+def test_per_sample_seeds_make_augmentation_independent_of_order(data):
+    from fcnseg.data import build_dataset, build_transforms
+
+    ds = build_dataset("folder", data, "train")
+    ds.transforms = build_transforms("folder", train=True, crop_size=(16, 16))
+    wrapped = Seeded(ds)
+    a = wrapped[(3, 1234)]
+    wrapped[(1, 99)]
+    b = wrapped[(3, 1234)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == 3
+
+
+# ---- non-finite loss -----------------------------------------------------------------------------------------
+def _nan_model():
+    class Nan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x) * float("nan")
+
+    return Nan()
+
+
+def _batches():
+    x = torch.randn(2, 3, 8, 8)
+    y = torch.zeros(2, 8, 8, dtype=torch.long)
+    return [(x, y, torch.tensor([4, 7])), (x, y, torch.tensor([0, 1]))]
+
+
+def test_nonfinite_loss_stops_with_step_and_files():
+    model = _nan_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    names = [f"file{i}.png" for i in range(8)]
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*file4\.png, file7\.png"):
+        train_one_epoch(model, _batches(), SegmentationLoss(), opt, device=torch.device("cpu"), names=names,
+                        progress=False)
+
+
+def test_nonfinite_loss_skip_counts_and_leaves_weights():
+    model = _nan_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, _batches(), SegmentationLoss(), opt, device=torch.device("cpu"),
+                            on_nonfinite="skip", progress=False)
+    assert stats.skipped == 2 and stats.steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_nonfinite_loss_stops_the_cli_run(tiny, data, tmp_path, capsys):
+    from fcnseg.cli import main
+
+    code = main(["train", "--model", "tiny_nan", "--dataset", "folder", "--root", str(data), "--epochs", "1",
+                 "--batch-size", "2", "--workers", "0", "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite loss" in err and "step 1" in err and ".png" in err
+
+
+# ---- gradient accumulation -----------------------------------------------------------------------------------
+def test_accumulation_matches_a_larger_batch():
+    torch.manual_seed(0)
+    net = nn.Conv2d(3, 3, 3, padding=1)
+    x = torch.randn(4, 3, 6, 6)
+    y = torch.randint(0, 3, (4, 6, 6))
+    results = []
+    for batch, acc in ((4, 1), (2, 2)):
+        model = nn.Conv2d(3, 3, 3, padding=1)
+        model.load_state_dict(net.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loader = [(x[i:i + batch], y[i:i + batch], torch.arange(i, i + batch)) for i in range(0, 4, batch)]
+        # sum reduction: per-image losses averaged over the window, whatever its split into micro-batches
+        train_one_epoch(model, loader, SegmentationLoss(reduction="sum"), opt, device=torch.device("cpu"),
+                        accumulate=acc, progress=False)
+        results.append(model.weight.detach().clone())
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+def test_collate_explains_size_mismatch():
+    from fcnseg.errors import FcnsegError
+
+    with pytest.raises(FcnsegError, match="--crop-size"):
+        collate([(torch.zeros(3, 4, 4), torch.zeros(4, 4), 0), (torch.zeros(3, 5, 4), torch.zeros(5, 4), 1)])
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------
+def test_train_then_evaluate(tiny, data, tmp_path, capsys):
+    from fcnseg import load_checkpoint
+    from fcnseg.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "3",
+            "--batch-size", "2", "--lr", "0.01", "--optimizer", "adamw", "--schedule", "cosine", "--warmup-steps", "2",
+            "--crop-size", "32", "32", "--workers", "0", "--seed", "3", "--amp", "--no-progress", "--out", str(run)]
+    assert main(args) == 0
+    for rel in ("config.yaml", "version.json", "metrics.jsonl", "plots/curves.png", "plots/val_grid.png",
+                "plots/confusion.png", "checkpoints/last.safetensors", "checkpoints/best.safetensors",
+                "checkpoints/last.json", "checkpoints/state-last.pt", "checkpoints/state-prev.pt"):
+        assert (run / rel).is_file(), rel
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == 12
+    assert all(0 <= r["val"]["mean_iou"] <= 1 for r in rows)
+    version = json.loads((run / "version.json").read_text())
+    assert version["fcnseg"] and "command" in version
+
+    model = load_checkpoint(run)  # the run directory resolves to its last checkpoint
+    rec = model.record
+    assert rec["arch"] == "tiny_fcn8s" and rec["classes"] == ["background", "square", "disc"]
+    assert rec["provenance"]["config"]["seed"] == 3 and "mean_iou" in rec["metrics"]
+
+    capsys.readouterr()
+    out_json = tmp_path / "scores.json"
+    assert main(["evaluate", "--checkpoint", str(run), "--dataset", "folder", "--root", str(data), "--split", "val",
+                 "--json", str(out_json), "--workers", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "mean IU" in table and "square" in table
+    scores = json.loads(out_json.read_text())
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
+        assert 0.0 <= scores[key] <= 1.0
+    assert [c["name"] for c in scores["per_class"]] == ["background", "square", "disc"]
+    assert {"name", "iou", "accuracy", "gt_pixels", "pred_pixels"} <= set(scores["per_class"][0])
+    # the evaluation at original resolution (2 images of 32x40, first row void) matches the last validation
+    assert sum(c["gt_pixels"] for c in scores["per_class"]) == 2 * 31 * 40
+    assert scores["mean_iou"] == pytest.approx(rows[-1]["val"]["mean_iou"], abs=1e-6)
+    assert len(scores["confusion_matrix"]) == 3
+
+
+def test_same_seed_same_weights_and_a_fresh_run_refuses_an_existing_one(tiny, data, tmp_path):
+    from fcnseg.cli import main
+
+    def train(out, seed):
+        assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "2",
+                     "--batch-size", "3", "--lr", "0.01", "--crop-size", "24", "24", "--workers", "0", "--seed",
+                     str(seed), "--val-split", "none", "--loss-sample", "0.5", "--no-progress",
+                     "--out", str(out)]) == 0
+        return read_weights(out / "checkpoints" / "last.safetensors")
+
+    a, b, c = train(tmp_path / "a", 1), train(tmp_path / "b", 1), train(tmp_path / "c", 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--workers", "0",
+                 "--out", str(tmp_path / "a")]) == 1
+
+
+def test_staged_training_starts_from_the_coarser_net(tiny, data, tmp_path, capsys):
+    from fcnseg import build_model
+    from fcnseg.cli import main
+
+    base = ["--dataset", "folder", "--root", str(data), "--epochs", "1", "--batch-size", "4", "--crop-size", "32",
+            "32", "--workers", "0", "--val-split", "none", "--no-progress"]
+    assert main(["train", "--model", "tiny_fcn32s", *base, "--out", str(tmp_path / "s32")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "tiny_fcn16s", *base, "--init-from", str(tmp_path / "s32"),
+                 "--out", str(tmp_path / "s16")]) == 0
+    s32 = build_model("tiny_fcn32s", num_classes=3).state_dict()
+    s16 = build_model("tiny_fcn16s", num_classes=3).state_dict()
+    shared = [k for k in s16 if k in s32 and s32[k].shape == s16[k].shape]  # not the 32x final upsampling
+    assert "score_fr.weight" in shared and "final_up.deconv.weight" not in shared
+    assert f"copied {len(shared)} of" in capsys.readouterr().err
+    assert main(["train", "--model", "tiny_fcn16s", *base, "--init-from", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "s16b")]) == 1
+
+
+def test_class_weights_median_and_file(tiny, data, tmp_path):
+    from fcnseg.cli import main
+
+    wfile = tmp_path / "w.json"
+    wfile.write_text(json.dumps({"class_weights": {"background": 0.5, "square": 2.0, "disc": 2.0}}))
+    for spec in ("median", str(wfile)):
+        out = tmp_path / ("run" + str(len(spec)))
+        assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "1",
+                     "--batch-size", "4", "--crop-size", "32", "32", "--workers", "0", "--val-split", "none",
+                     "--class-weights", spec, "--no-progress", "--out", str(out)]) == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--workers", "0",
+                 "--class-weights", str(bad), "--out", str(tmp_path / "bad")]) == 1
