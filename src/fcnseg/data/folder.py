@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ..checkpoint import default_palette
 from ..errors import FcnsegError
-from .base import (IGNORE_INDEX, SegmentationDataset, holdout_split, pair_folders, read_list, register_dataset,
-                   check_split)
+from .base import (IGNORE_INDEX, SegmentationDataset, check_split, holdout_split, pair_folders, read_list,
+                   register_dataset)
 
 IGNORE_NAMES = ("void", "ignore")
 
@@ -72,7 +72,8 @@ def folder(root: Path, split: str, transforms=None, skip_bad: bool = False, val_
         # a listed name without an image is a missing partner; unlisted images are simply not in this split
         files = [by_name.get(n, (root / "images" / f"{n}.jpg", root / "masks" / f"{n}.png")) for n in wanted]
         names = wanted
-        problems = [p for p in problems if Path(p.split(": ", 1)[0]).stem in set(wanted)]
+        listed = set(wanted)
+        problems = [p for p in problems if Path(p.split(": ", 1)[0]).stem in listed]
     else:
         check_split("folder", split, ("all", "train", "val"))
         if split != "all":

@@ -18,6 +18,11 @@ from torchvision.transforms.v2 import functional as F
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import FcnsegError
 
+try:
+    from torchvision.transforms.v2 import query_size
+except ImportError:  # torchvision < 0.21
+    from torchvision.transforms.v2._utils import query_size
+
 IGNORE_INDEX = 255
 
 
@@ -52,7 +57,7 @@ class RandomScale(v2.Transform):
         self.scale_range = (float(lo), float(hi))
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        h, w = v2.query_size(flat_inputs)
+        h, w = query_size(flat_inputs)
         lo, hi = self.scale_range
         s = lo + (hi - lo) * torch.rand(()).item()  # torch RNG: DataLoader seeds it per worker
         return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
@@ -61,6 +66,9 @@ class RandomScale(v2.Transform):
         # v2 dispatches tv_tensors.Mask to resize_mask, which always uses nearest neighbour
         return self._call_kernel(F.resize, inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR,
                                  antialias=True)
+
+    # torchvision < 0.21 called these hooks by their private names
+    _get_params, _transform = make_params, transform
 
 
 class PairedTransform:
@@ -75,10 +83,9 @@ class PairedTransform:
                  mean: Sequence[float], std: Sequence[float]) -> None:
         self.geometric = v2.Compose(list(geometric)) if geometric else None
         self.photometric = photometric
-        self.finish = v2.Compose([
-            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ])
+        self.to_float = v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None},
+                                   scale=True)
+        self.normalize = v2.Normalize(mean=list(mean), std=list(std))
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +96,16 @@ class PairedTransform:
         if len(self.mean) != image.shape[0]:
             raise FcnsegError(f"transform normalises {len(self.mean)} channels but the image has {image.shape[0]}; "
                               f"pass the dataset's mean/std (dataset.mean, dataset.std) to build_transforms")
-        if self.geometric is not None:
+        if self.geometric is not None:  # on uint8 where possible: resampling is cheapest there
             image, mask = self.geometric(image, mask)
-        if self.photometric is not None:
+        image, mask = self.to_float(image, mask)
+        if self.photometric is not None:  # on float: cheaper than v2's uint8 path, and clamped to [0, 1]
             if image.shape[0] == 3:
                 image = self.photometric(image)
             else:  # RGB-D: jitter colour, leave depth alone
                 rgb = self.photometric(tv_tensors.Image(image[:3]))
                 image = tv_tensors.Image(torch.cat([rgb, image[3:]]))
-        image, mask = self.finish(image, mask)
+        image = self.normalize(image)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
     def __repr__(self) -> str:

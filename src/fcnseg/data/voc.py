@@ -28,11 +28,11 @@ VOC_SPLITS = ("train", "val", "trainval", "sbd_train", "sbd_val", "seg11valid")
 
 
 def find_voc(root: Path, year: str, required: bool = True) -> Path | None:
+    """``VOCdevkit/VOC{year}`` under ``root`` (or ``root`` itself when it is that folder)."""
     for cand in (root / "VOCdevkit" / f"VOC{year}", root / "TrainVal" / "VOCdevkit" / f"VOC{year}",
                  root / f"VOC{year}", root):
-        if (cand / "JPEGImages").is_dir() and (cand / "ImageSets" / "Segmentation").is_dir():
-            if cand == root and root.name != f"VOC{year}":
-                continue
+        if cand.name == f"VOC{year}" and (cand / "JPEGImages").is_dir() \
+                and (cand / "ImageSets" / "Segmentation").is_dir():
             return cand
     if required:
         raise FcnsegError(f"{root}: no VOCdevkit/VOC{year} with JPEGImages and ImageSets/Segmentation; "
