@@ -354,9 +354,12 @@ def test_bad_file_in_a_worker_gives_the_same_one_line_error(data_bad_camvid):
     ds = build_dataset("camvid", data_bad_camvid, "train", skip_bad=True)
     ds.skip_bad = False
     ds.files, ds.names = [ds.files[ds.names.index("size")]], ["size"]
-    loader = torch.utils.data.DataLoader(ds, num_workers=1, multiprocessing_context="fork")
-    with pytest.raises(DataFileError) as info:
-        next(iter(loader))
+    batches = iter(torch.utils.data.DataLoader(ds, num_workers=1, multiprocessing_context="fork"))
+    try:
+        with pytest.raises(DataFileError) as info:
+            next(batches)
+    finally:
+        batches._shutdown_workers()  # else a later garbage collection waits 5 s for the worker
     assert str(info.value).endswith(f"size.png: image is {W}x{H} but its mask "
                                     f"{data_bad_camvid}/trainannot/size.png is {W}x{H + 1} (after EXIF orientation)")
     assert "\n" not in str(info.value)

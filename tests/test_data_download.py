@@ -172,3 +172,28 @@ def test_download_command_reports_unknown_names_and_failures(data_server, tmp_pa
     monkeypatch.setitem(dl.SOURCES, "camvid", (Source(f"{data_server.url}/missing.zip", "x.zip", None),))
     assert main(["data", "download", "camvid", "--root", str(tmp_path), "--no-progress"]) == 1
     assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_siftflow_release_is_converted_to_the_dataset_layout(data_server, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from scipy.io import savemat
+
+    from fcnseg.data import build_dataset
+
+    cat = "spatial_envelope_256x256_static_8outdoorcategories"
+    labels = np.random.default_rng(0).integers(0, 34, (8, 8)).astype(np.uint8)
+    mat, jpg = io.BytesIO(), io.BytesIO()
+    savemat(mat, {"S": labels.astype(np.float64), "names": np.array(["awning"], dtype=object)})
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(jpg, format="JPEG")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(f"SemanticLabels/{cat}/coast_1.mat", mat.getvalue())
+        zf.writestr(f"Images/{cat}/coast_1.jpg", jpg.getvalue())
+    data_server.files["/sf.zip"] = buf.getvalue()
+    data_server.files["/trainval.txt"] = b"coast_1\n"
+    download_dataset("siftflow", tmp_path, progress=False, sources={"siftflow": (
+        Source(f"{data_server.url}/sf.zip", "sf.zip", sha256(buf.getvalue())),
+        Source(f"{data_server.url}/trainval.txt", "trainval.txt", None, extract=False))})
+    _, mask = build_dataset("siftflow", tmp_path, "trainval")[0]
+    assert mask.tolist() == np.where(labels == 0, 255, labels.astype(np.int64) - 1).tolist()
