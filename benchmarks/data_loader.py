@@ -48,7 +48,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     print(f"{args.dataset} {args.split} {shape[0]}x{shape[1]}, training preset, {args.workers} workers, "
           f"batch {args.batch_size}: {seen / elapsed:.1f} images/s ({seen} images in {elapsed:.2f} s; "
-          f"{1000 * elapsed / seen * max(args.workers, 1):.1f} ms of worker time per image)")
+          f"{1000 * elapsed / seen * max(args.workers, 1):.1f} ms wall x workers per image)")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ class SegmentationDataset(Dataset):
                                 f"--split {split}' to list them, or pass skip_bad=True")
         self.files, self.names = kept_files, kept_names
         if not self.files:
-            raise FcnsegError(f"{root}: no samples for split {split!r} of {name}")
+            found = f" ({len(self.problems)} missing files, e.g. {self.problems[0]})" if self.problems else ""
+            raise FcnsegError(f"{root}: no samples for split {split!r} of {name}{found}")
         if transforms is None:
             from .transforms import build_transforms
 

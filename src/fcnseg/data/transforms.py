@@ -17,13 +17,12 @@ from torchvision.transforms.v2 import functional as F
 
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import FcnsegError
+from .base import IGNORE_INDEX
 
 try:
     from torchvision.transforms.v2 import query_size
 except ImportError:  # torchvision < 0.21
     from torchvision.transforms.v2._utils import query_size
-
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
