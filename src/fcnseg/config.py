@@ -85,6 +85,7 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (and always at the end)
     checkpoint_every_steps: int = 0  # also save the resume state every N optimiser steps (0: per epoch)
     log_every: int = 10  # TensorBoard scalars every N optimiser steps
+    plots: bool = True  # PNG curves, prediction grid and confusion matrix after each validation
     vis_images: int = 4  # validation images in the image / ground truth / prediction grid
     progress: bool = True  # tqdm progress bars
 

@@ -43,6 +43,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "--val-limit": ("val_limit", dict(type=int, metavar="N", help="validate on the first N images only")),
     "--checkpoint-every-steps": ("checkpoint_every_steps", dict(type=int, metavar="N",
                                                                 help="also save the resume state every N steps")),
+    "--plots": ("plots", dict(action=argparse.BooleanOptionalAction, help="PNG curves, grids, confusion matrix")),
     "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bars")),
     "--out": ("out", dict(metavar="RUN_DIR", help="run directory")),
 }

@@ -111,5 +111,8 @@ def collate(batch):
 def make_loader(dataset: Seeded, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool = False):
     from torch.utils.data import DataLoader
 
+    # a private generator: creating an iterator must not draw from the global RNG (dropout and loss
+    # sampling use it, and a resumed run restores it mid-epoch); augmentation has its own per-sample seeds
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False)
+                      pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False,
+                      generator=torch.Generator())

@@ -242,10 +242,11 @@ def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str])
         torch.manual_seed(cfg.seed + info.rank)  # training-time randomness (dropout, loss sampling) per process
 
     writer = None
+    code = report.code_version() if info.main else {}
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        report.write_json(out / "version.json", dict(report.code_version(), command=command))
+        report.write_json(out / "version.json", dict(code, command=command))
         report.write_jsonl(out / "metrics.jsonl", history)  # a resumed run drops lines written after its state
         writer = report.Scalars(out / "tensorboard", purge_step=step if resume else None)
         log(info, f"run {out}: {cfg.model} on {cfg.dataset} ({len(data.train)} train images, "
@@ -277,7 +278,7 @@ def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str])
             save_state(st, ckpt_dir)
 
     def save_weights(name: str, scores: dict[str, Any] | None, epoch_: int) -> None:
-        provenance = {"command": command, "config": cfg.to_dict(), "code": report.code_version(),
+        provenance = {"command": command, "config": cfg.to_dict(), "code": code,
                       "dataset": cfg.dataset, "split": cfg.split, "epoch": epoch_, "step": step}
         metrics = dict(_summary(scores), split=cfg.val_split, epoch=epoch_) if scores else {}
         record = make_record(model, provenance=provenance, metrics=metrics, **record_base)
@@ -370,6 +371,8 @@ def _report_epoch(out: Path, row: dict, history: list[dict], writer, scores, dat
         writer.add("epoch/train_pixel_accuracy", row["train_pixel_accuracy"], row["step"])
         for k, v in row.get("val", {}).items():
             writer.add(f"val/{k}", v, row["step"])
+    if not cfg.plots or (scores is None and data.val is not None):  # plots follow the validations
+        return
     plots = out / "plots"
     report.plot_curves(history, plots / "curves.png")
     if scores is not None:

@@ -1,7 +1,7 @@
 """The resume state: one dictionary (model, optimiser, scheduler, scaler, position, RNG states, data order).
 
 Files in ``RUN/checkpoints/``: ``state-last.pt`` and the one before it, ``state-prev.pt``, each
-with a ``.sha256`` beside it. Saving renames last -> prev and then writes the new last atomically,
+with a ``.sha256`` beside it (a file counts as good when its hash is one of the two recorded). Saving renames last -> prev and then writes the new last atomically,
 so a kill at any moment leaves at least one good state. Loading uses ``torch.load(weights_only=True)``
 only, checks the hash, and falls back to the previous state when the newest is truncated or damaged.
 """
@@ -72,12 +72,21 @@ def save_state(state: dict[str, Any], folder: str | Path) -> Path:
     return last
 
 
+def _known_hashes(folder: Path) -> set[str]:
+    out = set()
+    for name in ("state-last.pt.sha256", "state-prev.pt.sha256"):
+        try:
+            out.add((folder / name).read_text().strip())
+        except OSError:
+            pass
+    return out
+
+
 def _load_one(path: Path) -> dict[str, Any]:
-    side = path.with_name(path.name + ".sha256")
-    if not side.is_file():
-        raise ValueError(f"no {side.name} beside it (the save was interrupted)")
-    if side.read_text().strip() != _sha256(path):
-        raise ValueError("its content does not match its sha256 (truncated or damaged)")
+    # a kill between the two renames of a rotation leaves a good file beside the other one's hash,
+    # so a file is good when its hash is either recorded one
+    if _sha256(path) not in _known_hashes(path.parent):
+        raise ValueError("its content matches no recorded sha256 (truncated, damaged, or its save was interrupted)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle: all mean "unusable"
