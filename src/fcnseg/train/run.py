@@ -28,7 +28,7 @@ from .optim import build_optimizer, build_scheduler
 from .state import load_state, rng_state, save_state, set_rng_state
 
 SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "precision_macro", "recall_macro",
-                "f1_macro", "f1_weighted")
+                "f1_macro", "f1_weighted", "num_pixels")
 
 
 @dataclass
@@ -370,7 +370,8 @@ def _report_epoch(out: Path, row: dict, history: list[dict], writer, scores, dat
         writer.add("epoch/train_loss", row["train_loss"], row["step"])
         writer.add("epoch/train_pixel_accuracy", row["train_pixel_accuracy"], row["step"])
         for k, v in row.get("val", {}).items():
-            writer.add(f"val/{k}", v, row["step"])
+            if k != "num_pixels":
+                writer.add(f"val/{k}", v, row["step"])
     if not cfg.plots or (scores is None and data.val is not None):  # plots follow the validations
         return
     plots = out / "plots"
