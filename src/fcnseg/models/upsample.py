@@ -11,6 +11,8 @@ from .geometry import Geometry
 
 UpsampleMode = Literal["deconv", "bilinear", "resize_conv"]
 UPSAMPLE_MODES = ("deconv", "bilinear", "resize_conv")
+#: a full class x class deconvolution beyond this is refused (its bilinear start is diagonal anyway)
+MAX_DECONV_BYTES = 2**30
 
 
 def bilinear_kernel(size: int) -> torch.Tensor:
@@ -49,6 +51,11 @@ class Upsample(nn.Module):
         self.channels, self.factor, self.mode = channels, factor, mode
         self.kernel_size = 2 * factor
         if mode == "deconv":
+            size = channels * channels * self.kernel_size ** 2 * 4
+            if size > MAX_DECONV_BYTES:  # e.g. keep_fc8's 1000 classes at 32x: 16 GB, and an OOM kill
+                raise ValueError(f"a learned {channels}x{channels}x{self.kernel_size}x{self.kernel_size} deconvolution "
+                                 f"needs {size / 2**30:.1f} GiB; for this many classes use upsample='bilinear' "
+                                 f"(fixed, per class) or 'resize_conv'")
             self.deconv = nn.ConvTranspose2d(channels, channels, self.kernel_size, stride=factor, bias=bias)
             with torch.no_grad():
                 self.deconv.weight.copy_(bilinear_weight(channels, channels, self.kernel_size))
