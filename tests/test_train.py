@@ -1,6 +1,5 @@
 """Training: loss normalisation, optimiser groups, schedules, data order, non-finite loss, end to end."""
 import json
-import math
 
 import pytest
 import torch
@@ -258,13 +257,30 @@ def test_class_weights_median_and_file(tiny, data, tmp_path):
     from fcnseg.cli import main
 
     wfile = tmp_path / "w.json"
-    wfile.write_text(json.dumps({"class_weights": {"background": 0.5, "square": 2.0, "disc": 2.0}}))
+    wfile.write_text(json.dumps({"classes": ["background", "square", "disc"], "class_weights": [0.5, 2.0, 2.0]}))
     for spec in ("median", str(wfile)):
         out = tmp_path / ("run" + str(len(spec)))
         assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "1",
                      "--batch-size", "4", "--crop-size", "32", "32", "--workers", "0", "--val-split", "none",
                      "--class-weights", spec, "--no-progress", "--out", str(out)]) == 0
     bad = tmp_path / "bad.json"
-    bad.write_text("[1, 2]")
+    bad.write_text(json.dumps({"classes": ["a", "b"], "class_weights": [1, 2]}))
     assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--workers", "0",
                  "--class-weights", str(bad), "--out", str(tmp_path / "bad")]) == 1
+
+
+def test_max_steps_and_time_budget_stop_the_run(tiny, data, tmp_path):
+    from fcnseg.cli import main
+
+    base = ["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "5",
+            "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0", "--no-progress", "--no-plots"]
+    assert main([*base, "--max-steps", "3", "--out", str(tmp_path / "steps")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "steps" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["partial"] is True and "val" in rows[-1]
+    assert main([*base, "--time-budget-min", "0.0001", "--out", str(tmp_path / "budget")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 1  # the budget is checked after every step
+    # the stopped run can go on: its resume state points inside the first epoch
+    assert main(["train", "--resume", str(tmp_path / "budget"), "--time-budget-min", "0", "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == 5 and rows[-1]["step"] == 20

@@ -68,7 +68,7 @@ def resolve_config(args: argparse.Namespace):
     """The TrainConfig these arguments describe (for a resume: the run's config.yaml, then flags)."""
     import yaml
 
-    from ..config import TrainConfig, dump_config, from_dict, load_config  # noqa: F401
+    from ..config import TrainConfig, from_dict, load_config
     from ..errors import FcnsegError
 
     if args.resume:

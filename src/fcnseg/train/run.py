@@ -6,7 +6,6 @@ It is a sequence of plain steps; the per-epoch work is ``engine.train_one_epoch`
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -95,57 +94,24 @@ def build_net(cfg: TrainConfig, num_classes: int, info: dst.DistInfo) -> nn.Modu
 
 
 def resolve_class_weights(spec, data: Data, cfg: TrainConfig) -> torch.Tensor | None:
-    """``spec``: None, a list of K numbers, 'median' (median frequency balancing over the training
-    masks), or a JSON file (a list, or an object with ``class_weights`` / ``weights`` as a list or
-    a {class name: weight} mapping)."""
+    """``spec``: None, a list of K numbers, 'median' (median-frequency balancing over the training masks,
+    as ``fcnseg data check`` computes it), or the JSON file that ``fcnseg data check`` writes."""
+    from ..data.checks import check_dataset, load_class_weights
+
     k = data.num_classes
     if spec is None:
         return None
-    if isinstance(spec, str) and spec == "median":
+    if spec == "median":
         from ..data import build_dataset
 
-        plain = build_dataset(cfg.dataset, cfg.root, cfg.split, **cfg.dataset_kwargs)  # whole masks, no crops
-        return median_frequency_weights(plain, k, data.ignore_index)
-    if isinstance(spec, str):
-        path = Path(spec)
-        if not path.is_file():
-            raise FcnsegError(f"{path}: no such class-weights file")
-        try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise FcnsegError(f"{path}: not valid JSON ({e})") from None
-        if isinstance(obj, dict):
-            for key in ("class_weights", "weights", "median_frequency_weights"):
-                if key in obj:
-                    obj = obj[key]
-                    break
-        if isinstance(obj, dict):
-            unknown = [n for n in obj if n not in data.classes]
-            if unknown:
-                raise FcnsegError(f"{path}: class names {unknown[:5]} are not classes of {cfg.dataset}")
-            obj = [float(obj.get(n, 1.0)) for n in data.classes]
-        if not isinstance(obj, list):
-            raise FcnsegError(f"{path}: expected a list of {k} weights or an object with 'class_weights'")
-        spec = obj
+        scan = check_dataset(build_dataset(cfg.dataset, cfg.root, cfg.split, **cfg.dataset_kwargs))
+        spec = scan.class_weights()
+    elif isinstance(spec, str):
+        spec = load_class_weights(spec, data.classes)
     if len(spec) != k or not all(isinstance(w, (int, float)) and w >= 0 for w in spec):
-        raise FcnsegError(f"class_weights: expected {k} non-negative numbers (one per class), got {len(spec)}")
+        raise FcnsegError(f"class_weights: expected {k} non-negative numbers (one per class of {cfg.dataset}), "
+                          f"got {len(spec)}")
     return torch.tensor([float(w) for w in spec], dtype=torch.float32)
-
-
-def median_frequency_weights(dataset, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """Eigen & Fergus: ``w_c = median(f) / f_c``, ``f_c`` = pixels of c / pixels of the images containing c."""
-    pixels = torch.zeros(num_classes, dtype=torch.float64)
-    image_pixels = torch.zeros(num_classes, dtype=torch.float64)
-    for i in range(len(dataset)):
-        mask = dataset[i][1].reshape(-1)
-        mask = mask[mask != ignore_index]
-        counts = torch.bincount(mask, minlength=num_classes)[:num_classes].double()
-        pixels += counts
-        image_pixels[counts > 0] += mask.numel()
-    present = pixels > 0
-    freq = torch.where(present, pixels / image_pixels.clamp_min(1), torch.zeros_like(pixels))
-    med = freq[present].median()
-    return torch.where(present, med / freq.clamp_min(1e-12), torch.ones_like(freq)).float()
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -156,10 +122,6 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.amp_dtype == "bf16" or device.type != "cuda":
         return torch.bfloat16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _eval_loader(dataset, info: dst.DistInfo, cfg: TrainConfig, limit: int = 0):
