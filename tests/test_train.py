@@ -220,16 +220,19 @@ def test_train_then_evaluate(tiny, data, tmp_path, capsys):
 def test_same_seed_same_weights_and_a_fresh_run_refuses_an_existing_one(tiny, data, tmp_path):
     from fcnseg.cli import main
 
-    def train(out, seed):
+    def train(out, seed, workers=0):
         assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "2",
-                     "--batch-size", "3", "--lr", "0.01", "--crop-size", "24", "24", "--workers", "0", "--seed",
-                     str(seed), "--val-split", "none", "--loss-sample", "0.5", "--no-progress",
+                     "--batch-size", "3", "--lr", "0.01", "--crop-size", "24", "24", "--workers", str(workers),
+                     "--seed", str(seed), "--val-split", "none", "--loss-sample", "0.5", "--no-progress",
                      "--out", str(out)]) == 0
         return read_weights(out / "checkpoints" / "last.safetensors")
 
     a, b, c = train(tmp_path / "a", 1), train(tmp_path / "b", 1), train(tmp_path / "c", 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    # augmentation is seeded per sample, so even the number of loader workers does not matter
+    d = train(tmp_path / "d", 1, workers=2)
+    assert all(torch.equal(a[k], d[k]) for k in a)
     assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--workers", "0",
                  "--out", str(tmp_path / "a")]) == 1
 
@@ -274,7 +277,7 @@ def test_max_steps_and_time_budget_stop_the_run(tiny, data, tmp_path):
 
     base = ["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "5",
             "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0", "--no-progress", "--no-plots"]
-    assert main([*base, "--max-steps", "3", "--out", str(tmp_path / "steps")]) == 0
+    assert main([*base, "--max-steps", "3", "--channels-last", "--out", str(tmp_path / "steps")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "steps" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and rows[-1]["partial"] is True and "val" in rows[-1]
     assert main([*base, "--time-budget-min", "0.0001", "--out", str(tmp_path / "budget")]) == 0

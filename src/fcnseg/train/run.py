@@ -153,6 +153,12 @@ def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str])
     if cfg.deterministic:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+    from ..registry import get_builder
+
+    try:
+        get_builder(cfg.model)  # a wrong name fails before any data is read
+    except KeyError as e:
+        raise FcnsegError(str(e).strip("'\"")) from None
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     if not resume and (ckpt_dir / "state-last.pt").exists():
