@@ -1,6 +1,7 @@
 """fcnseg: Fully Convolutional Networks for semantic segmentation (Long, Shelhamer, Darrell, CVPR 2015)."""
 from . import models  # noqa: F401  (fills the registry)
 from .checkpoint import load_checkpoint, save_checkpoint
+from .inference import Segmenter
 from .registry import build_model, list_models, register_model
 
 __version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""Export for deployment: ONNX and TorchScript with dynamic height and width, a parity check against
+the eager model, and ``OnnxRuntimeModel`` to run an exported ONNX file like a PyTorch model.
+
+The checkpoint record (classes, colours, normalization) travels inside the exported file: as ONNX
+``metadata_props`` (key ``fcnseg``) or as a TorchScript extra file (``fcnseg.json``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import atomic_write
+from .errors import FcnsegError
+
+FORMATS = ("onnx", "torchscript")
+METADATA_KEY = "fcnseg"
+
+
+def _record_of(model: nn.Module) -> dict[str, Any]:
+    record = dict(getattr(model, "record", None) or {})
+    record.setdefault("num_classes", int(model.num_classes))
+    record["top_stride"] = int(getattr(model, "top_stride", 32))
+    return record
+
+
+def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int] = (256, 320),
+                opset: int | None = None) -> Path:
+    """Write ``model`` (float32, eval) as ONNX with dynamic batch, height and width.
+
+    Input ``image`` (B, 3, H, W) normalised float32; output ``logits`` (B, K, H, W). Uses PyTorch's
+    ``torch.export``-based exporter (needs ``onnxscript``); the record goes into ``metadata_props``.
+    """
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the exporter's backend)
+    except ModuleNotFoundError as e:
+        raise FcnsegError(f"ONNX export needs {e.name}: pip install 'fcnseg[onnx]'") from None
+    path = Path(path)
+    model = model.eval()
+    x = torch.randn(1, 3, *example_size)
+    auto = torch.export.Dim.AUTO  # the pooling and crop arithmetic is left to torch.export to work out
+    # the exporter narrates its steps on stdout and logs sympy's failed attempts at simplifying
+    # ceil-mode pooling sizes; neither is news to the user unless the export fails
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    narration = io.StringIO()
+    try:
+        shapes_log.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(narration):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (x,), dynamo=True, input_names=["image"], output_names=["logits"],
+                                        dynamic_shapes={"x": {0: auto, 2: auto, 3: auto}}, opset_version=opset,
+                                        external_data=False, verbose=False)
+    except Exception as e:
+        raise FcnsegError(f"ONNX export failed: {str(e).strip().splitlines()[-1][:300]}") from e
+    finally:
+        shapes_log.setLevel(level)
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(_record_of(model))
+    atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
+    return path
+
+
+def export_torchscript(model: nn.Module, path: str | Path, example_size: tuple[int, int] = (256, 320)) -> Path:
+    """Write ``model`` as a traced TorchScript module; the crops follow the input size at run time.
+
+    Load it with ``torch.jit.load(path)``; the record is the extra file ``fcnseg.json``.
+    """
+    path = Path(path)
+    model = model.eval()
+    x = torch.randn(1, 3, *example_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints, which stay dynamic here
+        traced = torch.jit.trace(model, x, check_trace=False)
+    extra = {f"{METADATA_KEY}.json": json.dumps(_record_of(model))}
+    atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=extra))
+    return path
+
+
+def export(model: nn.Module, path: str | Path, fmt: str, example_size: tuple[int, int] = (256, 320)) -> Path:
+    if fmt == "onnx":
+        return export_onnx(model, path, example_size)
+    if fmt == "torchscript":
+        return export_torchscript(model, path, example_size)
+    raise FcnsegError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+class OnnxRuntimeModel:
+    """An exported ONNX model run by ONNX Runtime, called like the PyTorch model: (B, 3, H, W) -> logits.
+
+    ``record``, ``num_classes`` and ``top_stride`` come from the file's metadata.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ModuleNotFoundError:
+            raise FcnsegError("the onnxruntime backend needs onnxruntime: pip install 'fcnseg[onnx]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise FcnsegError(f"{path}: no such ONNX file")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise FcnsegError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.record: dict[str, Any] = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+        self.input_name = self.session.get_inputs()[0].name
+        shape = self.session.get_outputs()[0].shape
+        self.num_classes = int(self.record.get("num_classes") or (shape[1] if isinstance(shape[1], int) else 0))
+        self.top_stride = int(self.record.get("top_stride", 32))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def load_exported(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An exported file back as a callable: ONNX through ONNX Runtime, TorchScript through torch.jit."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OnnxRuntimeModel(path)
+    extra = {f"{METADATA_KEY}.json": ""}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    module.record = json.loads(extra[f"{METADATA_KEY}.json"] or "{}")
+    return module
+
+
+@torch.inference_mode()
+def parity(reference: Callable[[torch.Tensor], torch.Tensor], candidate: Callable[[torch.Tensor], torch.Tensor],
+           x: torch.Tensor) -> dict[str, float]:
+    """Largest absolute logit difference and share of pixels whose class agrees, on input ``x``."""
+    a = reference(x).float()
+    b = candidate(x).float()
+    if a.shape != b.shape:
+        raise FcnsegError(f"exported model gives shape {tuple(b.shape)}, the model {tuple(a.shape)}")
+    return {"max_abs_logit_diff": float((a - b).abs().max()),
+            "class_agreement": float((a.argmax(1) == b.argmax(1)).float().mean())}

@@ -1,0 +1,356 @@
+"""Inference: ``Segmenter`` turns images into class masks (tiled for large images, with optional
+test-time augmentation), and ``optimize`` prepares a model for fast, lean inference.
+
+    seg = Segmenter.from_checkpoint("camvid")
+    mask = seg(image)              # PIL image, (H, W, 3) array or (3, H, W) tensor -> (H, W) class ids
+    masks = seg([im1, im2])        # a list in, a list out (same-sized images run as one batch)
+
+Large images are cut into overlapping tiles whose origins sit on the network's total stride, and each
+output pixel is taken from the tile where it lies farthest from a tile edge. For a fully convolutional
+net this equals untiled prediction wherever a tile's margin covers the receptive field; memory is
+bounded by the tile size, not the image size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
+from .errors import FcnsegError
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise FcnsegError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# optimize: the same network, converted for inference
+
+# FCN parts that work on K class channels: they cost almost nothing, and rounding their inputs or
+# outputs to 16 bits is what flips pixels whose two best classes are nearly tied
+_FCN_FLOAT32_PARTS = ("score_fr", "score_skip", "up", "final_up")
+
+
+class _OutputChunkedConv2d(nn.Conv2d):
+    """A Conv2d that computes its output channels in chunks.
+
+    oneDNN copies a convolution's whole weight into its blocked layout on every call; for fc6
+    (4096 x 512 x 7 x 7) that transient copy is the largest allocation of the whole forward pass.
+    Chunking bounds it by ``chunk_bytes``. Same parameters, same state dict, same results.
+    """
+
+    chunk_out: int = 0
+
+    def _conv_forward(self, input, weight, bias):  # noqa: A002  (torch's signature)
+        if self.padding_mode != "zeros" or self.chunk_out >= self.out_channels:
+            return super()._conv_forward(input, weight, bias)
+        outs = []
+        for i in range(0, self.out_channels, self.chunk_out):
+            b = bias[i:i + self.chunk_out] if bias is not None else None
+            outs.append(F.conv2d(input, weight[i:i + self.chunk_out], b, self.stride, self.padding,
+                                 self.dilation, self.groups))
+        return torch.cat(outs, 1)
+
+
+def _cast_inputs(dtype: torch.dtype, channels_last: bool):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        out = []
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                a = a.to(dtype)
+                if channels_last and a.dim() == 4:
+                    a = a.contiguous(memory_format=torch.channels_last)
+            elif isinstance(a, dict):  # backbone features keyed by stride
+                a = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                     for k, v in a.items()}
+            out.append(a)
+        return tuple(out)
+
+    return hook
+
+
+def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_last: bool = True,
+             chunk_bytes: int = 64 << 20) -> nn.Module:
+    """Prepare ``model`` for inference, in place, without changing its definition; returns it.
+
+    - eval mode; channels-last memory format (oneDNN's fast path on CPUs);
+    - ``dtype`` (e.g. torch.bfloat16): weights and activations in that type, so the heavy
+      convolutions run on the CPU's bf16 units and the weights take half the memory. An FCN's
+      scoring and upsampling layers stay float32 (see ``_FCN_FLOAT32_PARTS``); inputs are cast at
+      the model's entry and at each float32 part, so callers pass float32 tensors as before;
+    - convolutions whose weight exceeds ``chunk_bytes`` compute their outputs in chunks, which
+      bounds oneDNN's per-call weight copy (fc6 of the VGG nets; 0 disables).
+    """
+    dtype = parse_dtype(dtype)
+    for handle in getattr(model, "_inference_hooks", []):  # optimizing twice replaces the first
+        handle.remove()
+    hooks = []
+    model.eval()
+    if dtype != torch.float32:
+        model.to(dtype)
+        for name in _FCN_FLOAT32_PARTS:
+            part = getattr(model, name, None)
+            if not isinstance(part, nn.Module):
+                continue
+            part.float()
+            # containers are never called themselves: hook the layers they hold
+            called = part.values() if isinstance(part, nn.ModuleDict) else (
+                part if isinstance(part, nn.ModuleList) else [part])
+            hooks += [m.register_forward_pre_hook(_cast_inputs(torch.float32, False)) for m in called]
+    elif any(p.dtype != torch.float32 for p in model.parameters()):
+        model.float()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    hooks.append(model.register_forward_pre_hook(_cast_inputs(dtype, channels_last)))
+    model._inference_hooks = hooks
+    if chunk_bytes:
+        for m in model.modules():
+            if type(m) is nn.Conv2d and m.weight.numel() * m.weight.element_size() > chunk_bytes:
+                per_channel = m.weight[0].numel() * m.weight.element_size()
+                m.__class__ = _OutputChunkedConv2d
+                m.chunk_out = max(1, chunk_bytes // per_channel)
+    model.inference_dtype = dtype
+    if dtype != torch.float32:
+        _return_freed_memory()
+    return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the float32 weights that a conversion freed back to the OS (glibc keeps freed heap pages)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# tiling
+
+def tile_spans(length: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int, int, int]]:
+    """Cut ``[0, length)`` into tiles: ``(core_start, core_end, tile_start, tile_end)`` along one axis.
+
+    Cores partition the axis; each tile reaches at least ``overlap / 2`` (rounded up to ``align``)
+    past its core on every inner side, so neighbouring tiles share ``overlap`` pixels or more. Tile
+    starts are multiples of ``align`` (the network's total stride), so every tile sees the same
+    pooling grid as the whole image.
+    """
+    if length <= tile:
+        return [(0, length, 0, length)]
+    margin = math.ceil(overlap / 2 / align) * align
+    step = (tile - 2 * margin) // align * align
+    if step <= 0:
+        raise FcnsegError(f"tile size {tile} leaves no room inside an overlap of {overlap} "
+                          f"(margins round up to multiples of {align}); use a tile of at least {2 * margin + align}")
+    spans = []
+    for start in range(0, length, step):
+        end = min(start + step, length)
+        t0 = max(0, start - margin)
+        spans.append((start, end, t0, min(length, t0 + tile)))
+    return spans
+
+
+# ---------------------------------------------------------------------------------------------------
+# images in, tensors out
+
+def _to_chw(image: ImageLike) -> torch.Tensor:
+    """(3, H, W) tensor, uint8 (0..255) or float (0..1), from any accepted image kind."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise FcnsegError(f"expected an (H, W, 3) image array, got shape {arr.shape}")
+        arr = arr[:, :, :3]
+        if arr.dtype != np.uint8 and arr.dtype.kind != "f":
+            raise FcnsegError(f"image arrays must be uint8 (0..255) or float (0..1), got {arr.dtype}")
+        arr = np.ascontiguousarray(arr)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        t = image
+        if t.dim() == 2:
+            t = t.expand(3, -1, -1)
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise FcnsegError(f"expected a (3, H, W) image tensor, got shape {tuple(t.shape)}")
+        if t.dtype != torch.uint8 and not t.is_floating_point():
+            raise FcnsegError(f"image tensors must be uint8 (0..255) or float (0..1), got {t.dtype}")
+        return t.expand(3, -1, -1) if t.shape[0] == 1 else t
+    raise FcnsegError(f"cannot segment a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
+
+
+@dataclass
+class Prediction:
+    """One image's result: class ids (H, W) and, when asked for, probabilities (K, H, W) float16."""
+
+    mask: torch.Tensor
+    probs: torch.Tensor | None = None
+
+
+class Segmenter:
+    """Images in, class masks out, for any model that maps (B, 3, H, W) to (B, K, H, W) logits.
+
+    ``classes``, ``colors``, ``mean`` and ``std`` default to the model's checkpoint record. ``dtype``
+    and ``channels_last`` go to ``optimize`` (the model is converted in place). Images larger than
+    ``tile`` on a side are cut into tiles sharing ``overlap`` pixels. ``flip`` and ``scales`` add
+    test-time augmentation: probabilities are averaged over horizontal flips and input rescalings.
+    """
+
+    def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor], classes: Sequence[str] | None = None,
+                 colors: Sequence[Sequence[int]] | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, *, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = None, channels_last: bool = True, tile: int = 1024,
+                 overlap: int = 256, flip: bool = False, scales: Sequence[float] = (1.0,), batch_size: int = 4):
+        record: dict[str, Any] = dict(getattr(model, "record", None) or {})
+        norm = record.get("normalization", {})
+        self.num_classes = int(getattr(model, "num_classes", 0) or record.get("num_classes", 0))
+        if not self.num_classes:
+            raise FcnsegError("the model does not say how many classes it has (no .num_classes or record)")
+        self.classes = list(classes or record.get("classes") or [f"class_{i}" for i in range(self.num_classes)])
+        from .visualize import class_colors
+
+        self.colors = class_colors(colors or record.get("colors"), self.num_classes)
+        self.device = torch.device(device)
+        mean = mean if mean is not None else norm.get("mean", IMAGENET_MEAN)
+        std = std if std is not None else norm.get("std", IMAGENET_STD)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        if isinstance(model, nn.Module):
+            model = optimize(model.to(self.device), dtype, channels_last)
+        elif parse_dtype(dtype) != torch.float32:
+            raise FcnsegError("dtype applies to PyTorch models only; this backend runs the exported float32 model")
+        self.model = model
+        self.record = record
+        self.align = int(getattr(model, "top_stride", 32))
+        self.tile, self.overlap = int(tile), int(overlap)
+        self.flip = bool(flip)
+        self.scales = tuple(float(s) for s in scales)
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise FcnsegError(f"scales must be positive, got {scales}")
+        self.batch_size = max(1, int(batch_size))
+        self.mask_dtype = torch.uint8 if self.num_classes <= 256 else torch.int32
+
+    @classmethod
+    def from_checkpoint(cls, path_or_name: str | Path, *, backend: str | None = None, device: str = "cpu",
+                        **kwargs: Any) -> "Segmenter":
+        """A Segmenter for a checkpoint (a built-in name, a .safetensors file or a run directory), or for
+        an exported ``.onnx`` file run by ONNX Runtime (``backend="onnxruntime"``, implied by the suffix)."""
+        is_onnx = str(path_or_name).endswith(".onnx")
+        backend = backend or ("onnxruntime" if is_onnx else "torch")
+        if backend == "onnxruntime":
+            if not is_onnx:
+                raise FcnsegError(f"{path_or_name}: the onnxruntime backend runs an exported .onnx model; "
+                                  f"make one with 'fcnseg export --format onnx'")
+            from .export import OnnxRuntimeModel
+
+            return cls(OnnxRuntimeModel(path_or_name), **kwargs)
+        if backend != "torch":
+            raise FcnsegError(f"unknown backend {backend!r}; valid: torch, onnxruntime")
+        if is_onnx:
+            raise FcnsegError(f"{path_or_name}: an ONNX model runs with backend='onnxruntime'")
+        return cls(load_checkpoint(path_or_name, device=device), device=device, **kwargs)
+
+    # -- public calls ------------------------------------------------------------------------------
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]):
+        """Class ids for one image or a list of images.
+
+        A PIL image or numpy array gives an (H, W) numpy array (uint8 up to 256 classes); a tensor
+        gives an (H, W) int64 tensor, and a (B, 3, H, W) tensor a (B, H, W) one.
+        """
+        if isinstance(images, (list, tuple)):
+            return [self._mask_out(p.mask, im) for p, im in zip(self.predict(images), images)]
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            return torch.stack([p.mask.long() for p in self.predict(list(images))])
+        return self._mask_out(self.predict([images])[0].mask, images)
+
+    def predict(self, images: Sequence[ImageLike], probs: bool = False) -> list[Prediction]:
+        """Masks (and with ``probs`` per-class probabilities) for a list of images, on the CPU.
+
+        Images of the same size that need no tiling run together in batches of ``batch_size``.
+        """
+        chws = [_to_chw(im) for im in images]
+        out: list[Prediction | None] = [None] * len(chws)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(chws):
+            groups.setdefault(tuple(t.shape[-2:]), []).append(i)
+        for (h, w), idx in groups.items():
+            step = self.batch_size if (h <= self.tile and w <= self.tile) else 1
+            for j in range(0, len(idx), step):
+                chunk = idx[j:j + step]
+                masks, probas = self._predict_batch(torch.stack([chws[i] for i in chunk]), probs)
+                for k, i in enumerate(chunk):
+                    out[i] = Prediction(masks[k], probas[k] if probas is not None else None)
+        return out  # type: ignore[return-value]
+
+    def segment(self, image: ImageLike, probs: bool = False) -> Prediction:
+        """One image: a ``Prediction`` with the (H, W) mask tensor and optional (K, H, W) probabilities."""
+        return self.predict([image], probs)[0]
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _mask_out(mask: torch.Tensor, like: ImageLike):
+        return mask.long() if isinstance(like, torch.Tensor) else mask.numpy()
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+    @torch.inference_mode()
+    def _scores(self, x: torch.Tensor, probs: bool) -> torch.Tensor:
+        """(B, K, h, w): logits for a single pass, else probabilities averaged over flips and scales."""
+        h, w = x.shape[-2:]
+        passes = [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
+        if len(passes) == 1 and passes[0][0] == 1.0 and not probs:
+            return self._logits(x)
+        total = None
+        for scale, flip in passes:
+            xi = x if scale == 1.0 else F.interpolate(
+                x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False)
+            p = self._logits(xi.flip(-1) if flip else xi).softmax(1)
+            if flip:
+                p = p.flip(-1)
+            if scale != 1.0:
+                p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+            total = p if total is None else total.add_(p)
+        return total / len(passes)
+
+    def _predict_batch(self, raw: torch.Tensor, probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """raw (B, 3, H, W) uint8 or float -> masks (B, H, W) and probabilities (B, K, H, W) float16."""
+        b, _, h, w = raw.shape
+        masks = torch.empty(b, h, w, dtype=self.mask_dtype)
+        probas = torch.empty(b, self.num_classes, h, w, dtype=torch.float16) if probs else None
+        for y0, y1, ty0, ty1 in tile_spans(h, self.tile, self.overlap, self.align):
+            for x0, x1, tx0, tx1 in tile_spans(w, self.tile, self.overlap, self.align):
+                scores = self._scores(self._normalize(raw[:, :, ty0:ty1, tx0:tx1]), probs)
+                core = scores[:, :, y0 - ty0:y1 - ty0, x0 - tx0:x1 - tx0]
+                masks[:, y0:y1, x0:x1] = core.argmax(1).to(self.mask_dtype).cpu()
+                if probas is not None:
+                    probas[:, :, y0:y1, x0:x1] = core.half().cpu()
+        return masks, probas

@@ -1,0 +1,62 @@
+"""Pictures of predictions: palette PNGs of class ids, colour overlays, and a legend of class colours."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .checkpoint import default_palette
+
+
+def class_colors(colors: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours: the given ones, completed with the VOC palette where missing."""
+    base = default_palette(num_classes)
+    given = [list(map(int, c)) for c in (colors or [])][:num_classes]
+    return np.array(given + base[len(given):], dtype=np.uint8).reshape(num_classes, 3)
+
+
+def palette_image(mask: np.ndarray, colors: np.ndarray) -> Image.Image:
+    """A mode-'P' image whose pixel values are the class ids and whose palette is ``colors``.
+
+    Reading it back with ``np.asarray(Image.open(path))`` gives the class ids unchanged.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    if len(colors) > 256 or (mask.size and int(mask.max()) > 255):
+        raise ValueError("a palette PNG holds at most 256 classes")
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    im = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[: len(colors)] = colors
+    im.putpalette(pal.reshape(-1).tolist())
+    return im
+
+
+def colorize(mask: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB picture of a class-id mask."""
+    return colors[np.asarray(mask)]
+
+
+def overlay(image: Image.Image | np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The image with each pixel's class colour blended over it (``alpha`` = weight of the colour)."""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    if rgb.shape[:2] != np.asarray(mask).shape:
+        raise ValueError(f"image {rgb.shape[:2]} and mask {np.asarray(mask).shape} differ in size")
+    blend = (1 - alpha) * rgb + alpha * colorize(mask, colors).astype(np.float32)
+    return Image.fromarray(np.clip(blend + 0.5, 0, 255).astype(np.uint8))
+
+
+def legend(classes: Sequence[str], colors: np.ndarray, swatch: int = 20, width: int = 240) -> Image.Image:
+    """One row per class: a colour swatch and the class name, on white."""
+    font = ImageFont.load_default()
+    pad = 4
+    row = swatch + pad
+    im = Image.new("RGB", (width, pad + row * len(classes)), "white")
+    draw = ImageDraw.Draw(im)
+    for i, (name, color) in enumerate(zip(classes, colors)):
+        y = pad + i * row
+        draw.rectangle([pad, y, pad + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in color), outline="black")
+        draw.text((2 * pad + swatch, y + swatch // 2), f"{i}: {name}", fill="black", font=font, anchor="lm")
+    return im
