@@ -82,7 +82,13 @@ def export_torchscript(model: nn.Module, path: str | Path, example_size: tuple[i
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints, which stay dynamic here
         traced = torch.jit.trace(model, x, check_trace=False)
     extra = {f"{METADATA_KEY}.json": json.dumps(_record_of(model))}
-    atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=extra))
+
+    def save(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the format was asked for by name
+            torch.jit.save(traced, tmp, _extra_files=extra)
+
+    atomic_write(path, save)
     return path
 
 
@@ -133,7 +139,9 @@ def load_exported(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
     if path.suffix == ".onnx":
         return OnnxRuntimeModel(path)
     extra = {f"{METADATA_KEY}.json": ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     module.record = json.loads(extra[f"{METADATA_KEY}.json"] or "{}")
     return module
 

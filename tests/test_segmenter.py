@@ -1,0 +1,218 @@
+"""Segmenter API: image kinds in and out, batches, normalization from the record, tiling against untiled
+prediction, test-time augmentation, and ``optimize`` (bf16, channels-last, chunked convolutions).
+
+The tiny test network below is shared with test_predict.py and test_export.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import fcnseg
+from fcnseg.checkpoint import make_record, save_checkpoint
+from fcnseg.errors import FcnsegError
+from fcnseg.inference import Segmenter, optimize, tile_spans
+from fcnseg.models import FCN, Backbone
+
+TINY = "tiny_fcn_test"
+
+
+class TinyBackbone(Backbone):
+    """Five 3x3 convolutions with 2x2 ceil-mode pooling (strides 8, 16, 32); the first conv is padded like
+    VGG's conv1_1 so that every input size gives an output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(i: int, o: int) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
+
+        self.s8 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=48), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True),
+                                *block(8, 8), *block(8, 16))
+        self.s16 = nn.Sequential(*block(16, 16))
+        self.s32 = nn.Sequential(*block(16, 32))
+        self._declare([(8, [self.s8], 16), (16, [self.s16], 16), (32, [self.s32], 32)])
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        c8 = self.s8(x)  # 1/8
+        c16 = self.s16(c8)  # 1/16
+        return {8: c8, 16: c16, 32: self.s32(c16)}  # 1/32
+
+
+def register_tiny() -> None:
+    """Register the tiny FCN-8s once per process: random non-zero score layers, so argmax means something."""
+    if TINY in fcnseg.list_models():
+        return
+
+    @fcnseg.register_model(TINY)
+    def tiny(num_classes: int = 5, **kwargs) -> FCN:
+        model = FCN(TinyBackbone(), num_classes, skips=(16, 8), fc_channels=32, fc_kernel=1, **kwargs)
+        for conv in [model.score_fr, *model.score_skip.values()]:
+            nn.init.normal_(conv.weight, std=0.3)
+        return model
+
+
+def tiny_model(num_classes: int = 5, seed: int = 0) -> FCN:
+    register_tiny()
+    torch.manual_seed(seed)
+    return fcnseg.build_model(TINY, num_classes=num_classes).eval()
+
+
+def tiny_checkpoint(path, num_classes: int = 5, **record):
+    """A saved tiny checkpoint with named classes and colours; returns its path."""
+    model = tiny_model(num_classes)
+    classes = [f"thing{i}" for i in range(num_classes)]
+    colors = [[40 * i, 255 - 40 * i, (97 * i) % 256] for i in range(num_classes)]
+    return save_checkpoint(model, path, make_record(model, classes=classes, colors=colors, **record))
+
+
+def random_image(h: int, w: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # smooth blobs rather than pure noise, so classes form regions
+    small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def test_image_kinds_in_and_out():
+    seg = Segmenter(tiny_model())
+    img = random_image(61, 83)
+    mask = seg(img)
+    assert isinstance(mask, np.ndarray) and mask.shape == (61, 83) and mask.dtype == np.uint8
+    assert mask.max() < 5
+    arr = np.asarray(img)
+    assert np.array_equal(seg(arr), mask)
+    assert np.array_equal(seg(arr.astype(np.float32) / 255), mask)
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    mt = seg(t)
+    assert isinstance(mt, torch.Tensor) and mt.dtype == torch.int64 and torch.equal(mt, torch.from_numpy(mask).long())
+    assert torch.equal(seg(t.float() / 255), mt)
+    assert seg(np.asarray(img.convert("L"))).shape == (61, 83)  # grayscale is replicated to RGB
+
+
+def test_batches_match_single_calls():
+    seg = Segmenter(tiny_model(), batch_size=2)
+    images = [random_image(40, 50, s) for s in range(3)] + [random_image(33, 71, 9)]
+    masks = seg(images)
+    assert [m.shape for m in masks] == [(40, 50)] * 3 + [(33, 71)]
+    for im, m in zip(images, masks):
+        assert np.array_equal(seg(im), m)
+    batch = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in images[:3]])
+    out = seg(batch)
+    assert out.shape == (3, 40, 50) and all(np.array_equal(out[i].numpy(), masks[i]) for i in range(3))
+
+
+def test_matches_the_model_on_normalised_input(tmp_path):
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    path = tiny_checkpoint(tmp_path / "tiny.safetensors", mean=mean, std=std)
+    seg = Segmenter.from_checkpoint(path, channels_last=False)
+    assert seg.classes[1] == "thing1" and seg.colors[1].tolist() == [40, 215, 97]
+    img = random_image(45, 67)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float()[None] / 255
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    model = fcnseg.load_checkpoint(path)
+    with torch.no_grad():
+        logits = model(x)
+    pred = seg.segment(img, probs=True)
+    assert torch.equal(pred.mask.long(), logits.argmax(1)[0])
+    assert pred.probs.dtype == torch.float16 and pred.probs.shape == (5, 45, 67)
+    assert torch.allclose(pred.probs.float(), logits.softmax(1)[0], atol=1e-3)
+
+
+def test_tile_spans_partition_and_align():
+    for length, tile, overlap, align in [(1000, 512, 128, 32), (4000, 1024, 256, 32), (700, 256, 128, 32), (97, 40, 8, 1)]:
+        spans = tile_spans(length, tile, overlap, align)
+        assert spans[0][0] == 0 and spans[-1][1] == length
+        for (c0, c1, t0, t1), nxt in zip(spans, spans[1:] + [None]):
+            assert t0 <= c0 < c1 <= t1 <= length and t1 - t0 <= tile and t0 % align == 0
+            if nxt:
+                assert nxt[0] == c1  # cores partition the axis
+                assert c0 == 0 or c0 - t0 >= overlap / 2
+                assert t1 - c1 >= overlap / 2 or t1 == length  # inner core edges get overlap/2 of context
+    assert tile_spans(300, 512, 128, 32) == [(0, 300, 0, 300)]
+    with pytest.raises(FcnsegError, match="tile"):
+        tile_spans(1000, 64, 128, 32)
+
+
+def test_tiling_matches_untiled_prediction():
+    model = tiny_model()
+    img = random_image(500, 700, 3)
+    full = Segmenter(model, tile=4096).segment(img, probs=True)
+    # margins of 128 px cover this net's receptive field: identical up to float16 storage of probabilities
+    tiled = Segmenter(model, tile=384, overlap=256).segment(img, probs=True)
+    assert torch.equal(tiled.mask, full.mask)
+    assert (tiled.probs.float() - full.probs.float()).abs().max() < 2e-3
+    # narrower margins: any difference stays next to a seam
+    spans_y, spans_x = tile_spans(500, 256, 64, 32), tile_spans(700, 256, 64, 32)
+    narrow = Segmenter(model, tile=256, overlap=64).segment(img)
+    differ = (narrow.mask != full.mask).numpy()
+    near = np.zeros_like(differ)
+    for c0, *_ in spans_y[1:]:
+        near[max(0, c0 - 80):c0 + 80, :] = True
+    for c0, *_ in spans_x[1:]:
+        near[:, max(0, c0 - 80):c0 + 80] = True
+    assert not (differ & ~near).any()
+    assert differ.mean() < 0.02
+
+
+def test_flip_tta_is_mirror_symmetric():
+    seg = Segmenter(tiny_model(), flip=True)
+    img = random_image(48, 64, 5)
+    p = seg.segment(img, probs=True).probs.float()
+    q = seg.segment(img.transpose(Image.FLIP_LEFT_RIGHT), probs=True).probs.float()
+    assert torch.allclose(p, q.flip(-1), atol=2e-3)
+    assert torch.allclose(p.sum(0), torch.ones(48, 64), atol=5e-3)
+
+
+def test_multiscale_tta_averages_probabilities():
+    model = tiny_model()
+    img = random_image(64, 96, 6)
+    single = Segmenter(model).segment(img, probs=True).probs.float()
+    assert torch.allclose(Segmenter(model, scales=(1.0,)).segment(img, probs=True).probs.float(), single)
+    half = Segmenter(model, scales=(0.5,)).segment(img, probs=True).probs.float()
+    both = Segmenter(model, scales=(0.5, 1.0)).segment(img, probs=True).probs.float()
+    assert both.shape == (5, 64, 96)
+    assert torch.allclose(both, (half + single) / 2, atol=2e-3)
+
+
+def test_optimize_bfloat16_keeps_the_head_in_float32_and_the_state_dict():
+    ref = tiny_model()
+    model = optimize(tiny_model(), torch.bfloat16, channels_last=True)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    assert model.backbone.s8[0].weight.dtype == torch.bfloat16 and model.score_fr.weight.dtype == torch.float32
+    assert model.final_up.deconv.weight.dtype == torch.float32
+    x = torch.randn(2, 3, 57, 75)
+    with torch.no_grad():
+        y, yb = ref(x), model(x)
+    assert yb.dtype == torch.float32 and yb.shape == y.shape
+    assert (y.argmax(1) == yb.argmax(1)).float().mean() > 0.95
+    # the same segmenter through the API
+    assert Segmenter(tiny_model(), dtype="bfloat16")(random_image(40, 40)).shape == (40, 40)
+
+
+def test_chunked_convolution_is_the_same_convolution():
+    ref = tiny_model()
+    model = optimize(tiny_model(), torch.float32, channels_last=False, chunk_bytes=1024)  # chunks fc6 and friends
+    assert type(model.fc.fc6).__name__ == "_OutputChunkedConv2d" and model.fc.fc6.chunk_out < model.fc.fc6.out_channels
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    seg = Segmenter(tiny_model())
+    with pytest.raises(FcnsegError, match="cannot segment a str"):
+        seg("image.png")
+    with pytest.raises(FcnsegError, match="shape"):
+        seg(np.zeros((4, 5, 6), dtype=np.uint8))
+    with pytest.raises(FcnsegError, match="uint8"):
+        seg(np.zeros((4, 5, 3), dtype=np.int64))
+    with pytest.raises(FcnsegError, match="not installed|no such checkpoint"):
+        Segmenter.from_checkpoint("no_such_builtin_model")
