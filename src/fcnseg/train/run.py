@@ -253,6 +253,9 @@ def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str])
         save_checkpoint(model, ckpt_dir / f"{name}.safetensors", record)
 
     stop = step >= total_steps
+    if resume and (stop or epoch >= cfg.epochs):
+        log(info, f"{out}: the run already finished (epoch {epoch}, step {step}); raise --epochs or --max-steps "
+                  f"to train further")
     while epoch < cfg.epochs and not stop:
         sampler = ShardSampler(len(data.train), cfg.seed, epoch, info.world, info.rank, shuffle=True,
                                start=batch_in_epoch * batch, order=order)
