@@ -40,7 +40,8 @@ def test_round_trip_gives_a_ready_model(model, tmp_path):
     loaded = fcnseg.load_checkpoint(path)
     assert not loaded.training and loaded.arch == ARCH and loaded.num_classes == 4
     assert loaded.record["classes"] == ["bg", "a", "b", "c"] and loaded.record["metrics"] == {"mean_iou": 0.5}
-    assert len(loaded.record["colors"]) == 4 and loaded.record["normalization"]["mean"] == list(fcnseg.checkpoint.IMAGENET_MEAN)
+    assert len(loaded.record["colors"]) == 4
+    assert loaded.record["normalization"]["mean"] == list(fcnseg.checkpoint.IMAGENET_MEAN)
     assert torch.equal(logits(loaded), logits(model))
 
 

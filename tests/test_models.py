@@ -141,7 +141,8 @@ def test_transfer_copies_shared_layers_and_keeps_new_ones_fresh(staged):
             assert not m.score_skip[s].weight.any() and not m.score_skip[s].bias.any()
             assert torch.equal(m.up[s].deconv.weight[0, 0], bilinear_kernel(4))
         k = m.final_up.kernel_size
-        assert torch.equal(m.final_up.deconv.weight[1, 1], bilinear_kernel(k)) and not m.final_up.deconv.weight[0, 1].any()
+        final = m.final_up.deconv.weight
+        assert torch.equal(final[1, 1], bilinear_kernel(k)) and not final[0, 1].any()
 
 
 def _ramp_scores(model, slope=(0.3, 0.7)):

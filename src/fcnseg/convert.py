@@ -1,4 +1,4 @@
-"""Weight import: the paper's VGG16 FCNs from the torchfcn PyTorch port (.pth) or the official Caffe models (.caffemodel).
+"""Weight import: the paper's VGG16 FCNs from the torchfcn port (.pth) or the official Caffe models (.caffemodel).
 
 Both sources name layers as the Caffe reference did (``conv1_1`` ... ``conv5_3``, ``fc6``, ``fc7``,
 ``score_fr``, ``score_pool4``, ``score_pool3``, ``upscore2``, ``upscore_pool4``, ``upscore8`` /
