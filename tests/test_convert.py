@@ -205,6 +205,10 @@ def test_cli_converts_a_torchfcn_file(weights, tmp_path):
     names.write_text("a\nb\n")
     assert main(["convert", "--from", "torchfcn", "--classes-file", str(names), str(src), str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out.safetensors").exists()  # "2 class names for a 21-class network"
+    assert main(["convert", "--from", "torchfcn", "--arch", "fcn32s_vgg16", str(src), str(tmp_path / "voc")]) == 0
+    voc = json.loads((tmp_path / "voc.json").read_text())
+    assert voc["classes"][:2] == ["background", "aeroplane"] and "PASCAL VOC" in voc["provenance"]["classes"]
+    (tmp_path / "voc.safetensors").unlink()
     names.write_text("\n".join(f"c{i}" for i in range(N_CLASS)) + "\n")
     assert main(["convert", "--from", "torchfcn", "--classes-file", str(names), str(src), str(tmp_path / "out")]) == 0
     src.unlink()
@@ -213,7 +217,7 @@ def test_cli_converts_a_torchfcn_file(weights, tmp_path):
     assert rec == json.loads((tmp_path / "out.json").read_text())
     assert rec["arch"] == "fcn32s_vgg16" and rec["num_classes"] == N_CLASS and rec["classes"][3] == "c3"
     assert rec["provenance"]["source"] == "torchfcn" and len(rec["provenance"]["source_sha256"]) == 64
-    assert "--classes-file" in rec["provenance"]["command"]
+    assert "--classes-file" in rec["provenance"]["command"] and "classes" not in rec["provenance"]
 
     rgb01 = torch.rand(1, 3, *INPUT_HW, generator=torch.Generator().manual_seed(3))
     mean = torch.tensor(rec["normalization"]["mean"]).view(1, 3, 1, 1)

@@ -301,6 +301,11 @@ def convert_file(path: str | Path, out: str | Path, source: str, arch: str | Non
     model, provenance = convert(path, source, arch, num_classes)
     if classes is not None and len(classes) != model.num_classes:
         raise FcnsegError(f"{len(classes)} class names for a {model.num_classes}-class network")
+    if classes is None and model.num_classes == 21:
+        from .data.voc import VOC_CLASSES  # every released 21-class FCN is a PASCAL VOC net
+
+        classes = VOC_CLASSES
+        provenance["classes"] = "assumed PASCAL VOC (21 classes); pass --classes-file if they are not"
     if command:
         provenance["command"] = command
     mean_rgb = tuple(m / 255 for m in reversed(MEAN_BGR))

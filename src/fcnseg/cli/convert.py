@@ -17,7 +17,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="where the weights come from")
     p.add_argument("--arch", choices=ARCHS, help="architecture (default: inferred from the layer names)")
     p.add_argument("--num-classes", type=int, help="number of classes (default: from score_fr's shape)")
-    p.add_argument("--classes-file", help="class names, one per line (default: class_0, class_1, ...)")
+    p.add_argument("--classes-file", help="class names, one per line (default: PASCAL VOC's for 21 classes, "
+                                          "else class_0, class_1, ...)")
     p.add_argument("input", metavar="IN", help="a torchfcn .pth state dict or a .caffemodel")
     p.add_argument("output", metavar="OUT", help="checkpoint to write (.safetensors, with a .json record beside it)")
     return p
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     path, record = convert_file(args.input, args.output, args.source, arch=args.arch,
                                 num_classes=args.num_classes, classes=classes, command=shlex.join(command))
     print(f"wrote {path} ({record['arch']}, {record['num_classes']} classes) from {args.source} weights {args.input}")
+    if "classes" in record["provenance"]:
+        print(f"classes {record['provenance']['classes']}")
     unused = record["provenance"].get("unused_layers")
     if unused:
         print(f"layers not used: {', '.join(unused)}")
