@@ -2,7 +2,7 @@
 peak memory, each configuration in a fresh Python process.
 
 Peak memory (CPU): the child process records its resident set size (RSS) after its imports, builds
-and prepares the model, then resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) so
+and prepares the model, returns freed heap pages to the OS (``malloc_trim``), then resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) so
 that the transients of building the model in float32 before converting it do not count, and finally
 reads ``VmHWM`` after the timed runs. ``peak_memory_mb`` = VmHWM - RSS after imports: the weights,
 activations, workspaces and allocator caches that inference holds at its worst moment. Where
@@ -122,7 +122,7 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .inference import Segmenter, optimize, parse_dtype
+    from .inference import Segmenter, _return_freed_memory, optimize, parse_dtype
 
     spec = {**DEFAULT_SPEC, **spec}
     if spec["threads"]:
@@ -172,6 +172,7 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
             return out["out"] if isinstance(out, dict) else out  # torchvision's segmentation models
 
     method = "VmHWM after reset (clear_refs) - RSS after imports"
+    _return_freed_memory()  # what building and loading freed is not the model's (glibc keeps it otherwise)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

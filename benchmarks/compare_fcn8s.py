@@ -1,0 +1,167 @@
+"""fcnseg's fcn8s_vgg16 against the torchfcn port's FCN8s (same weights, same input) and torchvision's
+fcn_resnet50 (same input; its weights differ, so only time and memory compare).
+
+Every configuration runs in a fresh process through ``fcnseg.benchmark`` (warm-up, timed runs, peak
+memory = peak resident memory during inference minus the process's memory after imports). Ratios are
+against the port run as its users run it: float32, NCHW, eager.
+
+Weights: fcn8s_vgg16 as ``build_model`` makes it (torchvision's VGG initialisation), with the score
+layers given random non-zero weights (the paper's zero init would make every pixel class 0 and the
+agreement check meaningless); copied into torchfcn's FCN8s by layer name (``fcnseg.convert``'s map).
+Input: a photograph (scikit-image's astronaut) resized to --size, ImageNet-normalised.
+
+Set-up (benchmark only): pip install --no-deps torchfcn && pip install pytz
+torchfcn's package imports ``fcn`` (a chainer-based package) only to download Caffe weights; it is
+not needed to build or run FCN8s, so an empty stand-in module is registered under that name when it
+is missing. Nothing of torchfcn is copied here.
+
+    OMP_NUM_THREADS=2 python benchmarks/compare_fcn8s.py --size 500 500 --iters 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _import_torchfcn():
+    try:
+        import fcn  # noqa: F401
+    except ModuleNotFoundError:
+        stub = types.ModuleType("fcn")
+        stub.__doc__ = "stand-in: torchfcn uses fcn.data.cached_download only to fetch pretrained Caffe weights"
+        sys.modules["fcn"] = stub
+    try:
+        import torchfcn
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"compare_fcn8s: {e.name} is missing: pip install --no-deps torchfcn && pip install pytz")
+    return torchfcn
+
+
+def to_torchfcn_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fcnseg's FCN-8s state dict under torchfcn's names (conv1_1 ... fc7, score_*, upscore*)."""
+    from fcnseg.convert import reference_names
+
+    state = model.state_dict()
+    out = {}
+    for ref, mine in reference_names(model).items():
+        for kind in ("weight", "bias"):
+            if f"{mine}.{kind}" in state:
+                out[f"{ref}.{kind}"] = state[f"{mine}.{kind}"]
+    return out
+
+
+def build_torchfcn(checkpoint: str) -> torch.nn.Module:
+    """torchfcn's FCN8s holding the fcnseg checkpoint's weights (a factory for fcnseg.benchmark)."""
+    import fcnseg
+
+    torchfcn = _import_torchfcn()
+    mine = fcnseg.load_checkpoint(checkpoint)
+    port = torchfcn.models.FCN8s(n_class=mine.num_classes)
+    port.load_state_dict(to_torchfcn_state(mine), strict=True)
+    del mine
+    return port.eval()
+
+
+def build_fcn_resnet50(num_classes: int = 21) -> torch.nn.Module:
+    from torchvision.models.segmentation import fcn_resnet50
+
+    return fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False).eval()
+
+
+def make_weights(path: Path, seed: int = 0) -> Path:
+    import fcnseg
+
+    torch.manual_seed(seed)
+    model = fcnseg.build_model("fcn8s_vgg16", num_classes=21)
+    for conv in [model.score_fr, *model.score_skip.values()]:
+        torch.nn.init.normal_(conv.weight, std=conv.in_channels ** -0.5)
+        torch.nn.init.normal_(conv.bias, std=0.01)
+    return fcnseg.save_checkpoint(model, path)
+
+
+def make_input(path: Path, h: int, w: int) -> Path:
+    from PIL import Image
+
+    from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+
+    try:
+        from skimage import data
+
+        photo = Image.fromarray(data.astronaut())
+    except ImportError:  # smooth colour blobs instead of a photograph
+        rng = np.random.default_rng(0)
+        photo = Image.fromarray(rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8))
+    x = np.asarray(photo.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32) / 255
+    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    np.save(path, np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, nargs=2, default=(500, 500), metavar=("H", "W"))
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--skip", nargs="*", default=[], help="labels of configurations to leave out")
+    args = parser.parse_args()
+
+    from fcnseg.benchmark import benchmark, export_for_onnxruntime
+
+    _import_torchfcn()  # fail early, before the long runs
+    here = str(Path(__file__).resolve().parent)
+    env = {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    h, w = args.size
+    with tempfile.TemporaryDirectory(prefix="fcnseg-compare-") as tmp:
+        tmp = Path(tmp)
+        ckpt = str(make_weights(tmp / "fcn8s.safetensors"))
+        x = str(make_input(tmp / "x.npy", h, w))
+        common = {"size": [h, w], "iters": args.iters, "warmup": args.warmup, "input": x}
+        configs = [
+            ("torchfcn FCN8s fp32 (port)", {"model": "compare_fcn8s:build_torchfcn",
+                                            "factory_kwargs": {"checkpoint": ckpt}, "optimize": False}),
+            ("fcnseg fp32 NCHW (as built)", {"model": ckpt, "optimize": False}),
+            ("fcnseg fp32 channels-last", {"model": ckpt, "channels_last": True}),
+            ("fcnseg bf16 channels-last", {"model": ckpt, "dtype": "bfloat16", "channels_last": True}),
+            ("fcnseg ONNX Runtime fp32", {"model": ckpt, "backend": "onnxruntime"}),
+            ("torchvision fcn_resnet50 fp32", {"model": "compare_fcn8s:build_fcn_resnet50", "optimize": False}),
+            ("torchvision fcn_resnet50 bf16 cl", {"model": "compare_fcn8s:build_fcn_resnet50", "dtype": "bfloat16"}),
+        ]
+        rows = []
+        for label, spec in configs:
+            if label in args.skip:
+                continue
+            spec = {**common, **spec, "save_argmax": str(tmp / f"argmax{len(rows)}.npy")}
+            if spec.get("backend") == "onnxruntime":
+                spec.update(export_for_onnxruntime(spec, tmp / "fcn8s.onnx"))
+            print(f"running {label} ...", file=sys.stderr, flush=True)
+            result = benchmark(spec, env=env)
+            rows.append((label, result, np.load(spec["save_argmax"])))
+
+    port_label, port, port_argmax = rows[0]
+    print(f"\nFCN-8s at {h}x{w}, batch 1, {port['threads']} threads, torch {port['torch']}; "
+          f"{port['gflops_per_batch']:.0f} GFLOPs per image (FlopCounterMode)")
+    head = (f"{'configuration':<34} {'median s':>9} {'p95 s':>7} {'GFLOP/s':>8} {'peak MB':>8} "
+            f"{'speed-up':>9} {'memory':>7} {'agree %':>8}")
+    print(head)
+    print("-" * len(head))
+    for label, r, argmax in rows:
+        same_weights = not label.startswith("torchvision")
+        agree = f"{100 * (argmax == port_argmax).mean():.2f}" if same_weights else "-"
+        gf = f"{r['gflops_per_second']:.0f}" if r.get("gflops_per_second") else "-"
+        print(f"{label:<34} {r['latency_ms_median'] / 1000:>9.2f} {r['latency_ms_p95'] / 1000:>7.2f} {gf:>8} "
+              f"{r['peak_memory_mb']:>8.0f} {port['latency_ms_median'] / r['latency_ms_median']:>8.2f}x "
+              f"{r['peak_memory_mb'] / port['peak_memory_mb']:>6.2f}x {agree:>8}")
+    print("speed-up = port time / time; memory = peak memory / port's; agree = pixels whose class equals the port's")
+    print(f"peak memory: {port['peak_memory_method']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
