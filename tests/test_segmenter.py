@@ -232,3 +232,36 @@ def test_bad_inputs_raise_clear_errors():
         seg(np.zeros((4, 5, 3), dtype=np.int64))
     with pytest.raises(FcnsegError, match="not installed|no such checkpoint"):
         Segmenter.from_checkpoint("no_such_builtin_model")
+
+
+def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairs():
+    from fcnseg.inference import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)).eval()
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 20, 24)
+    with torch.no_grad():
+        before = net(x)
+        assert fold_batchnorm(net) == 2
+        assert torch.allclose(net(x), before, atol=1e-5)
+
+    class Crossed(nn.Module):  # the BatchNorm registered after `conv` normalises `other`'s output
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.other = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) + self.bn(self.other(x))
+
+    crossed = Crossed().eval()
+    crossed.bn.running_mean.fill_(0.3)
+    with torch.no_grad():
+        before = crossed(x)
+        assert fold_batchnorm(crossed) == 0  # undone
+        assert torch.equal(crossed(x), before)

@@ -95,6 +95,73 @@ class _BigWeightConv2d(nn.Conv2d):
         return torch.cat(outs, 1).permute(0, 3, 1, 2)  # (B, O, Ho, Wo), channels-last in memory
 
 
+class _FoldedBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d whose affine transform now lives in the convolution before it: only what follows
+    the normalisation is left (timm's BatchNormAct2d keeps its dropout and activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in ("drop", "act"):
+            layer = getattr(self, name, None)
+            if isinstance(layer, nn.Module):
+                x = layer(x)
+        return x
+
+
+def fold_batchnorm(model: nn.Module, check_size: tuple[int, int] = (96, 128)) -> int:
+    """Fold every eval-mode BatchNorm2d into the convolution registered just before it in the same
+    parent (conv, bn pairs in Sequentials, torchvision and timm blocks); returns how many were folded.
+
+    Registration order is only a convention for data flow, so the result is checked: on a random
+    input every folded BatchNorm's output must stay the same, or every fold is undone.
+    """
+    pairs = []
+    for parent in model.modules():
+        prev = None
+        for child in parent.children():
+            if (type(child) is not _FoldedBatchNorm and isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d)
+                    and child.track_running_stats and child.running_var is not None
+                    and prev.out_channels == child.num_features and not child.training):
+                pairs.append((prev, child))
+            prev = child
+    if not pairs:
+        return 0
+    # each BatchNorm's own output must stay the same (the model's output may be all zeros: fresh score layers)
+    x = torch.randn(1, 3, *check_size, generator=torch.Generator().manual_seed(0))
+    outputs: dict[int, list[torch.Tensor]] = {}
+    handles = [bn.register_forward_hook(lambda m, a, out, i=i: outputs.setdefault(i, []).append(out.detach().clone()))
+               for i, (_, bn) in enumerate(pairs)]
+    saved = []
+    try:
+        with torch.inference_mode():
+            model(x)
+        with torch.no_grad():
+            for conv, bn in pairs:
+                saved.append((conv, conv.weight.detach().clone(), conv.bias, bn, bn.__class__))
+                inv_std = torch.rsqrt(bn.running_var + bn.eps)
+                scale = bn.weight * inv_std if bn.affine else inv_std
+                shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+                conv.bias = nn.Parameter((bias * scale + shift).to(conv.weight.dtype), requires_grad=False)
+                bn.__class__ = _FoldedBatchNorm
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    same = all(len(o) == 2 and o[0].shape == o[1].shape
+               and torch.allclose(o[1], o[0], rtol=1e-3, atol=1e-4 * float(o[0].abs().max()) + 1e-6)
+               for o in (outputs.get(i, []) for i in range(len(pairs))))
+    if not same:
+        with torch.no_grad():
+            for conv, weight, bias, bn, cls in saved:
+                conv.weight.copy_(weight)
+                conv.bias = bias
+                bn.__class__ = cls
+        return 0
+    return len(pairs)
+
+
 def _cast_inputs(dtype: torch.dtype, channels_last: bool):
     def hook(module: nn.Module, args: tuple) -> tuple:
         out = []
@@ -113,10 +180,11 @@ def _cast_inputs(dtype: torch.dtype, channels_last: bool):
 
 
 def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_last: bool = True,
-             big_weight_bytes: int = 16 << 20) -> nn.Module:
+             big_weight_bytes: int = 16 << 20, fold_bn: bool = True) -> nn.Module:
     """Prepare ``model`` for inference, in place, without changing its definition; returns it.
 
-    - eval mode; channels-last memory format (oneDNN's fast path on CPUs);
+    - eval mode; batch normalisation folded into the convolutions before it (``fold_batchnorm``:
+      the model is for inference from then on); channels-last memory format (oneDNN's fast path);
     - ``dtype`` (e.g. torch.bfloat16): weights and activations in that type, so the heavy
       convolutions run on the CPU's bf16 units and the weights take half the memory. An FCN's
       scoring and upsampling layers stay float32 (see ``_FCN_FLOAT32_PARTS``); inputs are cast at
@@ -129,6 +197,8 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
         handle.remove()
     hooks = []
     model.eval()
+    if fold_bn:
+        fold_batchnorm(model)
     if dtype != torch.float32:
         model.to(dtype)
         for name in _FCN_FLOAT32_PARTS:
