@@ -114,11 +114,6 @@ def write_malicious(path, marker, zip_format: bool):
             pickle.dump(obj, f)
 
 
-RAW_PICKLE_WARNS = pytest.mark.xfail(
-    strict=True, reason="checkpoint.read_state_dict lets torch's 'Detected pickle protocol 4' UserWarning reach "
-                        "stderr (3 lines, not 1); fix: ignore warnings around torch.load")
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("zip_format", [True, False], ids=["torch.save", "pickle.dump"])
 def test_a_pickle_that_carries_code_is_refused_and_never_runs(tmp_path, zip_format):
@@ -146,7 +141,7 @@ def run_cli(*args):
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-@pytest.mark.parametrize("zip_format", [True, pytest.param(False, marks=RAW_PICKLE_WARNS)],
+@pytest.mark.parametrize("zip_format", [True, False],
                          ids=["torch.save", "pickle.dump"])
 def test_the_cli_refuses_it_in_one_line(tmp_path, zip_format):
     marker, evil, out = tmp_path / "pwned", tmp_path / "fcn8s_from_caffe.pth", tmp_path / "out"
@@ -158,8 +153,6 @@ def test_the_cli_refuses_it_in_one_line(tmp_path, zip_format):
     assert len(lines) == 1 and lines[0].startswith("fcnseg: error: ") and "refused to load" in lines[0], proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the refusal quotes the first line of torch's message: terminal escape "
-                                       "codes and advice to load with weights_only=False, but not the global found")
 def test_the_refusal_names_what_was_found_in_plain_text(tmp_path):
     write_malicious(tmp_path / "evil.pth", tmp_path / "pwned", zip_format=True)
     with pytest.raises(FcnsegError) as err:

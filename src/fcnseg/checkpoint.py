@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +56,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise FcnsegError(f"{path}: not a readable safetensors file ({e})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
         raise FcnsegError(f"{path}: refused to load: the file holds Python objects other than tensors, which "
-                          f"could run code ({first[:160]}). Convert it to safetensors from a trusted source.") from None
+                          f"could run code ({_what_was_refused(str(e))}). Convert it to safetensors from a "
+                          f"trusted source.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise FcnsegError(f"{path}: not a readable PyTorch file ({str(e).splitlines()[0][:200]})") from None
     for key in ("state_dict", "model_state_dict", "model"):
@@ -68,6 +72,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FcnsegError(f"{path}: expected a state dict of tensors")
     return obj
+
+
+def _what_was_refused(message: str) -> str:
+    """The global that torch's weights-only unpickler refused, in plain text."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", plain) or re.search(r"Unsupported operand \S+", plain)
+    if found:
+        return f"found {found.group(1) if found.groups() else found.group(0)}"
+    lines = [ln.strip() for ln in plain.splitlines() if ln.strip() and "weights_only=False" not in ln]
+    return lines[-1][:160] if lines else "unsupported content"
 
 
 def make_record(model: nn.Module, classes: list[str] | None = None, colors: list[list[int]] | None = None,

@@ -292,6 +292,7 @@ def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str])
             "train_pixel_accuracy": correct / labelled if labelled else float("nan"),
             "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
             "images_per_s": imgs / max(stats.seconds, 1e-9), "seconds": round(stats.seconds, 3),
+            "elapsed_s": round(time.perf_counter() - start_time, 1),  # wall time since the run began, evals included
         }
         if not finished_epoch:
             row["partial"] = True
