@@ -25,6 +25,7 @@ from PIL import Image
 
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
 from .errors import FcnsegError
+from .visualize import class_colors
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -305,7 +306,8 @@ class Segmenter:
     """Images in, class masks out, for any model that maps (B, 3, H, W) to (B, K, H, W) logits.
 
     ``classes``, ``colors``, ``mean`` and ``std`` default to the model's checkpoint record. ``dtype``
-    and ``channels_last`` go to ``optimize`` (the model is converted in place). Images larger than
+    and ``channels_last`` go to ``optimize``, which converts the model in place for inference (batch
+    norm folded, weights cast): pass a copy of a model you will train further. Images larger than
     ``tile`` on a side are cut into tiles sharing ``overlap`` pixels. ``flip`` and ``scales`` add
     test-time augmentation: probabilities are averaged over horizontal flips and input rescalings.
     """
@@ -321,8 +323,6 @@ class Segmenter:
         if not self.num_classes:
             raise FcnsegError("the model does not say how many classes it has (no .num_classes or record)")
         self.classes = list(classes or record.get("classes") or [f"class_{i}" for i in range(self.num_classes)])
-        from .visualize import class_colors
-
         self.colors = class_colors(colors or record.get("colors"), self.num_classes)
         self.device = torch.device(device)
         mean = mean if mean is not None else norm.get("mean", IMAGENET_MEAN)
