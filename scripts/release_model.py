@@ -9,14 +9,13 @@ metrics measured by ``fcnseg evaluate`` on the released file; NAME.json beside i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from fcnseg.checkpoint import WEIGHTS_DIR, atomic_write, load_checkpoint, save_checkpoint
+from fcnseg.checkpoint import WEIGHTS_DIR, atomic_write, file_digest, load_checkpoint, save_checkpoint
 
 METRIC_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
 
@@ -62,7 +61,7 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     path = save_checkpoint(model, WEIGHTS_DIR / f"{args.name}.safetensors", record,
                            dtype=dtype if dtype != torch.float32 else None)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_digest(path)
     side = dict(record, sha256=digest, file=path.name)
     atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(side, indent=2) + "\n"))
     print(f"{path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {digest})")

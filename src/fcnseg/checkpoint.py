@@ -42,6 +42,17 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
+    """Hex digest of a file, read in blocks (weights and archives can be gigabytes)."""
+    import hashlib
+
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read tensors from .safetensors, or from .pth/.pt with ``weights_only=True`` (no code ever runs)."""
     path = Path(path)

@@ -11,7 +11,6 @@ input channels are reversed and the record's normalization is ``mean = MEAN_RGB 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import make_record, read_state_dict, save_checkpoint
+from .checkpoint import file_digest, make_record, read_state_dict, save_checkpoint
 from .errors import FcnsegError
 from .registry import build_model
 
@@ -259,14 +258,6 @@ def build_from_layers(layers: Layers, source: str, arch: str | None = None,
     return model.eval(), unused
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert(path: str | Path, source: str, arch: str | None = None,
             num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Import ``path`` (a torchfcn .pth or a Caffe .caffemodel): the model in eval mode and its provenance."""
@@ -276,7 +267,7 @@ def convert(path: str | Path, source: str, arch: str | None = None,
     provenance = {
         "source": source,
         "source_file": path.name,
-        "source_sha256": _sha256(path),
+        "source_sha256": file_digest(path),
         "notes": "conv1_1 input channels reversed from BGR to RGB; the network expects 0-255 pixels minus "
                  "the ImageNet mean, which the record's normalization (mean/255, std 1/255) gives",
     }

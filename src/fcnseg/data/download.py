@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping, Sequence
 
+from ..checkpoint import file_digest
 from ..errors import FcnsegError
 
 
@@ -62,14 +63,6 @@ def _hasher(checksum: str | None):
     if algo not in ("md5", "sha256"):
         raise ValueError(f"checksum must be md5:HEX or sha256:HEX, got {checksum!r}")
     return algo, hashlib.new(algo)
-
-
-def file_digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch(url: str, dest: Path, checksum: str | None = None, progress: bool = True, timeout: float = 60) -> Path:

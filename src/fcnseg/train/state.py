@@ -7,7 +7,6 @@ only, checks the hash, and falls back to the previous state when the newest is t
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, file_digest
 from ..errors import FcnsegError
 
 FORMAT = "fcnseg-train-state/1"
@@ -48,14 +47,6 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_state(state: dict[str, Any], folder: str | Path) -> Path:
     """Rotate ``state-last.pt`` to ``state-prev.pt`` and write ``state`` as the new last, atomically."""
     folder = Path(folder)
@@ -67,7 +58,7 @@ def save_state(state: dict[str, Any], folder: str | Path) -> Path:
             os.replace(folder / "state-last.pt.sha256", folder / "state-prev.pt.sha256")
     state = dict(state, format=FORMAT)
     atomic_write(last, lambda tmp: torch.save(state, tmp))
-    digest = _sha256(last)
+    digest = file_digest(last)
     atomic_write(folder / "state-last.pt.sha256", lambda tmp: Path(tmp).write_text(digest + "\n"))
     return last
 
@@ -85,7 +76,7 @@ def _known_hashes(folder: Path) -> set[str]:
 def _load_one(path: Path) -> dict[str, Any]:
     # a kill between the two renames of a rotation leaves a good file beside the other one's hash,
     # so a file is good when its hash is either recorded one
-    if _sha256(path) not in _known_hashes(path.parent):
+    if file_digest(path) not in _known_hashes(path.parent):
         raise ValueError("its content matches no recorded sha256 (truncated, damaged, or its save was interrupted)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
