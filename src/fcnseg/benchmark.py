@@ -214,6 +214,7 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "latency_ms_median": median,
         "latency_ms_p95": float(np.percentile(lat, 95)),
+        "latency_ms_min": float(lat.min()),  # on a shared machine, the run least disturbed by others
         "images_per_second": b / (median / 1000),
         "peak_memory_mb": float(peak_mb),
         "gflops_per_second": (flops / 1e9) / (median / 1000) if flops else None,
