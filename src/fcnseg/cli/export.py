@@ -30,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from .predict import check_checkpoint_name
 
     check_checkpoint_name(args.checkpoint)
-    torch.set_grad_enabled(False)
     model = load_checkpoint(args.checkpoint)
     h, w = args.size
     path = export(model, args.out, args.fmt, example_size=(h, w))
