@@ -255,6 +255,11 @@ def format_results(rows: list[dict[str, Any]], labels: list[str] | None = None) 
 
 
 def _worker(argv: list[str]) -> int:
+    import torch
+
+    # before the first parallel operation: OpenMP's threads inherit the setting only when created after
+    # it; random weights drive activations into subnormal floats, which take x86's slow path
+    torch.set_flush_denormal(True)
     import fcnseg  # noqa: F401  (fills the registry before the baseline is taken)
 
     spec = json.loads(argv[0])

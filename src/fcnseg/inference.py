@@ -200,7 +200,8 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
         handle.remove()
     hooks = []
     model.eval()
-    # x86 computes with subnormal floats tens of times slower; in inference they are noise
+    # x86 computes with subnormal floats tens of times slower; in inference they are noise. (It holds
+    # for this thread and OpenMP threads started after it: call optimize before other parallel work.)
     torch.set_flush_denormal(True)
     if fold_bn:
         fold_batchnorm(model)
