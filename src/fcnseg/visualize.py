@@ -49,14 +49,17 @@ def overlay(image: Image.Image | np.ndarray, mask: np.ndarray, colors: np.ndarra
 
 
 def legend(classes: Sequence[str], colors: np.ndarray, swatch: int = 20, width: int = 240) -> Image.Image:
-    """One row per class: a colour swatch and the class name, on white."""
+    """One row per class: a colour swatch and "id: name", on white, at least ``width`` wide."""
     font = ImageFont.load_default()
     pad = 4
     row = swatch + pad
+    labels = [f"{i}: {name}" for i, name in enumerate(classes)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([width] + [int(measure.textlength(t, font=font)) + 3 * pad + swatch for t in labels])
     im = Image.new("RGB", (width, pad + row * len(classes)), "white")
     draw = ImageDraw.Draw(im)
-    for i, (name, color) in enumerate(zip(classes, colors)):
+    for i, (label, color) in enumerate(zip(labels, colors)):
         y = pad + i * row
         draw.rectangle([pad, y, pad + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in color), outline="black")
-        draw.text((2 * pad + swatch, y + swatch // 2), f"{i}: {name}", fill="black", font=font, anchor="lm")
+        draw.text((2 * pad + swatch, y + swatch // 2), label, fill="black", font=font, anchor="lm")
     return im
