@@ -272,6 +272,20 @@ def test_class_weights_median_and_file(tiny, data, tmp_path):
                  "--class-weights", str(bad), "--out", str(tmp_path / "bad")]) == 1
 
 
+def test_class_weight_power_softens_the_weights():
+    from types import SimpleNamespace
+
+    from fcnseg.train.run import resolve_class_weights
+
+    data = SimpleNamespace(num_classes=3, classes=["a", "b", "c"])
+    cfg = from_dict({"model": "m", "dataset": "folder", "class_weight_power": 0.5})
+    assert torch.allclose(resolve_class_weights([0.25, 1.0, 9.0], data, cfg), torch.tensor([0.5, 1.0, 3.0]))
+    cfg = from_dict({"model": "m", "dataset": "folder", "class_weight_power": 0.0})
+    assert torch.equal(resolve_class_weights([0.25, 1.0, 9.0], data, cfg), torch.ones(3))
+    with pytest.raises(Exception, match="class_weight_power"):
+        from_dict({"model": "m", "dataset": "folder", "class_weight_power": -1.0}).validate()
+
+
 def test_max_steps_and_time_budget_stop_the_run(tiny, data, tmp_path):
     from fcnseg.cli import main
 

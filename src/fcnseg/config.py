@@ -68,6 +68,7 @@ class TrainConfig:
     # loss
     loss_reduction: str = "mean"  # mean: averaged over labelled pixels; sum: the paper's unnormalised loss
     class_weights: Union[str, list[float], None] = None  # a list, 'median' (frequency balancing) or a JSON file
+    class_weight_power: float = 1.0  # weights ** power: 0.5 softens median-frequency balancing, 0 turns it off
     loss_sample: float = 1.0  # keep each output cell in the loss with this probability (paper section 4.4)
     on_nonfinite: str = "stop"  # stop | skip (skip the step and count it)
 
@@ -105,6 +106,8 @@ class TrainConfig:
                 raise FcnsegError(f"{key} must be 0 or more, got {getattr(self, key)}")
         if not self.lr > 0:
             raise FcnsegError(f"lr must be positive, got {self.lr}")
+        if not self.class_weight_power >= 0.0:
+            raise FcnsegError(f"class_weight_power must be >= 0, got {self.class_weight_power}")
         if not 0.0 < self.loss_sample <= 1.0:
             raise FcnsegError(f"loss_sample is a keep probability in (0, 1], got {self.loss_sample}")
         if self.crop_size is not None and self.crop_size not in ([], [0, 0]) and (

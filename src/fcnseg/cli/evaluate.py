@@ -25,6 +25,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
     return p
 
 
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     n = min(args.limit, len(dataset)) if args.limit else len(dataset)
     loader = make_loader(Seeded(dataset), list(range(n)), 1, args.workers, device)
     cm = evaluate(model, loader, model.num_classes, device=device, ignore_index=dataset.ignore_index,
-                  amp_dtype=torch.bfloat16 if args.amp else None, desc=f"{args.dataset} {args.split}")
+                  amp_dtype=torch.bfloat16 if args.amp else None, desc=f"{args.dataset} {args.split}",
+                  progress=sys.stderr.isatty() if args.progress is None else args.progress)
     if args.exclude_absent:
         exclude += [i for i in absent_classes(cm) if i not in exclude]
     scores = cm.compute(exclude=exclude, class_names=classes)

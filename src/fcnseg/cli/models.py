@@ -20,10 +20,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import builtin_checkpoints, read_record
     from ..registry import build_model, list_models
 
-    torch.set_grad_enabled(False)
     print(f"{'architecture':<28} {'parameters':>14} {'output stride':>14}")
     for name in list_models():
-        with torch.device("meta"):  # shapes only: counting needs no memory and no initialisation
+        with torch.device("meta"), torch.no_grad():  # shapes only: counting needs no memory and no initialisation
             model = build_model(name, num_classes=args.num_classes)
         print(f"{name:<28} {count_parameters(model):>14,} {model.output_stride:>14}")
     ckpts = builtin_checkpoints()

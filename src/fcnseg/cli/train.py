@@ -31,6 +31,8 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "--time-budget-min": ("time_budget_min", dict(type=float, metavar="MIN", help="stop after MIN minutes")),
     "--loss-reduction": ("loss_reduction", dict(choices=("mean", "sum"), help="sum: the paper's unnormalised loss")),
     "--class-weights": ("class_weights", dict(metavar="FILE.json|median", help="per-class loss weights")),
+    "--class-weight-power": ("class_weight_power", dict(type=float, metavar="P",
+                                                        help="raise the class weights to P (0.5: softened balancing)")),
     "--loss-sample": ("loss_sample", dict(type=float, metavar="P", help="keep each output cell with probability P")),
     "--on-nonfinite": ("on_nonfinite", dict(choices=("stop", "skip"), help="on a NaN/inf loss (default stop)")),
     "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="mixed precision (bf16 on CPU)")),

@@ -111,7 +111,7 @@ def resolve_class_weights(spec, data: Data, cfg: TrainConfig) -> torch.Tensor | 
     if len(spec) != k or not all(isinstance(w, (int, float)) and w >= 0 for w in spec):
         raise FcnsegError(f"class_weights: expected {k} non-negative numbers (one per class of {cfg.dataset}), "
                           f"got {len(spec)}")
-    return torch.tensor([float(w) for w in spec], dtype=torch.float32)
+    return torch.tensor([float(w) ** cfg.class_weight_power for w in spec], dtype=torch.float32)
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
