@@ -6,12 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test test-all clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision pinned explicitly so pip takes the local wheels and not a multi-GB download
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
+	# the PyTorch FCN port, as the oracle of the converter's parity tests; --no-deps: its chainer-based
+	# 'fcn' dependency only downloads Caffe weights and is stubbed by the tests
+	$(PY) -m pip install -q --no-deps torchfcn==1.9.7
 	touch $(STAMP)
 
 venv: $(STAMP)
