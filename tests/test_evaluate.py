@@ -74,3 +74,14 @@ def test_user_errors(trained, tmp_path, capsys):
     (other / "classes.txt").write_text("background\nsquare\ndisc\nsky\n")
     assert _evaluate(other, run) == 1
     assert "predicts 3 classes" in capsys.readouterr().err
+
+
+def test_test_time_augmentation_is_scored_and_recorded(trained, tmp_path):
+    data, run, _ = trained
+    plain, aug = tmp_path / "plain.json", tmp_path / "aug.json"
+    assert _evaluate(data, run, "--json", str(plain)) == 0
+    assert _evaluate(data, run, "--flip", "--scales", "0.75", "1", "--json", str(aug)) == 0
+    p, a = json.loads(plain.read_text()), json.loads(aug.read_text())
+    assert p["tta"] == {"flip": False, "scales": [1.0]} and a["tta"] == {"flip": True, "scales": [0.75, 1.0]}
+    assert sum(map(sum, a["confusion_matrix"])) == sum(map(sum, p["confusion_matrix"]))  # same pixels scored
+    assert _evaluate(data, run, "--scales", "0") == 1

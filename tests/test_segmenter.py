@@ -265,3 +265,18 @@ def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairs():
         before = crossed(x)
         assert fold_batchnorm(crossed) == 0  # undone
         assert torch.equal(crossed(x), before)
+
+
+def test_the_tta_module_gives_the_segmenters_probabilities():
+    """evaluate --flip/--scales and Segmenter share one averaging: same probabilities for the same image."""
+    from fcnseg.inference import TestTimeAugmentation
+
+    model = tiny_model().eval()
+    img = random_image(40, 56, 7)
+    seg = Segmenter(model, flip=True, scales=(0.5, 1.0), dtype="float32", channels_last=False)
+    want = seg.segment(img, probs=True).probs.float()
+    with torch.no_grad():
+        got = TestTimeAugmentation(seg.model, scales=(0.5, 1.0), flip=True)(seg._normalize(
+            torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]))[0]
+    assert torch.allclose(got, want, atol=2e-3)  # probabilities are stored as float16
+    assert torch.allclose(got.sum(0), torch.ones(40, 56), atol=1e-5)

@@ -299,6 +299,50 @@ def _to_chw(image: ImageLike) -> torch.Tensor:
     raise FcnsegError(f"cannot segment a {type(image).__name__}; pass a PIL image, a numpy array or a tensor")
 
 
+def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """Test-time scales as a tuple of positive floats, or a one-line error."""
+    out = tuple(float(s) for s in scales)
+    if not out or any(s <= 0 for s in out):
+        raise FcnsegError(f"scales must be positive numbers, got {list(scales)}")
+    return out
+
+
+def tta_probabilities(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+    """Class probabilities (B, K, H, W) for normalised images x (B, 3, H, W), averaged over the input
+    rescaled by each of ``scales`` and, with ``flip``, its horizontal mirror (test-time augmentation).
+    Each pass's softmax is resized back to H x W bilinearly before averaging."""
+    h, w = x.shape[-2:]
+    passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    total = None
+    for scale, mirrored in passes:
+        xi = x if scale == 1.0 else F.interpolate(
+            x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False)
+        p = logits_fn(xi.flip(-1) if mirrored else xi).float().softmax(1)
+        if mirrored:
+            p = p.flip(-1)
+        if scale != 1.0:
+            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        total = p if total is None else total.add_(p)
+    return total / len(passes)
+
+
+class TestTimeAugmentation(nn.Module):
+    """``model`` under test-time augmentation: forward gives the averaged class probabilities of
+    ``tta_probabilities`` (their argmax is the augmented prediction), so it can stand wherever a model's
+    logits are only argmax-ed, as in ``engine.evaluate``."""
+
+    __test__ = False  # not a pytest class, whatever its name
+
+    def __init__(self, model: nn.Module, scales: Sequence[float] = (1.0,), flip: bool = False) -> None:
+        super().__init__()
+        self.model, self.scales, self.flip = model, check_scales(scales), bool(flip)
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tta_probabilities(self.model, x, self.scales, self.flip)
+
+
 @dataclass
 class Prediction:
     """One image's result: class ids (H, W) and, when asked for, probabilities (K, H, W) float16."""
@@ -343,9 +387,7 @@ class Segmenter:
         self.align = int(getattr(model, "top_stride", 32))
         self.tile, self.overlap = int(tile), int(overlap)
         self.flip = bool(flip)
-        self.scales = tuple(float(s) for s in scales)
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise FcnsegError(f"scales must be positive, got {scales}")
+        self.scales = check_scales(scales)
         self.batch_size = max(1, int(batch_size))
         self.mask_dtype = torch.uint8 if self.num_classes <= 256 else torch.int32
 
@@ -423,21 +465,9 @@ class Segmenter:
     @torch.inference_mode()
     def _scores(self, x: torch.Tensor, probs: bool) -> torch.Tensor:
         """(B, K, h, w): logits for a single pass, else probabilities averaged over flips and scales."""
-        h, w = x.shape[-2:]
-        passes = [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
-        if len(passes) == 1 and passes[0][0] == 1.0 and not probs:
+        if self.scales == (1.0,) and not self.flip and not probs:
             return self._logits(x)
-        total = None
-        for scale, flip in passes:
-            xi = x if scale == 1.0 else F.interpolate(
-                x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False)
-            p = self._logits(xi.flip(-1) if flip else xi).softmax(1)
-            if flip:
-                p = p.flip(-1)
-            if scale != 1.0:
-                p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-            total = p if total is None else total.add_(p)
-        return total / len(passes)
+        return tta_probabilities(self._logits, x, self.scales, self.flip)
 
     def _predict_batch(self, raw: torch.Tensor, probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """raw (B, 3, H, W) uint8 or float -> masks (B, H, W) and probabilities (B, K, H, W) float16."""

@@ -22,6 +22,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="leave out classes with no pixel in this split (the paper's SIFT Flow protocol)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="score the first N images only")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="test-time augmentation: average over the image rescaled by each S (e.g. 1 1.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
@@ -37,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import build_dataset, build_transforms
     from ..engine import evaluate
     from ..errors import FcnsegError
+    from ..inference import TestTimeAugmentation, check_scales
     from ..metrics import absent_classes, format_table
     from ..train.distributed import pick_device
     from ..train.loader import Seeded, make_loader
@@ -67,17 +71,20 @@ def run(args: argparse.Namespace) -> int:
             exclude.append(int(c))
         else:
             raise FcnsegError(f"--exclude {c!r}: not a class of {args.dataset} ({', '.join(classes)})")
+    tta = {"flip": args.flip, "scales": list(check_scales(args.scales))}
+    net = model if tta == {"flip": False, "scales": [1.0]} else TestTimeAugmentation(model, args.scales, args.flip)
     n = min(args.limit, len(dataset)) if args.limit else len(dataset)
     loader = make_loader(Seeded(dataset), list(range(n)), 1, args.workers, device)
-    cm = evaluate(model, loader, model.num_classes, device=device, ignore_index=dataset.ignore_index,
+    cm = evaluate(net, loader, model.num_classes, device=device, ignore_index=dataset.ignore_index,
                   amp_dtype=torch.bfloat16 if args.amp else None, desc=f"{args.dataset} {args.split}",
                   progress=sys.stderr.isatty() if args.progress is None else args.progress)
     if args.exclude_absent:
         exclude += [i for i in absent_classes(cm) if i not in exclude]
     scores = cm.compute(exclude=exclude, class_names=classes)
     scores = {"checkpoint": str(args.checkpoint), "arch": record.get("arch"), "dataset": args.dataset,
-              "split": args.split, "images": n, "excluded": [classes[i] for i in sorted(exclude)], **scores}
-    print(f"{record.get('arch')} on {args.dataset} {args.split} ({n} images)")
+              "split": args.split, "images": n, "tta": tta, "excluded": [classes[i] for i in sorted(exclude)], **scores}
+    aug = "" if net is model else f", test-time flip={args.flip} scales={tta['scales']}"
+    print(f"{record.get('arch')} on {args.dataset} {args.split} ({n} images{aug})")
     print(format_table(scores))
     if args.json:
         write_json(args.json, scores)
