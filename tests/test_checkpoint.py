@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,22 @@ def test_the_refusal_names_what_was_found_in_plain_text(tmp_path):
     with pytest.raises(FcnsegError) as err:
         read_state_dict(tmp_path / "evil.pth")
     assert "\x1b" not in str(err.value) and "open" in str(err.value)
+
+
+def test_atomic_write_leaves_no_partial_file_and_usual_permissions(tmp_path):
+    from fcnseg.checkpoint import atomic_write
+
+    target = tmp_path / "out.json"
+
+    def fail(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary file
+    atomic_write(target, lambda tmp: Path(tmp).write_text("{}"))
+    assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # as open(path, "w") would make it

@@ -26,11 +26,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once at import: os.umask can only be read by setting it, which is not thread-safe later on
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary name in the same folder, fsync, then rename."""
+    """Write through ``write(tmp_path)`` to a temporary name in the same folder, fsync, then rename.
+    The file gets the permissions a plain ``open(path, "w")`` would give (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         write(tmp)
