@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -43,13 +44,27 @@ def main() -> int:
     ap.add_argument("--which", default="best", choices=("best", "last"))
     ap.add_argument("--eval-json", type=Path, help="fcnseg evaluate --json output for the released weights")
     ap.add_argument("--eval-command", default="", help="the evaluate command that produced --eval-json")
+    ap.add_argument("--tta-eval-json", type=Path, help="the same evaluation with --flip/--scales (optional)")
+    ap.add_argument("--tta-eval-command", default="", help="the evaluate command that produced --tta-eval-json")
     ap.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    ap.add_argument("--stage-of", type=Path, action="append", default=[], metavar="RUN_DIR",
+                    help="an earlier run this one started from (--init-from): its command and wall time count too")
     args = ap.parse_args()
 
     model = load_checkpoint(args.run / "checkpoints" / f"{args.which}.safetensors")
     record = dict(model.record)
     prov = dict(record.get("provenance", {}))
     prov.update(run_timing(args.run))
+    if isinstance(prov.get("command"), list):
+        prov["command"] = shlex.join(prov["command"])
+    stages = []
+    for earlier in args.stage_of:  # staged training: the whole recipe is every stage's command and time
+        version = json.loads((earlier / "version.json").read_text())
+        timing = run_timing(earlier)
+        stages.append({"run": earlier.name, "command": shlex.join(version["command"]), **timing})
+        prov["wall_time_s"] = round(prov["wall_time_s"] + timing["wall_time_s"], 1)
+    if stages:
+        prov["stages"] = stages
     prov["released_from"] = f"{args.run.name}/checkpoints/{args.which}.safetensors"
     record["provenance"] = prov
     if args.eval_json:
@@ -58,6 +73,11 @@ def main() -> int:
         record["metrics"]["per_class_iou"] = {c["name"]: c["iou"] for c in scores["per_class"]}
         record["metrics"]["split"] = scores.get("split", record.get("metrics", {}).get("split"))
         record["metrics"]["command"] = args.eval_command
+        record["metrics"]["excluded"] = scores.get("excluded", [])
+    if args.tta_eval_json:
+        scores = json.loads(args.tta_eval_json.read_text())
+        record["metrics"]["with_tta"] = {**{k: scores[k] for k in METRIC_KEYS}, **scores["tta"],
+                                         "command": args.tta_eval_command}
     dtype = getattr(torch, args.dtype)
     path = save_checkpoint(model, WEIGHTS_DIR / f"{args.name}.safetensors", record,
                            dtype=dtype if dtype != torch.float32 else None)
