@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         exclude += [i for i in absent_classes(cm) if i not in exclude]
     scores = cm.compute(exclude=exclude, class_names=classes)
     scores = {"checkpoint": str(args.checkpoint), "arch": record.get("arch"), "dataset": args.dataset,
-              "split": args.split, "images": n, "tta": tta, "excluded": [classes[i] for i in sorted(exclude)], **scores}
+              "split": args.split, "images": n, "tta": tta,
+              "excluded": [classes[i] for i in sorted(exclude)], **scores}
     aug = "" if net is model else f", test-time flip={args.flip} scales={tta['scales']}"
     print(f"{record.get('arch')} on {args.dataset} {args.split} ({n} images{aug})")
     print(format_table(scores))
