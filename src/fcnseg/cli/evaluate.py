@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
             exclude.append(int(c))
         else:
             raise FcnsegError(f"--exclude {c!r}: not a class of {args.dataset} ({', '.join(classes)})")
-    tta = {"flip": args.flip, "scales": list(check_scales(args.scales))}
-    net = model if tta == {"flip": False, "scales": [1.0]} else TestTimeAugmentation(model, args.scales, args.flip)
+    scales = check_scales(args.scales)
+    tta = {"flip": args.flip, "scales": list(scales)}
+    net = model if scales == (1.0,) and not args.flip else TestTimeAugmentation(model, scales, args.flip)
     n = min(args.limit, len(dataset)) if args.limit else len(dataset)
     loader = make_loader(Seeded(dataset), list(range(n)), 1, args.workers, device)
     cm = evaluate(net, loader, model.num_classes, device=device, ignore_index=dataset.ignore_index,
