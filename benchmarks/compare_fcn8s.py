@@ -8,7 +8,9 @@ against the port run as its users run it: float32, NCHW, eager.
 Weights: fcn8s_vgg16 as ``build_model`` makes it (torchvision's VGG initialisation), with the score
 layers given random non-zero weights (the paper's zero init would make every pixel class 0 and the
 agreement check meaningless); copied into torchfcn's FCN8s by layer name (``fcnseg.convert``'s map).
-Input: a photograph (scikit-image's astronaut) resized to --size, ImageNet-normalised.
+Input: a photograph (scikit-image's astronaut) resized to --size, ImageNet-normalised. The int8 row
+quantizes the exported ONNX model with ``fcnseg.export.quantize_onnx``, calibrated on three other
+photographs.
 
 Set-up (benchmark only): pip install --no-deps torchfcn && pip install pytz
 torchfcn's package imports ``fcn`` (a chainer-based package) only to download Caffe weights; it is
@@ -151,10 +153,19 @@ def make_weights(path: Path, seed: int = 0) -> Path:
     return fcnseg.save_checkpoint(model, path)
 
 
-def make_input(path: Path, h: int, w: int) -> Path:
+def photo_batch(photo, h: int, w: int) -> np.ndarray:
+    """A PIL photo resized to h x w, ImageNet-normalised, as a (1, 3, h, w) float32 array."""
     from PIL import Image
 
     from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+
+    x = np.asarray(photo.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32) / 255
+    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def make_input(path: Path, h: int, w: int) -> Path:
+    from PIL import Image
 
     try:
         from skimage import data
@@ -163,10 +174,20 @@ def make_input(path: Path, h: int, w: int) -> Path:
     except ImportError:  # smooth colour blobs instead of a photograph
         rng = np.random.default_rng(0)
         photo = Image.fromarray(rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8))
-    x = np.asarray(photo.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32) / 255
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    np.save(path, np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
+    np.save(path, photo_batch(photo, h, w))
     return path
+
+
+def quantize(fp32_onnx: str, path: Path, h: int, w: int) -> str:
+    """Static int8 model (``fcnseg.export.quantize_onnx``) calibrated on three other photographs than
+    the benchmark's input (scikit-image's cat, coffee and rocket)."""
+    from PIL import Image
+    from skimage import data
+
+    from fcnseg.export import quantize_onnx
+
+    photos = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.rocket)]
+    return str(quantize_onnx(fp32_onnx, path, [photo_batch(p, h, w) for p in photos]))
 
 
 def main() -> int:
@@ -195,6 +216,7 @@ def main() -> int:
             ("fcnseg fp32 channels-last", {"model": ckpt, "channels_last": True}),
             ("fcnseg bf16 channels-last", {"model": ckpt, "dtype": "bfloat16", "channels_last": True}),
             ("fcnseg ONNX Runtime fp32", {"model": ckpt, "backend": "onnxruntime"}),
+            ("fcnseg ONNX Runtime int8", {"model": ckpt, "backend": "onnxruntime", "int8": True}),
             ("ORT fp32 trunk + torch bf16 fc6/fc7", {"model": "compare_fcn8s:build_hybrid", "optimize": False,
                                                      "factory_kwargs": {"checkpoint": ckpt, "trunk": "TRUNK"}}),
             ("torchvision fcn_resnet50 fp32", {"model": "compare_fcn8s:build_fcn_resnet50", "optimize": False}),
@@ -206,7 +228,10 @@ def main() -> int:
                 continue
             spec = {**common, **spec, "save_argmax": str(tmp / f"argmax{len(rows)}.npy")}
             if spec.get("backend") == "onnxruntime":
+                int8 = spec.pop("int8", False)
                 spec.update(export_for_onnxruntime(spec, tmp / "fcn8s.onnx"))
+                if int8:
+                    spec["model"] = quantize(spec["model"], tmp / "fcn8s-int8.onnx", h, w)
             if spec.get("factory_kwargs", {}).get("trunk") == "TRUNK":
                 spec["factory_kwargs"]["trunk"] = str(export_trunk(ckpt, tmp / "trunk.onnx"))
                 spec["flops"] = rows[0][1]["gflops_per_batch"] * 1e9  # ONNX Runtime's share cannot be counted

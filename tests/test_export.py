@@ -93,3 +93,91 @@ def test_onnxruntime_backend_needs_an_onnx_file(exported):
     ckpt, _ = exported
     with pytest.raises(fcnseg.errors.FcnsegError, match="fcnseg export"):
         fcnseg.Segmenter.from_checkpoint(ckpt, backend="onnxruntime")
+
+
+# -- int8 -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    """``fcnseg export --int8`` of the tiny model, calibrated on a folder of smooth images."""
+    tmp = tmp_path_factory.mktemp("int8")
+    ckpt = tiny_checkpoint(tmp / "tiny.safetensors")
+    calib = tmp / "calib"
+    calib.mkdir()
+    for i in range(6):
+        random_image(96, 128, 100 + i).save(calib / f"c{i}.png")
+    out = tmp / "tiny-int8.onnx"
+    code = main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--size", "96", "128",
+                 "--int8", "--calibrate", str(calib), "--calibrate-limit", "4", "--min-agreement", "0"])
+    assert code == 0
+    return ckpt, out
+
+
+def test_int8_export_quantizes_the_trunk_and_keeps_the_head_float(int8_export):
+    import onnx
+    from onnx import numpy_helper
+
+    ckpt, path = int8_export
+    proto = onnx.load(str(path))
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    model = fcnseg.load_checkpoint(ckpt)
+    trunk_convs = sum(isinstance(m, torch.nn.Conv2d) and not name.startswith(("score", "up.", "final_up"))
+                      for name, m in model.named_modules())  # the backbone and fc6/fc7
+    int8_convs, float_head = 0, 0
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        w = node.input[1]
+        dq = producers.get(w)
+        if dq is not None and dq.op_type == "DequantizeLinear" and weights[dq.input[0]].dtype == np.int8:
+            int8_convs += 1
+            scale = weights[dq.input[1]]
+            assert scale.ndim == 1 and scale.size > 1  # one scale per output channel
+            assert np.abs(weights[dq.input[0]]).max() <= 64  # 7-bit weights (see quantize_onnx)
+        else:
+            assert w in weights and weights[w].dtype == np.float32 and w.startswith(("score", "up.", "final_up")), w
+            float_head += 1
+    assert int8_convs == trunk_convs == 7 and float_head == 6
+    record = json.loads({p.key: p.value for p in proto.metadata_props}["fcnseg"])
+    assert record["classes"][4] == "thing4" and record["quantization"]["calibration_batches"] == 4
+
+
+def test_int8_model_runs_at_any_size_close_to_float(int8_export):
+    ckpt, path = int8_export
+    model = fcnseg.load_checkpoint(ckpt)
+    runtime = OnnxRuntimeModel(path)
+    for h, w, seed in [(96, 128, 1), (77, 141, 2)]:
+        x = torch.from_numpy(np.asarray(random_image(h, w, seed), np.float32).transpose(2, 0, 1)[None] / 255)
+        x = (x - 0.45) / 0.225
+        ref, out = model(x).detach(), runtime(x)
+        assert out.shape == ref.shape == (1, 5, h, w)
+        # 8-bit activations through the trunk: errors of a few percent of the logits' range, not more
+        assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+        assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.8
+
+
+def test_int8_export_prints_parity_and_gates_on_agreement(int8_export, tmp_path, capsys):
+    ckpt, _ = int8_export
+    calib = tmp_path / "c.png"
+    random_image(64, 80, 3).save(calib)
+    out = tmp_path / "gated.onnx"
+    code = main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out), "--size", "64", "80",
+                 "--int8", "--calibrate", str(calib), "--min-agreement", "1.01"])
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.out.splitlines() if ln.startswith("int8 parity")]
+    assert code == 1 and len(lines) == 2 and "class agreement" in lines[0]
+    assert "less than --min-agreement 1.01" in captured.err and out.is_file()  # kept for inspection
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--format", "torchscript", "--int8", "--calibrate", "x.png"], "ONNX models only"),
+    (["--format", "onnx", "--int8"], "go together"),
+    (["--format", "onnx", "--int8", "--calibrate", "nothing-here/*.png"], "nothing-here/*.png: pattern matches no files"),
+])
+def test_int8_export_refuses_bad_requests(int8_export, tmp_path, capsys, extra, message):
+    ckpt, _ = int8_export
+    out = tmp_path / "never.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()

@@ -9,7 +9,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript and check it against the model",
                        description="Export with dynamic batch, height and width, then run the exported file and the "
                                    "PyTorch model on the same random inputs at two sizes and print the largest "
-                                   "absolute logit difference and the share of pixels whose class agrees.")
+                                   "absolute logit difference and the share of pixels whose class agrees. With "
+                                   "--int8 --calibrate IMAGES, quantize the ONNX model to int8 for ONNX Runtime.")
     p.add_argument("--checkpoint", default="camvid", help="built-in name, .safetensors checkpoint or run directory")
     p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), required=True)
     p.add_argument("--out", required=True, type=Path, help="output file (.onnx or .pt)")
@@ -17,8 +18,48 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="input size for tracing and the first parity check (default 360 480); the second check "
                         "uses an odd size to show the height and width are dynamic")
     p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="fail (exit 1) if the largest absolute logit difference exceeds this (default 1e-3)")
+                   help="fail (exit 1) if the largest absolute logit difference exceeds this (default 1e-3; "
+                        "float exports only)")
+    q = p.add_argument_group("int8 (ONNX only)", "Static int8 quantization for ONNX Runtime on CPUs: int8 weights, "
+                             "uint8 activations calibrated on your images; the score and upsampling layers stay "
+                             "float32. Parity is then measured on the calibration images themselves.")
+    q.add_argument("--int8", action="store_true", help="quantize the exported ONNX model to int8")
+    q.add_argument("--calibrate", nargs="+", default=[], metavar="INPUT",
+                   help="images, folders or globs from the deployment's domain for the activation ranges "
+                        "(resized to --size)")
+    q.add_argument("--calibrate-limit", type=int, default=32, metavar="N",
+                   help="use at most N calibration images, spread over the list (default 32)")
+    q.add_argument("--min-agreement", type=float, default=0.95, metavar="SHARE",
+                   help="fail (exit 1) if fewer pixels than this share keep their class (default 0.95)")
     return p
+
+
+def calibration_batches(patterns: list[str], size: tuple[int, int], record: dict, limit: int) -> list:
+    """Normalised (1, 3, H, W) float32 arrays of up to ``limit`` images spread over ``patterns``."""
+    import numpy as np
+    from PIL import Image
+
+    from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
+    from ..data.io import read_image
+    from ..errors import FcnsegError
+    from .predict import expand_inputs
+
+    files, problems = expand_inputs(patterns)
+    if problems:
+        raise FcnsegError(problems[0])
+    if limit < 1:
+        raise FcnsegError(f"--calibrate-limit must be at least 1, got {limit}")
+    if len(files) > limit:
+        files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else files[:1]
+    norm = record.get("normalization") or {}
+    mean = np.array(norm.get("mean", IMAGENET_MEAN), np.float32)
+    std = np.array(norm.get("std", IMAGENET_STD), np.float32)
+    h, w = size
+    batches = []
+    for f in files:
+        rgb = np.asarray(read_image(f).convert("RGB").resize((w, h), Image.BILINEAR), np.float32) / 255
+        batches.append(np.ascontiguousarray(((rgb - mean) / std).transpose(2, 0, 1)[None]))
+    return batches
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,8 +71,15 @@ def run(args: argparse.Namespace) -> int:
     from .predict import check_checkpoint_name
 
     check_checkpoint_name(args.checkpoint)
+    if args.int8 or args.calibrate:
+        if args.fmt != "onnx":
+            raise FcnsegError("--int8 quantizes ONNX models only; use --format onnx")
+        if not (args.int8 and args.calibrate):
+            raise FcnsegError("--int8 and --calibrate go together: int8 needs images to calibrate on")
     model = load_checkpoint(args.checkpoint)
     h, w = args.size
+    if args.int8:
+        return _export_int8(args, model, (h, w))
     path = export(model, args.out, args.fmt, example_size=(h, w))
     exported = load_exported(path)
     gen = torch.Generator().manual_seed(0)
@@ -46,4 +94,34 @@ def run(args: argparse.Namespace) -> int:
     if worst > args.tolerance:
         raise FcnsegError(f"{path}: the exported model's logits differ by up to {worst:.3g}, more than "
                           f"--tolerance {args.tolerance} (file kept for inspection)")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from ..errors import FcnsegError
+    from ..export import OnnxRuntimeModel, export_onnx, parity, quantize_onnx
+
+    batches = calibration_batches(args.calibrate, size, model.record or {}, args.calibrate_limit)
+    with tempfile.TemporaryDirectory(prefix="fcnseg-export-") as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "float32.onnx", example_size=size)
+        path = quantize_onnx(fp32, args.out, batches)
+    runtime = OnnxRuntimeModel(path)
+    shown = batches[:4]
+    odd = torch.nn.functional.interpolate(torch.from_numpy(batches[0]), size=(size[0] // 2 + 17, size[1] // 2 + 29),
+                                          mode="bilinear", align_corners=False)
+    worst = 1.0
+    for x in [torch.from_numpy(np.concatenate(shown)), odd]:
+        r = parity(model, runtime, x)
+        worst = min(worst, r["class_agreement"])
+        print(f"int8 parity on {x.shape[0]} calibration image(s) at {x.shape[2]}x{x.shape[3]}: max |logit difference| "
+              f"{r['max_abs_logit_diff']:.3g}, class agreement {100 * r['class_agreement']:.2f}%")
+    print(f"wrote {path} (onnx int8, calibrated on {len(batches)} image(s), {path.stat().st_size / 2**20:.1f} MB)")
+    if worst < args.min_agreement:
+        raise FcnsegError(f"{path}: only {100 * worst:.2f}% of pixels keep their class after int8 quantization, "
+                          f"less than --min-agreement {args.min_agreement} (file kept for inspection)")
     return 0
