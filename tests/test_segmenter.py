@@ -197,6 +197,36 @@ def test_optimize_bfloat16_keeps_the_head_in_float32_and_the_state_dict():
     assert Segmenter(tiny_model(), dtype="bfloat16")(random_image(40, 40)).shape == (40, 40)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_optimize_warns_when_bfloat16_is_not_native(monkeypatch, native):
+    import warnings
+
+    import fcnseg.inference as inference
+
+    monkeypatch.setattr(inference, "native_bf16_cpu", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimize(tiny_model(), torch.bfloat16)
+        optimize(tiny_model(), torch.float32)
+    slow = [w for w in caught if "no native bfloat16" in str(w.message)]
+    assert len(slow) == (0 if native else 1) and all(w.category is RuntimeWarning for w in slow)
+
+
+def test_cli_prints_warnings_in_one_line(monkeypatch, tmp_path, capsys):
+    import fcnseg.inference as inference
+    from fcnseg.cli import main
+
+    monkeypatch.setattr(inference, "native_bf16_cpu", lambda: False)
+    src = tmp_path / "x.png"
+    random_image(40, 56).save(src)
+    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    assert main(["predict", str(src), "--checkpoint", str(ckpt), "--dtype", "bfloat16", "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "bfloat16" in ln]
+    assert err == ["fcnseg: warning: this CPU (%s) has no native bfloat16 support: bfloat16 will run slower than "
+                   "float32 here" % torch.backends.cpu.get_cpu_capability()]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_big_weight_convolutions_are_the_same_convolution(dtype):
     from fcnseg.inference import _BigWeightConv2d

@@ -13,6 +13,7 @@ bounded by the tile size, not the image size.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -180,6 +181,15 @@ def _cast_inputs(dtype: torch.dtype, channels_last: bool):
     return hook
 
 
+def native_bf16_cpu() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU's own units (AVX512-BF16, AMX, or AVX512 at least);
+    elsewhere bfloat16 is converted element by element and is slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_last: bool = True,
              big_weight_bytes: int = 16 << 20, fold_bn: bool = True) -> nn.Module:
     """Prepare ``model`` for inference, in place, without changing its definition; returns it.
@@ -196,6 +206,10 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
       per-call copy of the whole weight (see ``_BigWeightConv2d``); 0 disables.
     """
     dtype = parse_dtype(dtype)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if dtype == torch.bfloat16 and on_cpu and not native_bf16_cpu():
+        warnings.warn(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 support: "
+                      f"bfloat16 will run slower than float32 here", RuntimeWarning, stacklevel=2)
     for handle in getattr(model, "_inference_hooks", []):  # optimizing twice replaces the first
         handle.remove()
     hooks = []

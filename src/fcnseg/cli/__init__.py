@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from ..errors import FcnsegError
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fcnseg: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        code = args._run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            code = args._run(args)
     except FcnsegError as e:
         print(f"fcnseg: error: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import atomic_write, resolve_checkpoint
     from ..registry import list_models
 
+    if args.dtype == "bfloat16" and args.device == "cpu":
+        from ..inference import native_bf16_cpu
+
+        if not native_bf16_cpu():
+            print("fcnseg: warning: this CPU has no native bfloat16 support: bfloat16 will run slower than float32 "
+                  "here", file=sys.stderr)
     spec = {"model": args.model, "num_classes": args.num_classes, "backend": args.backend, "dtype": args.dtype,
             "channels_last": args.channels_last, "size": list(args.size), "batch": args.batch,
             "warmup": args.warmup, "iters": args.iters, "threads": args.threads, "device": args.device}
