@@ -56,8 +56,9 @@ def _save_fig(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(history: Sequence[dict], path: str | Path) -> None:
-    """Training loss, and training / validation accuracy and validation mean IU, per epoch."""
+def plot_curves(history: Sequence[dict], path: str | Path, stage_starts: Sequence[int] = ()) -> None:
+    """Training loss, and training / validation accuracy and validation mean IU, per epoch; a dashed
+    line before each epoch in ``stage_starts`` (where a later training stage began)."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ep = [h["epoch"] for h in history]
@@ -76,6 +77,9 @@ def plot_curves(history: Sequence[dict], path: str | Path) -> None:
     ax2.set_title("accuracy")
     ax2.grid(alpha=0.3)
     ax2.legend(loc="lower right")
+    for start in stage_starts:
+        for ax in (ax1, ax2):
+            ax.axvline(start - 0.5, color="gray", linestyle="--", linewidth=1)
     _save_fig(fig, Path(path))
 
 
