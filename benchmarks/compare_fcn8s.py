@@ -8,9 +8,9 @@ against the port run as its users run it: float32, NCHW, eager.
 Weights: fcn8s_vgg16 as ``build_model`` makes it (torchvision's VGG initialisation), with the score
 layers given random non-zero weights (the paper's zero init would make every pixel class 0 and the
 agreement check meaningless); copied into torchfcn's FCN8s by layer name (``fcnseg.convert``'s map).
-Input: a photograph (scikit-image's astronaut) resized to --size, ImageNet-normalised. The int8 row
-quantizes the exported ONNX model with ``fcnseg.export.quantize_onnx``, calibrated on three other
-photographs.
+Input: a photograph (scikit-image's astronaut) resized to --size, ImageNet-normalised. The int8 rows
+quantize the exported ONNX model with ``fcnseg.export.quantize_onnx`` (all convolutions but the
+head's, or only fc6 and fc7), calibrated on three other photographs.
 
 Set-up (benchmark only): pip install --no-deps torchfcn && pip install pytz
 torchfcn's package imports ``fcn`` (a chainer-based package) only to download Caffe weights; it is
@@ -178,16 +178,16 @@ def make_input(path: Path, h: int, w: int) -> Path:
     return path
 
 
-def quantize(fp32_onnx: str, path: Path, h: int, w: int) -> str:
-    """Static int8 model (``fcnseg.export.quantize_onnx``) calibrated on three other photographs than
-    the benchmark's input (scikit-image's cat, coffee and rocket)."""
+def quantize(fp32_onnx: str, path: Path, h: int, w: int, only: tuple[str, ...] = ()) -> str:
+    """Static int8 model (``fcnseg.export.quantize_onnx``; ``only``: just those layers) calibrated on
+    three other photographs than the benchmark's input (scikit-image's cat, coffee and rocket)."""
     from PIL import Image
     from skimage import data
 
     from fcnseg.export import quantize_onnx
 
     photos = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.rocket)]
-    return str(quantize_onnx(fp32_onnx, path, [photo_batch(p, h, w) for p in photos]))
+    return str(quantize_onnx(fp32_onnx, path, [photo_batch(p, h, w) for p in photos], only=only))
 
 
 def main() -> int:
@@ -216,7 +216,8 @@ def main() -> int:
             ("fcnseg fp32 channels-last", {"model": ckpt, "channels_last": True}),
             ("fcnseg bf16 channels-last", {"model": ckpt, "dtype": "bfloat16", "channels_last": True}),
             ("fcnseg ONNX Runtime fp32", {"model": ckpt, "backend": "onnxruntime"}),
-            ("fcnseg ONNX Runtime int8", {"model": ckpt, "backend": "onnxruntime", "int8": True}),
+            ("fcnseg ORT fp32, int8 fc6/fc7", {"model": ckpt, "backend": "onnxruntime", "int8": ("fc.",)}),
+            ("fcnseg ONNX Runtime int8", {"model": ckpt, "backend": "onnxruntime", "int8": ()}),
             ("ORT fp32 trunk + torch bf16 fc6/fc7", {"model": "compare_fcn8s:build_hybrid", "optimize": False,
                                                      "factory_kwargs": {"checkpoint": ckpt, "trunk": "TRUNK"}}),
             ("torchvision fcn_resnet50 fp32", {"model": "compare_fcn8s:build_fcn_resnet50", "optimize": False}),
@@ -228,10 +229,10 @@ def main() -> int:
                 continue
             spec = {**common, **spec, "save_argmax": str(tmp / f"argmax{len(rows)}.npy")}
             if spec.get("backend") == "onnxruntime":
-                int8 = spec.pop("int8", False)
+                int8 = spec.pop("int8", None)
                 spec.update(export_for_onnxruntime(spec, tmp / "fcn8s.onnx"))
-                if int8:
-                    spec["model"] = quantize(spec["model"], tmp / "fcn8s-int8.onnx", h, w)
+                if int8 is not None:
+                    spec["model"] = quantize(spec["model"], tmp / "fcn8s-int8.onnx", h, w, only=int8)
             if spec.get("factory_kwargs", {}).get("trunk") == "TRUNK":
                 spec["factory_kwargs"]["trunk"] = str(export_trunk(ckpt, tmp / "trunk.onnx"))
                 spec["flops"] = rows[0][1]["gflops_per_batch"] * 1e9  # ONNX Runtime's share cannot be counted

@@ -143,6 +143,36 @@ def test_int8_export_quantizes_the_trunk_and_keeps_the_head_float(int8_export):
     assert record["classes"][4] == "thing4" and record["quantization"]["calibration_batches"] == 4
 
 
+def _int8_weights(path) -> list[str]:
+    """Names of the convolution weights that an ONNX file stores in int8 (behind a DequantizeLinear)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    int8 = {t.name for t in proto.graph.initializer if numpy_helper.to_array(t).dtype == np.int8}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    names = []
+    for node in proto.graph.node:
+        dq = producers.get(node.input[1]) if node.op_type == "Conv" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in int8:
+            names.append(dq.input[0])
+    return names
+
+
+def test_int8_only_some_layers(exported, tmp_path):
+    from fcnseg.export import quantize_onnx
+
+    _, onnx_path = exported
+    calib = [np.asarray(random_image(96, 128, s), np.float32).transpose(2, 0, 1)[None] / 255 for s in (1, 2)]
+    out = quantize_onnx(onnx_path, tmp_path / "fc.onnx", calib, only=("fc.",))
+    assert sorted(n.split("_quantized")[0] for n in _int8_weights(out)) == ["fc.fc6.weight", "fc.fc7.weight"]
+    all_int8 = quantize_onnx(onnx_path, tmp_path / "all.onnx", calib)
+    assert len(_int8_weights(all_int8)) == 7
+    with pytest.raises(fcnseg.errors.FcnsegError, match="no convolution has a weight named nope"):
+        quantize_onnx(onnx_path, tmp_path / "none.onnx", calib, only=("nope",))
+    assert not (tmp_path / "none.onnx").exists()
+
+
 def test_int8_model_runs_at_any_size_close_to_float(int8_export):
     ckpt, path = int8_export
     model = fcnseg.load_checkpoint(ckpt)
@@ -173,6 +203,7 @@ def test_int8_export_prints_parity_and_gates_on_agreement(int8_export, tmp_path,
 @pytest.mark.parametrize("extra, message", [
     (["--format", "torchscript", "--int8", "--calibrate", "x.png"], "ONNX models only"),
     (["--format", "onnx", "--int8"], "go together"),
+    (["--format", "onnx", "--int8-layers", "fc."], "add --int8"),
     (["--format", "onnx", "--int8", "--calibrate", "nothing-here/*.png"], "nothing-here/*.png: pattern matches no files"),
 ])
 def test_int8_export_refuses_bad_requests(int8_export, tmp_path, capsys, extra, message):

@@ -29,6 +29,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "(resized to --size)")
     q.add_argument("--calibrate-limit", type=int, default=32, metavar="N",
                    help="use at most N calibration images, spread over the list (default 32)")
+    q.add_argument("--int8-layers", nargs="+", default=[], metavar="PREFIX",
+                   help="quantize only the convolutions whose weight names start with these, e.g. fc. for the "
+                        "VGG nets' fc6 and fc7 (90%% of their weights); the rest stays float32")
     q.add_argument("--min-agreement", type=float, default=0.95, metavar="SHARE",
                    help="fail (exit 1) if fewer pixels than this share keep their class (default 0.95)")
     return p
@@ -71,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
     from .predict import check_checkpoint_name
 
     check_checkpoint_name(args.checkpoint)
-    if args.int8 or args.calibrate:
+    if args.int8 or args.calibrate or args.int8_layers:
         if args.fmt != "onnx":
             raise FcnsegError("--int8 quantizes ONNX models only; use --format onnx")
+        if args.int8_layers and not args.int8:
+            raise FcnsegError("--int8-layers chooses what --int8 quantizes; add --int8")
         if not (args.int8 and args.calibrate):
             raise FcnsegError("--int8 and --calibrate go together: int8 needs images to calibrate on")
     model = load_checkpoint(args.checkpoint)
@@ -109,7 +114,7 @@ def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
     batches = calibration_batches(args.calibrate, size, model.record or {}, args.calibrate_limit)
     with tempfile.TemporaryDirectory(prefix="fcnseg-export-") as tmp:
         fp32 = export_onnx(model, Path(tmp) / "float32.onnx", example_size=size)
-        path = quantize_onnx(fp32, args.out, batches)
+        path = quantize_onnx(fp32, args.out, batches, only=args.int8_layers)
     runtime = OnnxRuntimeModel(path)
     shown = batches[:4]
     odd = torch.nn.functional.interpolate(torch.from_numpy(batches[0]), size=(size[0] // 2 + 17, size[1] // 2 + 29),
