@@ -85,3 +85,22 @@ def test_test_time_augmentation_is_scored_and_recorded(trained, tmp_path):
     assert p["tta"] == {"flip": False, "scales": [1.0]} and a["tta"] == {"flip": True, "scales": [0.75, 1.0]}
     assert sum(map(sum, a["confusion_matrix"])) == sum(map(sum, p["confusion_matrix"]))  # same pixels scored
     assert _evaluate(data, run, "--scales", "0") == 1
+
+
+def test_an_exported_onnx_model_scores_like_its_checkpoint(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    data, run, _ = trained
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(onnx_path),
+                 "--size", "33", "45"]) == 0
+    scores = []
+    for ckpt in (run, onnx_path):
+        out = tmp_path / f"{ckpt.name}.json"
+        assert _evaluate(data, ckpt, "--json", str(out), "--flip") == 0
+        scores.append(json.loads(out.read_text()))
+    a, b = scores
+    # the same pixels scored the same way, up to the odd float32 tie
+    moved = sum(abs(x - y) for ra, rb in zip(a["confusion_matrix"], b["confusion_matrix"]) for x, y in zip(ra, rb))
+    assert moved <= 0.005 * 3 * 32 * 45 and b["checkpoint"].endswith("m.onnx")
+    assert b["tta"] == {"flip": True, "scales": [1.0]}
+    assert _evaluate(data, onnx_path, "--amp") == 1

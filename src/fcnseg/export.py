@@ -229,6 +229,21 @@ class OnnxRuntimeModel:
         return torch.from_numpy(out)
 
 
+class OnnxRuntimeModule(nn.Module):
+    """An ``OnnxRuntimeModel`` as an ``nn.Module`` (CPU), for code that calls ``.eval()`` and ``.train()``
+    on its model, such as ``fcnseg.engine.evaluate`` and ``TestTimeAugmentation``."""
+
+    def __init__(self, runtime: OnnxRuntimeModel) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.record = runtime.record
+        self.num_classes = runtime.num_classes
+        self.top_stride = runtime.top_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runtime(x)
+
+
 def load_exported(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """An exported file back as a callable: ONNX through ONNX Runtime, TorchScript through torch.jit."""
     path = Path(path)

@@ -10,7 +10,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description="Score a checkpoint on a dataset split (batch size 1, original resolution). "
                                    "Means leave out classes with no defined value (see fcnseg.metrics).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a .safetensors checkpoint, a run directory, or a built-in name")
+                   help="a .safetensors checkpoint, a run directory, a built-in name, or an exported .onnx file "
+                        "(run by ONNX Runtime on the CPU, e.g. to score an int8 model)")
     p.add_argument("--dataset", required=True, help="dataset family: camvid, siftflow, voc, folder, ...")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset folder")
     p.add_argument("--split", default="val", help="split to score (default val)")
@@ -48,8 +49,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    model = load_checkpoint(args.checkpoint, device=device)
+    if str(args.checkpoint).endswith(".onnx"):
+        from ..export import OnnxRuntimeModel, OnnxRuntimeModule
+
+        device = torch.device("cpu")
+        model = OnnxRuntimeModule(OnnxRuntimeModel(args.checkpoint, threads=args.threads or None))
+        if args.amp:
+            raise FcnsegError("--amp is for PyTorch checkpoints; an ONNX model runs in its own precision")
+    else:
+        device = pick_device(args.device)
+        model = load_checkpoint(args.checkpoint, device=device)
     record = model.record
     dataset = build_dataset(args.dataset, args.root, args.split)
     norm = record.get("normalization", {})
