@@ -90,9 +90,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
     and upsampling layers) and every node downstream of them (the fusion) stay float32. With ``only``,
     just the convolutions whose weight name starts with one of those prefixes are quantized, and
     everything else stays float32: ``only=("fc.",)`` makes VGG's fc6 and fc7 int8, 90% of its weights
-    and 15% of its FLOPs, at a fraction of the accuracy cost of a whole int8 trunk. The record in the metadata is kept, with a
-    ``quantization`` entry added. Quantizing trades accuracy for speed and memory: check the printed
-    agreement on your own images (``fcnseg export --int8`` does).
+    and 15% of its FLOPs, at a fraction of the accuracy cost of a whole int8 trunk. The record in the
+    metadata is kept, with a ``quantization`` entry added. Quantizing trades accuracy for speed and
+    memory: check the agreement on your own images (``fcnseg export --int8`` prints it).
     """
     try:
         import onnx
@@ -147,9 +147,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
                                 nodes_to_exclude=float_nodes, per_channel=True,
                                 reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
-        except FcnsegError:
-            raise
-        except Exception as e:
+        except Exception as e:  # onnxruntime raises its own exception types
             raise FcnsegError(f"{src}: int8 quantization failed ({str(e).strip().splitlines()[-1][:300]})") from e
         finally:
             root.setLevel(level)
