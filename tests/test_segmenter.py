@@ -213,6 +213,8 @@ def test_optimize_warns_when_bfloat16_is_not_native(monkeypatch, native):
 
 
 def test_cli_prints_warnings_in_one_line(monkeypatch, tmp_path, capsys):
+    import warnings
+
     import fcnseg.inference as inference
     from fcnseg.cli import main
 
@@ -220,8 +222,10 @@ def test_cli_prints_warnings_in_one_line(monkeypatch, tmp_path, capsys):
     src = tmp_path / "x.png"
     random_image(40, 56).save(src)
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
-    assert main(["predict", str(src), "--checkpoint", str(ckpt), "--dtype", "bfloat16", "--out", str(tmp_path / "o"),
-                 "--quiet"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # pytest's configuration hides this warning elsewhere
+        assert main(["predict", str(src), "--checkpoint", str(ckpt), "--dtype", "bfloat16", "--out",
+                     str(tmp_path / "o"), "--quiet"]) == 0
     err = [ln for ln in capsys.readouterr().err.splitlines() if "bfloat16" in ln]
     assert err == ["fcnseg: warning: this CPU (%s) has no native bfloat16 support: bfloat16 will run slower than "
                    "float32 here" % torch.backends.cpu.get_cpu_capability()]
