@@ -155,13 +155,10 @@ def make_weights(path: Path, seed: int = 0) -> Path:
 
 def photo_batch(photo, h: int, w: int) -> np.ndarray:
     """A PIL photo resized to h x w, ImageNet-normalised, as a (1, 3, h, w) float32 array."""
-    from PIL import Image
-
     from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+    from fcnseg.export import calibration_batch
 
-    x = np.asarray(photo.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32) / 255
-    x = (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    return calibration_batch(photo, (h, w), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def make_input(path: Path, h: int, w: int) -> Path:

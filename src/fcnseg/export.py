@@ -73,6 +73,17 @@ def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int
     return path
 
 
+def calibration_batch(image, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A PIL image resized to ``size`` (H, W) and normalised: the (1, 3, H, W) float32 array that
+    ``quantize_onnx`` calibrates on."""
+    from PIL import Image
+
+    h, w = size
+    x = np.asarray(image.convert("RGB").resize((w, h), Image.BILINEAR), np.float32) / 255
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
 # weights of the layers that score, upsample and fuse: few FLOPs, and their rounding shows in the logits directly
 FLOAT_HEAD_PREFIXES = ("score", "up.", "final_up")
 

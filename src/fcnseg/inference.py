@@ -190,6 +190,14 @@ def native_bf16_cpu() -> bool:
         return False
 
 
+def bf16_slowness() -> str | None:
+    """Why bfloat16 would be slow on this CPU (a sentence for a warning), or None where it is native."""
+    if native_bf16_cpu():
+        return None
+    return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 support: "
+            f"bfloat16 will run slower than float32 here")
+
+
 def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_last: bool = True,
              big_weight_bytes: int = 16 << 20, fold_bn: bool = True) -> nn.Module:
     """Prepare ``model`` for inference, in place, without changing its definition; returns it.
@@ -207,9 +215,9 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
     """
     dtype = parse_dtype(dtype)
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if dtype == torch.bfloat16 and on_cpu and not native_bf16_cpu():
-        warnings.warn(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 support: "
-                      f"bfloat16 will run slower than float32 here", RuntimeWarning, stacklevel=2)
+    slow = bf16_slowness() if dtype == torch.bfloat16 and on_cpu else None
+    if slow:
+        warnings.warn(slow, RuntimeWarning, stacklevel=2)
     for handle in getattr(model, "_inference_hooks", []):  # optimizing twice replaces the first
         handle.remove()
     hooks = []

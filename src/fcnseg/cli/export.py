@@ -39,12 +39,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def calibration_batches(patterns: list[str], size: tuple[int, int], record: dict, limit: int) -> list:
     """Normalised (1, 3, H, W) float32 arrays of up to ``limit`` images spread over ``patterns``."""
-    import numpy as np
-    from PIL import Image
-
     from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
     from ..data.io import read_image
     from ..errors import FcnsegError
+    from ..export import calibration_batch
     from .predict import expand_inputs
 
     files, problems = expand_inputs(patterns)
@@ -55,14 +53,8 @@ def calibration_batches(patterns: list[str], size: tuple[int, int], record: dict
     if len(files) > limit:
         files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else files[:1]
     norm = record.get("normalization") or {}
-    mean = np.array(norm.get("mean", IMAGENET_MEAN), np.float32)
-    std = np.array(norm.get("std", IMAGENET_STD), np.float32)
-    h, w = size
-    batches = []
-    for f in files:
-        rgb = np.asarray(read_image(f).convert("RGB").resize((w, h), Image.BILINEAR), np.float32) / 255
-        batches.append(np.ascontiguousarray(((rgb - mean) / std).transpose(2, 0, 1)[None]))
-    return batches
+    mean, std = norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD)
+    return [calibration_batch(read_image(f), size, mean, std) for f in files]
 
 
 def run(args: argparse.Namespace) -> int:
