@@ -13,28 +13,22 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import FcnsegError
+from ..registry import Registry
 from .io import DataFileError, image_size, read_image, read_mask
 
 IGNORE_INDEX = 255
 
-_DATASETS: dict[str, Callable[..., "SegmentationDataset"]] = {}
+_DATASETS: Registry[Callable[..., "SegmentationDataset"]] = Registry("dataset")
 
 
 def register_dataset(name: str):
     """Register a builder ``fn(root, split, transforms=None, **kwargs)``; the same name twice is a bug."""
-
-    def wrap(fn):
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _DATASETS[name] = fn
-        return fn
-
-    return wrap
+    return _DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
     """Names of every registered dataset family, sorted."""
-    return sorted(_DATASETS)
+    return _DATASETS.names()
 
 
 def build_dataset(name: str, root: str | Path, split: str, transforms=None, **kwargs) -> "SegmentationDataset":
@@ -44,13 +38,12 @@ def build_dataset(name: str, root: str | Path, split: str, transforms=None, **kw
     None gives the dataset's evaluation preset (normalised tensors at the original resolution).
     ``skip_bad=True`` skips unreadable or inconsistent samples (counted in ``.skipped``) instead of stopping.
     """
-    if name not in _DATASETS:
-        raise FcnsegError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
+    builder = _DATASETS.get(name)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FcnsegError(f"{root}: no such dataset directory (for {name}; "
                           f"'fcnseg data download {name} --root DIR' fetches the public ones)")
-    return _DATASETS[name](root, split, transforms=transforms, **kwargs)
+    return builder(root, split, transforms=transforms, **kwargs)
 
 
 def check_split(dataset: str, split: str, valid: Iterable[str]) -> None:
