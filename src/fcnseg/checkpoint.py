@@ -20,9 +20,8 @@ import torch
 import torch.nn as nn
 
 from .errors import FcnsegError
+from .record import IMAGENET_MEAN, IMAGENET_STD, CheckpointRecord, default_palette
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
@@ -109,7 +108,8 @@ def _what_was_refused(message: str) -> str:
 
 def make_record(model: nn.Module, classes: list[str] | None = None, colors: list[list[int]] | None = None,
                 mean=IMAGENET_MEAN, std=IMAGENET_STD, **extra: Any) -> dict[str, Any]:
-    """The JSON record for ``model`` (built with ``build_model``), plus any extra fields."""
+    """The JSON record for ``model`` (built with ``build_model``), plus any extra fields; checked as
+    every record read back will be (class names and colours must fit the model's classes)."""
     arch = getattr(model, "arch", None)
     if arch is None:
         raise ValueError("model has no .arch: build it with fcnseg.build_model")
@@ -124,22 +124,7 @@ def make_record(model: nn.Module, classes: list[str] | None = None, colors: list
         "normalization": {"mean": list(mean), "std": list(std)},
     }
     record.update(extra)
-    return record
-
-
-def default_palette(n: int) -> list[list[int]]:
-    """The PASCAL VOC colour map (bit-interleaved), which gives distinct colours for any n."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append([r, g, b])
-    return out
+    return CheckpointRecord.parse(record, f"record of {arch}").to_dict()
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] | None = None,
@@ -151,7 +136,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] |
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    record = dict(record) if record is not None else make_record(model)
+    record = CheckpointRecord.parse(record, path).to_dict() if record is not None else make_record(model)
     if dtype is not None:
         record["stored_dtype"] = str(dtype).replace("torch.", "")
     state = {}
@@ -166,8 +151,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] |
     return path
 
 
-def read_record(path: str | Path) -> dict[str, Any]:
-    """The record stored in a checkpoint's metadata (or its .json beside it)."""
+def read_record(path: str | Path) -> CheckpointRecord:
+    """The checked record stored in a checkpoint's metadata (or in the .json beside it)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -175,14 +160,65 @@ def read_record(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for damaged headers
-        raise FcnsegError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+        raise FcnsegError(f"{path}: not a readable safetensors checkpoint ({_first_line(e)})") from None
     if "fcnseg" in meta:
-        return json.loads(meta["fcnseg"])
+        return CheckpointRecord.from_json(meta["fcnseg"], path)
     side = path.with_suffix(".json")
     if side.is_file():
-        return json.loads(side.read_text())
+        if side.stat().st_size > (16 << 20):
+            raise FcnsegError(f"{side}: too large to be a checkpoint record")
+        return CheckpointRecord.from_json(side.read_bytes(), side)
     raise FcnsegError(f"{path}: no fcnseg record in the file or beside it ({side.name}); "
                       f"import foreign weights with 'fcnseg convert'")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a .safetensors file, from its header alone (nothing is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise FcnsegError(f"{path}: not a readable safetensors checkpoint ({_first_line(e)})") from None
+
+
+def check_weights_fit(path: str | Path, record: CheckpointRecord) -> None:
+    """The file's tensors must be exactly those of ``record``'s network, shape for shape: checked on a
+    network built on the meta device (no memory, no initialisation) before anything real is built, so a
+    record cannot ask for a network larger than the weights the file holds."""
+    import torch
+
+    from .registry import build_model
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shapes = {k: tuple(v.shape) for k, v in build_model(record.arch, num_classes=record.num_classes,
+                                                                  **record.model_kwargs).state_dict().items()}
+    except FcnsegError:
+        raise
+    except Exception as e:  # a builder refusing its arguments (ValueError, TypeError, ...)
+        raise FcnsegError(f"{path}: the record does not build {record.arch} ({_first_line(e)})") from None
+    found = tensor_shapes(path)
+    missing = [k for k in shapes if k not in found]
+    unexpected = [k for k in found if k not in shapes]
+    wrong = [f"{k} {found[k]} (expected {shapes[k]})" for k in shapes if k in found and found[k] != shapes[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} of other shape: {', '.join(wrong[:3])}")
+        if missing:
+            parts.append(f"{len(missing)} missing: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:3])}")
+        raise FcnsegError(f"{path}: weights do not fit {record.arch} with {record.num_classes} classes "
+                          f"({'; '.join(parts)})")
 
 
 def builtin_checkpoints() -> dict[str, Path]:
@@ -190,6 +226,20 @@ def builtin_checkpoints() -> dict[str, Path]:
     if not WEIGHTS_DIR.is_dir():
         return {}
     return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
+
+
+def verify_builtin(path: Path) -> None:
+    """A built-in checkpoint must match the sha256 in the JSON beside it (a damaged or swapped install)."""
+    side = path.with_suffix(".json")
+    try:
+        expected = json.loads(side.read_text()).get("sha256")
+    except (OSError, ValueError):
+        expected = None
+    if not isinstance(expected, str):
+        raise FcnsegError(f"{side}: the built-in checkpoint's record has no sha256; reinstall fcnseg")
+    if file_digest(path) != expected:
+        raise FcnsegError(f"{path}: the built-in checkpoint does not match its sha256 ({expected[:12]}...); "
+                          f"the file is damaged or was replaced: reinstall fcnseg")
 
 
 def resolve_checkpoint(path_or_name: str | Path) -> Path:
@@ -211,23 +261,31 @@ def resolve_checkpoint(path_or_name: str | Path) -> Path:
 
 
 def load_checkpoint(path_or_name: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A ready model in eval mode, with its record as ``model.record``.
+    """A ready model in eval mode, with its checked record as ``model.record`` (a ``CheckpointRecord``).
 
-    ``path_or_name``: a built-in name (``fcnseg models`` lists them), a ``.safetensors``
-    checkpoint, or a run directory.
+    ``path_or_name``: a built-in name (``fcnseg models`` lists them; verified against its sha256),
+    a ``.safetensors`` checkpoint, or a run directory. The record is checked field by field and the
+    file's tensor shapes against the architecture before the network is built; the network is built
+    without ImageNet weights and filled from the file alone: nothing else is read, nothing fetched.
     """
     from .registry import build_model
 
     path = resolve_checkpoint(path_or_name)
     if path.suffix != ".safetensors":
         raise FcnsegError(f"{path}: fcnseg checkpoints are .safetensors; convert other formats with 'fcnseg convert'")
+    if path.parent == WEIGHTS_DIR:
+        verify_builtin(path)
     record = read_record(path)
-    model = build_model(record["arch"], num_classes=record["num_classes"], **record.get("model_kwargs", {}))
+    check_weights_fit(path, record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(record.arch, num_classes=record.num_classes, **record.model_kwargs)
     state = read_state_dict(path)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise FcnsegError(f"{path}: weights do not fit {record['arch']} ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:  # shapes were checked; dtypes of integer buffers can still differ
+        detail = " ".join(ln.strip() for ln in str(e).splitlines()[1:3])
+        raise FcnsegError(f"{path}: weights do not fit {record.arch} ({detail[:300] or _first_line(e)})") from None
     model.record = record
     return model.to(device).eval()
