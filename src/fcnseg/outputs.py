@@ -39,8 +39,8 @@ def output_file(path: str | os.PathLike, what: str = "output file", overwrite: b
 
 
 def _nearest_existing(path: Path, what: str) -> Path:
-    """The closest existing ancestor of a path still to be created; it must be a folder."""
-    for parent in path.absolute().parents:
+    """The closest existing one of ``path`` and its ancestors (the folder to be created in); it must be a folder."""
+    for parent in (path.absolute(), *path.absolute().parents):
         if parent.exists():
             if not parent.is_dir():
                 raise FcnsegError(f"{what} {show_path(path)}: {show_path(parent)} is a file, so no folder can be "

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import show_path
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="check datasets (bad files, class weights) and download public ones")
@@ -35,7 +37,12 @@ def run(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..data.checks import check_dataset, write_weights_json
+    from ..outputs import output_file
 
+    json_path = None
+    if not args.no_weights_json:  # checked before the scan, which can take minutes
+        json_path = output_file(args.weights_json or Path(f"{args.dataset}_{args.split}_class_weights.json"),
+                                what="--weights-json")
     dataset = build_dataset(args.dataset, args.root, args.split, skip_bad=True, transforms=_identity)
     progress = None
     if not args.no_progress and sys.stderr.isatty():
@@ -55,10 +62,9 @@ def run_check(args: argparse.Namespace) -> int:
     for i, (name, px, f, w) in enumerate(zip(report.classes, report.class_pixels, report.frequencies(), weights)):
         print(f"{i:>3} {name:<{width}} {int(px):>13,} {f:>9.4f} {w:>8.4f}")
     print("class weights (median frequency): " + ", ".join(f"{w:.4f}" for w in weights))
-    if not args.no_weights_json:
-        path = args.weights_json or Path(f"{args.dataset}_{args.split}_class_weights.json")
-        write_weights_json(report, path, dataset=args.dataset, root=str(args.root), split=args.split)
-        print(f"wrote {path}")
+    if json_path is not None:
+        write_weights_json(report, json_path, dataset=args.dataset, root=str(args.root), split=args.split)
+        print(f"wrote {show_path(json_path)}")
     return 0 if report.ok else 1
 
 
