@@ -7,21 +7,25 @@ for people and tools, beside it as ``NAME.json``. The record says how to rebuild
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import pickle
 import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from .errors import FcnsegError
+from .errors import FcnsegError, OutputExistsError, OutputWriteError, show_path
 from .record import IMAGENET_MEAN, IMAGENET_STD, CheckpointRecord, default_palette
 
+logger = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
@@ -35,22 +39,83 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary name in the same folder, fsync, then rename.
-    The file gets the permissions a plain ``open(path, "w")`` would give (mkstemp's are owner-only)."""
+# atomic_write's temporaries: ".NAME.XXXXXXXX.tmp" (tempfile's 8 random characters) beside the target
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_TEMP_S = 3600.0
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any], overwrite: bool = True) -> None:
+    """Write through ``write(tmp_path)`` to a temporary name in the same folder, fsync, then move into place.
+
+    ``overwrite=True`` replaces an existing ``path`` (checkpoints replace last.safetensors). ``overwrite=False``
+    creates it exclusively: the finished file is hard-linked to ``path``, which fails if the name exists, even
+    when another process takes it at the same moment (``OutputExistsError``). The file gets the permissions a
+    plain ``open(path, "w")`` would give, even when ``write`` replaced the temporary with a file of its own.
+    An ``OSError`` (disk full, no permission, read-only file system) becomes a one-line ``OutputWriteError``
+    naming ``path``; either way no temporary is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _FILE_MODE)
+        os.close(fd)
         write(tmp)
+        # safetensors' save_file creates its own file (owner-only) in place of the one made above
+        os.chmod(tmp, _FILE_MODE)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                _link_new(tmp, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{show_path(path)}: exists already; not replaced") from None
+    except OSError as e:
+        raise OutputWriteError(f"{show_path(path)}: could not write ({e.strerror or e}); nothing was written") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the finished ``tmp`` the name ``path`` only if that name is free (atomic and race-free)."""
+    try:
+        os.link(tmp, path)
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # a file system without hard links: claim the name exclusively, then move the finished file onto it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def clean_stale_temps(folder: str | Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Remove ``atomic_write`` temporaries (``.NAME.XXXXXXXX.tmp``) left in ``folder`` by a killed writer.
+
+    Only files unmodified for ``older_than_s`` seconds (an hour) go: a live writer keeps its temporary's
+    modification time fresh, so concurrent writers into the same folder are not disturbed. Returns the removed.
+    """
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed  # nothing to clean in a folder that cannot be listed (yet)
+    for entry in entries:
+        if not _TMP_NAME.match(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # taken by another cleaner, or not ours to remove
+    if removed:
+        logger.info("removed %d stale temporary file(s) in %s", len(removed), show_path(folder))
+    return removed
 
 
 def file_digest(path: str | Path, algo: str = "sha256") -> str:
@@ -133,9 +198,14 @@ def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] |
     stores floating tensors compactly; they are cast back to float32 on load."""
     from safetensors.torch import save_file
 
+    from .outputs import output_file
+
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
+    output_file(path, what="checkpoint")
+    output_file(path.with_suffix(".json"), what="checkpoint record")
+    clean_stale_temps(path.parent)
     record = CheckpointRecord.parse(record, path).to_dict() if record is not None else make_record(model)
     if dtype is not None:
         record["stored_dtype"] = str(dtype).replace("torch.", "")

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .checkpoint import atomic_write
 from .errors import FcnsegError
+from .outputs import output_file
 from .record import CheckpointRecord
 
 FORMATS = ("onnx", "torchscript")
@@ -47,7 +48,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int
         import onnxscript  # noqa: F401  (the exporter's backend)
     except ModuleNotFoundError as e:
         raise FcnsegError(f"ONNX export needs {e.name}: pip install 'fcnseg[onnx]'") from None
-    path = Path(path)
+    path = output_file(path, what="ONNX export")  # before the minutes of tracing
     model = model.eval()
     x = torch.randn(1, 3, *example_size)
     auto = torch.export.Dim.AUTO  # the pooling and crop arithmetic is left to torch.export to work out
@@ -181,7 +182,7 @@ def export_torchscript(model: nn.Module, path: str | Path, example_size: tuple[i
 
     Load it with ``torch.jit.load(path)``; the record is the extra file ``fcnseg.json``.
     """
-    path = Path(path)
+    path = output_file(path, what="TorchScript export")
     model = model.eval()
     x = torch.randn(1, 3, *example_size)
     with warnings.catch_warnings(), torch.no_grad():

@@ -9,7 +9,7 @@ import importlib
 import sys
 import warnings
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, printable
 
 # subcommand -> module in this package; a module missing here (not yet written) is simply not offered
 COMMANDS = {
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"fcnseg: warning: {message}", file=sys.stderr)
+    print(f"fcnseg: warning: {printable(str(message))}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning
             code = args._run(args)
     except FcnsegError as e:
-        print(f"fcnseg: error: {e}", file=sys.stderr)
+        # the last line of defence for the one-line format: a newline in a quoted file name is escaped
+        print(f"fcnseg: error: {printable(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fcnseg: interrupted", file=sys.stderr)

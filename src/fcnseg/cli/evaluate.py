@@ -45,8 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics import absent_classes, format_table
     from ..train.distributed import pick_device
     from ..train.loader import Seeded, make_loader
+    from ..outputs import output_file
     from ..train.report import plot_confusion, write_json
 
+    # before the model loads: a bad --json place must not cost a whole evaluation
+    if args.json:
+        output_file(args.json, what="--json")
+    if args.confusion_png:
+        output_file(args.confusion_png, what="--confusion-png")
     if args.threads:
         torch.set_num_threads(args.threads)
     if str(args.checkpoint).endswith(".onnx"):

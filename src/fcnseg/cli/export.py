@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..errors import FcnsegError
     from ..export import export, load_exported, parity
+    from ..outputs import output_file
     from .predict import check_checkpoint_name
 
+    output_file(args.out, what="--out")
     check_checkpoint_name(args.checkpoint)
     if args.int8 or args.calibrate or args.int8_layers:
         if args.fmt != "onnx":

@@ -20,6 +20,7 @@ from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, make_reco
 from ..config import TrainConfig, save_config
 from ..errors import FcnsegError
 from ..metrics import format_table
+from ..outputs import output_dir
 from . import distributed as dst
 from . import report
 from .loader import Seeded, ShardSampler, make_loader
@@ -139,6 +140,7 @@ def _summary(scores: dict[str, Any]) -> dict[str, Any]:
 def fit(cfg: TrainConfig, resume: bool = False, command: Sequence[str] | None = None) -> dict[str, Any]:
     """Train per ``cfg`` into the run directory ``cfg.out``; return the last validation summary."""
     cfg.validate()
+    output_dir(cfg.out, what="run directory")  # before any data is read
     info = dst.setup(cfg.device)
     try:
         return _fit(cfg, info, resume, list(command) if command is not None else list(sys.argv))
