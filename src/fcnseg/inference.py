@@ -24,7 +24,7 @@ from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
 from .errors import FcnsegError
 from .optimize import DTYPES, BigWeightConv2d, bf16_slowness, fold_batchnorm, native_bf16_cpu, optimize, parse_dtype
 from .tiling import tile_spans
-from .tta import TestTimeAugmentation, check_scales, tta_probabilities
+from .tta import TestTimeAugmentation, check_scales, class_ids, tta_probabilities
 from .visualize import class_colors
 
 __all__ = ["DTYPES", "BigWeightConv2d", "ImageLike", "Prediction", "Segmenter", "TestTimeAugmentation",
@@ -203,7 +203,7 @@ class Segmenter:
             for x0, x1, tx0, tx1 in tile_spans(w, self.tile, self.overlap, self.align):
                 scores = self._scores(self._normalize(raw[:, :, ty0:ty1, tx0:tx1]), probs)
                 core = scores[:, :, y0 - ty0:y1 - ty0, x0 - tx0:x1 - tx0]
-                masks[:, y0:y1, x0:x1] = core.argmax(1).to(self.mask_dtype).cpu()
+                masks[:, y0:y1, x0:x1] = class_ids(core).to(self.mask_dtype).cpu()
                 if probas is not None:
                     probas[:, :, y0:y1, x0:x1] = core.half().cpu()
         return masks, probas

@@ -1,5 +1,5 @@
-"""Test-time augmentation: class probabilities averaged over horizontal flips and input rescalings,
-shared by ``Segmenter`` (predict) and evaluation."""
+"""Test-time scoring shared by ``Segmenter`` (predict) and evaluation: class ids from scores, and test-time
+augmentation (class probabilities averaged over horizontal flips and input rescalings)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -9,6 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FcnsegError
+
+
+def class_ids(scores: torch.Tensor) -> torch.Tensor:
+    """The best class of each pixel: (B, K, H, W) scores -> (B, H, W) int64, the first best on ties.
+
+    Computed as ``max(1).indices``, which returns the same ids as ``argmax(1)`` but runs several times
+    faster on the CPU for a contiguous (NCHW) tensor, where argmax reduces over a strided dimension.
+    """
+    return scores.max(1).indices
 
 
 def check_scales(scales: Sequence[float]) -> tuple[float, ...]:
