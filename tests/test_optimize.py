@@ -184,3 +184,33 @@ def test_folded_efficientnet_lite0_fcn_matches_the_unfolded_one():
         y, yf = model(x), fast(x)
     assert torch.allclose(yf, y, rtol=1e-3, atol=1e-3 * float(y.abs().max()))
     assert (yf.argmax(1) == y.argmax(1)).float().mean() > 0.999
+
+
+def test_a_model_that_cannot_be_copied_gets_a_clear_error():
+    import threading
+
+    from fcnseg.errors import FcnsegError
+
+    model = bn_net()
+    model.lock = threading.Lock()  # like a runtime session: no deep copy
+    with pytest.raises(FcnsegError, match="cannot copy this BNNet.*inplace=True"):
+        optimize(model)
+    with pytest.raises(FcnsegError, match="inplace=True"):
+        Segmenter(model)
+    assert optimize(model, inplace=True) is model
+
+
+def test_the_cli_flushes_subnormals_only_while_a_model_command_runs(monkeypatch, no_flush, tmp_path):
+    import fcnseg.cli.models
+    import fcnseg.cli.predict
+    from fcnseg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(fcnseg.cli.predict, "run", lambda args: seen.setdefault("predict", _flushing()) and 0)
+    monkeypatch.setattr(fcnseg.cli.models, "run", lambda args: seen.setdefault("models", _flushing()) and 0)
+    assert main(["predict", "x.png", "--out", str(tmp_path)]) == 0
+    assert main(["models"]) == 0
+    with flush_denormal() as supported:
+        pass
+    assert seen == {"predict": supported, "models": False}
+    assert not _flushing()  # the setting ends with the command

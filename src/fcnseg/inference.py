@@ -10,7 +10,6 @@ Large images are cut into overlapping tiles (``fcnseg.tiling``). The names of ``
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -22,7 +21,8 @@ from PIL import Image
 
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
 from .errors import FcnsegError
-from .optimize import DTYPES, BigWeightConv2d, bf16_slowness, fold_batchnorm, native_bf16_cpu, optimize, parse_dtype
+from .optimize import (DTYPES, BigWeightConv2d, bf16_slowness, copy_model, fold_batchnorm, native_bf16_cpu, optimize,
+                       parse_dtype)
 from .tiling import tile_spans
 from .tta import TestTimeAugmentation, check_scales, class_ids, tta_probabilities
 from .visualize import class_colors
@@ -102,7 +102,7 @@ class Segmenter:
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         if isinstance(model, nn.Module):
             if not inplace:
-                model = copy.deepcopy(model)  # the caller's model stays as it was
+                model = copy_model(model)  # the caller's model stays as it was
             model = optimize(model.to(self.device), dtype, channels_last, inplace=True)
         elif parse_dtype(dtype) != torch.float32:
             raise FcnsegError("dtype applies to PyTorch models only; this backend runs the exported float32 model")

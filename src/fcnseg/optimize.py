@@ -300,6 +300,16 @@ def bf16_slowness() -> str | None:
 # ---------------------------------------------------------------------------------------------------
 # optimize
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` for a conversion that must leave the caller's model alone, or a one-line
+    error for a model that cannot be copied (one holding a runtime session, say)."""
+    try:
+        return copy.deepcopy(model)
+    except (TypeError, RuntimeError, copy.Error) as e:
+        raise FcnsegError(f"cannot copy this {type(model).__name__} to optimize it ({str(e).splitlines()[0]}); "
+                          f"pass inplace=True to convert the model itself") from None
+
+
 def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_last: bool = True,
              big_weight_bytes: int = 16 << 20, fold_bn: bool = True, *, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` prepared for inference (``inplace=True``: ``model`` itself, converted), with
@@ -323,7 +333,7 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
     if slow:
         warnings.warn(slow, RuntimeWarning, stacklevel=2)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     _remove_cast_hooks(model)  # optimizing an optimized model replaces its casts
     model.eval()
     if fold_bn:
