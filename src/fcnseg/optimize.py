@@ -269,10 +269,6 @@ class _CastInputs:
         return tuple(out)
 
 
-def _cast_inputs(dtype: torch.dtype, channels_last: bool) -> _CastInputs:
-    return _CastInputs(dtype, channels_last)
-
-
 def _remove_cast_hooks(model: nn.Module) -> None:
     for m in model.modules():
         # _forward_pre_hooks is where nn.Module keeps its pre-hooks; ours are recognised by their class
