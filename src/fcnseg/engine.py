@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .errors import FcnsegError
 from .metrics import ConfusionMatrix
+from .tta import class_ids
 
 
 class NonFiniteLossError(FcnsegError):
@@ -230,7 +231,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, device: torch.device
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             logits = model(images)  # (B, K, H, W)
-        cm.update(target=masks, pred=logits.argmax(1))
+        cm.update(target=masks, pred=class_ids(logits))
     cm.all_reduce()
     model.train(was_training)
     return cm

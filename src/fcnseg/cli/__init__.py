@@ -5,6 +5,7 @@ Each subcommand lives in its own module here with ``add_parser(subparsers)`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import warnings
@@ -23,6 +24,10 @@ COMMANDS = {
     "export": "export",
     "benchmark": "benchmark",
 }
+
+# commands that run a model opt in to flushing subnormal floats, a process-wide switch that belongs to
+# the program, not the library (see fcnseg.optimize.flush_denormal)
+FLUSH_DENORMAL = {"predict", "evaluate", "benchmark", "serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as settings:
             warnings.showwarning = _one_line_warning
+            if args.command in FLUSH_DENORMAL:
+                from ..optimize import flush_denormal
+
+                settings.enter_context(flush_denormal())
             code = args._run(args)
     except FcnsegError as e:
         # the last line of defence for the one-line format: a newline in a quoted file name is escaped

@@ -7,7 +7,8 @@ import sys
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a checkpoint: pixel acc., mean acc., mean IU, f.w. IU, per class",
-                       description="Score a checkpoint on a dataset split (batch size 1, original resolution). "
+                       description="Score a checkpoint on a dataset split at original resolution, running the model "
+                                   "as predict does (optimized; images of equal size batched). "
                                    "Means leave out classes with no defined value (see fcnseg.metrics).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a .safetensors checkpoint, a run directory, a built-in name, or an exported .onnx file "
@@ -22,12 +23,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--exclude-absent", action="store_true",
                    help="leave out classes with no pixel in this split (the paper's SIFT Flow protocol)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="score the first N images only")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="loader processes preparing the next batches (default 2)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="images of equal size scored together (default 8; the scores do not depend on it)")
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="test-time augmentation: average over the image rescaled by each S (e.g. 1 1.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations (bfloat16 keeps the FCN's scoring layers in float32)")
+    p.add_argument("--amp", action="store_true", help="the same as --dtype bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
@@ -39,12 +44,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import load_checkpoint
     from ..data import build_dataset, build_transforms
-    from ..engine import evaluate
     from ..errors import FcnsegError
-    from ..inference import TestTimeAugmentation, check_scales
+    from ..evaluation import evaluate_model
+    from ..tta import check_scales
     from ..metrics import absent_classes, format_table
     from ..train.distributed import pick_device
-    from ..train.loader import Seeded, make_loader
     from ..outputs import output_file
     from ..train.report import plot_confusion, write_json
 
@@ -55,13 +59,14 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.confusion_png, what="--confusion-png")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if str(args.checkpoint).endswith(".onnx"):
+    is_onnx = str(args.checkpoint).endswith(".onnx")
+    if is_onnx:
         from ..export import OnnxRuntimeModel, OnnxRuntimeModule
 
         device = torch.device("cpu")
         model = OnnxRuntimeModule(OnnxRuntimeModel(args.checkpoint, threads=args.threads or None))
-        if args.amp:
-            raise FcnsegError("--amp is for PyTorch checkpoints; an ONNX model runs in its own precision")
+        if args.amp or args.dtype != "float32":
+            raise FcnsegError("--amp/--dtype are for PyTorch checkpoints; an ONNX model runs in its own precision")
     else:
         device = pick_device(args.device)
         model = load_checkpoint(args.checkpoint, device=device)
@@ -88,19 +93,22 @@ def run(args: argparse.Namespace) -> int:
             raise FcnsegError(f"--exclude {c!r}: not a class of {args.dataset} ({', '.join(classes)})")
     scales = check_scales(args.scales)
     tta = {"flip": args.flip, "scales": list(scales)}
-    net = model if scales == (1.0,) and not args.flip else TestTimeAugmentation(model, scales, args.flip)
+    augmented = scales != (1.0,) or args.flip
     n = min(args.limit, len(dataset)) if args.limit else len(dataset)
-    loader = make_loader(Seeded(dataset), list(range(n)), 1, args.workers, device)
-    cm = evaluate(net, loader, model.num_classes, device=device, ignore_index=dataset.ignore_index,
-                  amp_dtype=torch.bfloat16 if args.amp else None, desc=f"{args.dataset} {args.split}",
-                  progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    # the freshly loaded model is ours: optimized in place (an ONNX model runs as exported)
+    cm = evaluate_model(model, dataset, indices=list(range(n)), num_classes=model.num_classes,
+                        ignore_index=dataset.ignore_index, device=device,
+                        dtype="bfloat16" if args.amp else args.dtype, optimize_model=not is_onnx, inplace=True,
+                        batch_size=args.batch_size, workers=args.workers, flip=args.flip, scales=scales,
+                        desc=f"{args.dataset} {args.split}",
+                        progress=sys.stderr.isatty() if args.progress is None else args.progress)
     if args.exclude_absent:
         exclude += [i for i in absent_classes(cm) if i not in exclude]
     scores = cm.compute(exclude=exclude, class_names=classes)
     scores = {"checkpoint": str(args.checkpoint), "arch": record.get("arch"), "dataset": args.dataset,
               "split": args.split, "images": n, "tta": tta,
               "excluded": [classes[i] for i in sorted(exclude)], **scores}
-    aug = "" if net is model else f", test-time flip={args.flip} scales={tta['scales']}"
+    aug = "" if not augmented else f", test-time flip={args.flip} scales={tta['scales']}"
     print(f"{record.get('arch')} on {args.dataset} {args.split} ({n} images{aug})")
     print(format_table(scores))
     if args.json:
