@@ -187,6 +187,7 @@ def make_record(model: nn.Module, classes: list[str] | None = None, colors: list
         "classes": list(classes) if classes else [f"class_{i}" for i in range(num_classes)],
         "colors": [list(map(int, c)) for c in colors] if colors else default_palette(num_classes),
         "normalization": {"mean": list(mean), "std": list(std)},
+        "top_stride": int(getattr(model, "top_stride", 32)),
     }
     record.update(extra)
     return CheckpointRecord.parse(record, f"record of {arch}").to_dict()
@@ -359,3 +360,28 @@ def load_checkpoint(path_or_name: str | Path, device: str | torch.device = "cpu"
         raise FcnsegError(f"{path}: weights do not fit {record.arch} ({detail[:300] or _first_line(e)})") from None
     model.record = record
     return model.to(device).eval()
+
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def open_model(path_or_name: str | Path, backend: str | None = None, device: str | torch.device = "cpu",
+               threads: int | None = None):
+    """A model ready for inference, from a checkpoint (a built-in name, a .safetensors file, a run
+    directory: PyTorch) or an exported ``.onnx`` file (ONNX Runtime; the default backend for that suffix).
+    Either has ``.record`` (a ``CheckpointRecord``; {} for a foreign ONNX file), ``.num_classes`` and
+    ``.top_stride``, and maps (B, C, H, W) float tensors to (B, K, H, W) logits."""
+    is_onnx = str(path_or_name).endswith(".onnx")
+    backend = backend or ("onnxruntime" if is_onnx else "torch")
+    if backend not in BACKENDS:
+        raise FcnsegError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        if not is_onnx:
+            raise FcnsegError(f"{path_or_name}: the onnxruntime backend runs an exported .onnx model; "
+                              f"make one with 'fcnseg export --format onnx'")
+        from .export import OnnxRuntimeModel
+
+        return OnnxRuntimeModel(path_or_name, threads=threads)
+    if is_onnx:
+        raise FcnsegError(f"{path_or_name}: an ONNX model runs with backend='onnxruntime'")
+    return load_checkpoint(path_or_name, device=device)

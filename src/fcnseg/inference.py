@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint
+from .checkpoint import open_model
 from .errors import FcnsegError
+from .record import normalization_of
 from .optimize import (DTYPES, BigWeightConv2d, bf16_slowness, copy_model, fold_batchnorm, native_bf16_cpu, optimize,
                        parse_dtype)
 from .tiling import tile_spans
@@ -88,18 +89,17 @@ class Segmenter:
                  dtype: str | torch.dtype | None = None, channels_last: bool = True, tile: int = 1024,
                  overlap: int = 256, flip: bool = False, scales: Sequence[float] = (1.0,), batch_size: int = 4,
                  inplace: bool = False):
-        record: dict[str, Any] = dict(getattr(model, "record", None) or {})
-        norm = record.get("normalization", {})
+        record: Mapping[str, Any] = getattr(model, "record", None) or {}
         self.num_classes = int(getattr(model, "num_classes", 0) or record.get("num_classes", 0))
         if not self.num_classes:
             raise FcnsegError("the model does not say how many classes it has (no .num_classes or record)")
         self.classes = list(classes or record.get("classes") or [f"class_{i}" for i in range(self.num_classes)])
         self.colors = class_colors(colors or record.get("colors"), self.num_classes)
         self.device = torch.device(device)
-        mean = mean if mean is not None else norm.get("mean", IMAGENET_MEAN)
-        std = std if std is not None else norm.get("std", IMAGENET_STD)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        own_mean, own_std = normalization_of(model)
+        mean, std = own_mean if mean is None else mean, own_std if std is None else std
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         if isinstance(model, nn.Module):
             if not inplace:
                 model = copy_model(model)  # the caller's model stays as it was
@@ -120,21 +120,10 @@ class Segmenter:
                         **kwargs: Any) -> "Segmenter":
         """A Segmenter for a checkpoint (a built-in name, a .safetensors file or a run directory), or for
         an exported ``.onnx`` file run by ONNX Runtime (``backend="onnxruntime"``, implied by the suffix)."""
-        is_onnx = str(path_or_name).endswith(".onnx")
-        backend = backend or ("onnxruntime" if is_onnx else "torch")
-        if backend == "onnxruntime":
-            if not is_onnx:
-                raise FcnsegError(f"{path_or_name}: the onnxruntime backend runs an exported .onnx model; "
-                                  f"make one with 'fcnseg export --format onnx'")
-            from .export import OnnxRuntimeModel
-
-            return cls(OnnxRuntimeModel(path_or_name), **kwargs)
-        if backend != "torch":
-            raise FcnsegError(f"unknown backend {backend!r}; valid: torch, onnxruntime")
-        if is_onnx:
-            raise FcnsegError(f"{path_or_name}: an ONNX model runs with backend='onnxruntime'")
-        # the freshly loaded model is the Segmenter's own: converting it in place saves a copy
-        return cls(load_checkpoint(path_or_name, device=device), device=device, inplace=True, **kwargs)
+        model = open_model(path_or_name, backend=backend, device=device)
+        if isinstance(model, nn.Module):  # the freshly loaded model is ours: converting it in place saves a copy
+            return cls(model, device=device, inplace=True, **kwargs)
+        return cls(model, **kwargs)
 
     # -- public calls ------------------------------------------------------------------------------
 

@@ -246,3 +246,12 @@ class CheckpointRecord(Mapping):
 
     def __repr__(self) -> str:
         return f"CheckpointRecord(arch={self.arch!r}, num_classes={self.num_classes}, source={self.source!r})"
+
+
+def normalization_of(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a model's inputs are normalised with: its record's, or ImageNet's for a model
+    without one (a foreign ONNX file, a network built in code)."""
+    record = getattr(model, "record", None)
+    if isinstance(record, CheckpointRecord):
+        return record.mean, record.std
+    return IMAGENET_MEAN, IMAGENET_STD

@@ -42,7 +42,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import open_model
+    from ..export import OnnxRuntimeModule
+    from ..record import normalization_of
     from ..data import build_dataset, build_transforms
     from ..errors import FcnsegError
     from ..evaluation import evaluate_model
@@ -59,23 +61,17 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.confusion_png, what="--confusion-png")
     if args.threads:
         torch.set_num_threads(args.threads)
-    is_onnx = str(args.checkpoint).endswith(".onnx")
-    if is_onnx:
-        from ..export import OnnxRuntimeModel, OnnxRuntimeModule
-
-        device = torch.device("cpu")
-        model = OnnxRuntimeModule(OnnxRuntimeModel(args.checkpoint, threads=args.threads or None))
+    onnx = str(args.checkpoint).endswith(".onnx")
+    device = torch.device("cpu") if onnx else pick_device(args.device)
+    model = open_model(args.checkpoint, device=device, threads=args.threads or None)
+    if not isinstance(model, torch.nn.Module):  # ONNX Runtime: in the nn.Module form evaluation expects
         if args.amp or args.dtype != "float32":
             raise FcnsegError("--amp/--dtype are for PyTorch checkpoints; an ONNX model runs in its own precision")
-    else:
-        device = pick_device(args.device)
-        model = load_checkpoint(args.checkpoint, device=device)
+        model = OnnxRuntimeModule(model)
     record = model.record
     dataset = build_dataset(args.dataset, args.root, args.split)
-    norm = record.get("normalization", {})
-    if "mean" in norm and "std" in norm:  # the checkpoint's own preprocessing, at original resolution
-        dataset.transforms = build_transforms(getattr(dataset, "preset", args.dataset), train=False,
-                                              mean=norm["mean"], std=norm["std"])
+    mean, std = normalization_of(model)  # the checkpoint's own preprocessing, at original resolution
+    dataset.transforms = build_transforms(getattr(dataset, "preset", args.dataset), train=False, mean=mean, std=std)
     if dataset.num_classes != model.num_classes:
         raise FcnsegError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
                           f"{dataset.num_classes}; evaluate on the dataset it was trained for")
@@ -98,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     # the freshly loaded model is ours: optimized in place (an ONNX model runs as exported)
     cm = evaluate_model(model, dataset, indices=list(range(n)), num_classes=model.num_classes,
                         ignore_index=dataset.ignore_index, device=device,
-                        dtype="bfloat16" if args.amp else args.dtype, optimize_model=not is_onnx, inplace=True,
+                        dtype="bfloat16" if args.amp else args.dtype, optimize_model=not onnx, inplace=True,
                         batch_size=args.batch_size, workers=args.workers, flip=args.flip, scales=scales,
                         desc=f"{args.dataset} {args.split}",
                         progress=sys.stderr.isatty() if args.progress is None else args.progress)

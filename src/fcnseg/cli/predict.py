@@ -199,8 +199,13 @@ def check_checkpoint_name(checkpoint: str) -> None:
 
 
 def load_segmenter(checkpoint: str, backend: str | None = None, **kwargs):
-    """A Segmenter for the CLI, after ``check_checkpoint_name``."""
+    """A Segmenter for the CLI, after ``check_checkpoint_name``. A process-wide step the library leaves to
+    programs: a 16-bit conversion's freed float32 weights go back to the OS (glibc keeps freed pages)."""
     from ..inference import Segmenter
+    from ..optimize import return_freed_memory
 
     check_checkpoint_name(checkpoint)
-    return Segmenter.from_checkpoint(checkpoint, backend=backend, **kwargs)
+    seg = Segmenter.from_checkpoint(checkpoint, backend=backend, **kwargs)
+    if kwargs.get("dtype") not in (None, "float32"):
+        return_freed_memory()
+    return seg
