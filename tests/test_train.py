@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from fcnseg.config import from_dict
-from fcnseg.engine import NonFiniteLossError, SegmentationLoss, train_one_epoch
+from fcnseg.train.engine import NonFiniteLossError, SegmentationLoss, StepOptions, train_one_epoch
 from fcnseg.train.loader import Seeded, ShardSampler, collate, sample_seed
 from fcnseg.train.optim import build_optimizer, lr_factor, param_groups
 
@@ -126,7 +126,7 @@ def test_nonfinite_loss_stops_with_step_and_files():
     names = [f"file{i}.png" for i in range(8)]
     with pytest.raises(NonFiniteLossError, match=r"step 1 .*file4\.png, file7\.png"):
         train_one_epoch(model, _batches(), SegmentationLoss(), opt, device=torch.device("cpu"), names=names,
-                        progress=False)
+                        options=StepOptions(progress=False))
 
 
 def test_nonfinite_loss_skip_counts_and_leaves_weights():
@@ -134,7 +134,7 @@ def test_nonfinite_loss_skip_counts_and_leaves_weights():
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats = train_one_epoch(model, _batches(), SegmentationLoss(), opt, device=torch.device("cpu"),
-                            on_nonfinite="skip", progress=False)
+                            options=StepOptions(on_nonfinite="skip", progress=False))
     assert stats.skipped == 2 and stats.steps == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -162,7 +162,7 @@ def test_accumulation_matches_a_larger_batch():
         loader = [(x[i:i + batch], y[i:i + batch], torch.arange(i, i + batch)) for i in range(0, 4, batch)]
         # sum reduction: per-image losses averaged over the window, whatever its split into micro-batches
         train_one_epoch(model, loader, SegmentationLoss(reduction="sum"), opt, device=torch.device("cpu"),
-                        accumulate=acc, progress=False)
+                        options=StepOptions(accumulate=acc, progress=False))
         results.append(model.weight.detach().clone())
     assert torch.allclose(results[0], results[1], atol=1e-6)
 
