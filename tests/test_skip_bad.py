@@ -26,12 +26,11 @@ def tiny():
     unregister_tiny()
 
 
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory):
+def make_damaged_dataset(root):
     """img000..img009 without split lists (split 'all'); img001's image is cut in half, img002's mask has the
     wrong size; listing problems: a mask with no image, an image with no mask, a folder named like an image,
     and a symlink loop named like an image."""
-    root = make_folder_dataset(tmp_path_factory.mktemp("damaged"), n_train=8, n_val=2)
+    root = make_folder_dataset(root, n_train=8, n_val=2)
     shutil.rmtree(root / "splits")
     images, masks = root / "images", root / "masks"
     data = (images / "img001.png").read_bytes()
@@ -44,6 +43,11 @@ def damaged(tmp_path_factory):
     os.symlink("loop.png", images / "loop.png")
     shutil.copy(masks / "img000.png", masks / "loop.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    return make_damaged_dataset(tmp_path_factory.mktemp("damaged"))
 
 
 BAD_FILES = {"img001.png": "truncated image", "img002.png": "but its mask"}
@@ -59,7 +63,7 @@ def _cfg(root, out, **over):
     return from_dict({**values, **over})
 
 
-def _lines_naming(text, name):
+def lines_naming(text, name):
     return [ln for ln in text.splitlines() if f"/{name}" in ln]
 
 
@@ -97,7 +101,7 @@ def test_fit_leaves_bad_samples_out_counts_and_names_each_once(tiny, damaged, tm
     assert len(rows) == 2
     assert all(r["skipped_samples"] == 2 and r["listing_problems"] == 4 and r["filled_slots"] == 0 for r in rows)
     for name, phrase in {**BAD_FILES, **LISTING}.items():
-        lines = _lines_naming(caplog.text, name)
+        lines = lines_naming(caplog.text, name)
         assert len(lines) == 1 and phrase in lines[0], (name, lines)  # once per run, not once per epoch
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 6
@@ -119,10 +123,28 @@ def test_cli_flag_metrics_and_stderr(tiny, damaged, tmp_path, capsys):
     assert main([*base, "--skip-bad", "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     for name in {**BAD_FILES, **LISTING}:
-        lines = _lines_naming(err, name)
+        lines = lines_naming(err, name)
         assert len(lines) == 1 and lines[0].startswith("fcnseg: warning: "), (name, lines)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert (row["skipped_samples"], row["listing_problems"], row["step"]) == (2, 4, 2)
+    # a resumed run checks again and counts the same samples, not twice as many
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["skipped_samples"], r["listing_problems"]) for r in rows] == \
+        [(1, 2, 2, 4), (2, 4, 2, 4)]
+
+
+def test_without_skip_bad_a_bad_file_stops_the_run_naming_it_and_the_flag(tiny, tmp_path, capsys):
+    from fcnseg.cli import main
+
+    root = make_folder_dataset(tmp_path / "data", n_train=4, n_val=1)
+    data = (root / "images" / "img002.png").read_bytes()
+    (root / "images" / "img002.png").write_bytes(data[: len(data) // 2])
+    assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(root), "--epochs", "1",
+                 "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0", "--no-progress", "--no-plots",
+                 "--out", str(tmp_path / "run")]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("fcnseg: error: ") and "img002.png: truncated image" in last and "--skip-bad" in last
 
 
 def test_a_sample_that_goes_bad_after_the_check_is_counted_and_named_once(tiny, damaged, tmp_path, caplog,
@@ -137,7 +159,7 @@ def test_a_sample_that_goes_bad_after_the_check_is_counted_and_named_once(tiny, 
     assert summary["filled_slots"] == 3 * 2  # two bad slots in each of the three epochs
     assert summary["skipped_samples"] == 2 and summary["listing_problems"] == 4
     for name in BAD_FILES:
-        lines = _lines_naming(caplog.text, name)
+        lines = lines_naming(caplog.text, name)
         assert len(lines) == 1 and "changed during the run" in lines[0], (name, lines)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["filled_slots"] for r in rows] == [2, 4, 6]

@@ -175,8 +175,9 @@ def leave_out_bad(data: Data, cfg: TrainConfig, info: dst.DistInfo) -> None:
     by_split = found[0]
     data.train_indices, train_bad, train_listing = by_split["train"]
     data.val_indices, val_bad, val_listing = by_split.get("val", ([], [], []))
-    data.listing_problems = train_listing + val_listing
-    data.bad_samples = train_bad + val_bad
+    # a file in both splits is one problem: named once, counted once
+    data.listing_problems = list(dict.fromkeys(train_listing + val_listing))
+    data.bad_samples = list(dict.fromkeys(train_bad + val_bad))
     for message in data.listing_problems:
         log(info, f"listing problem, sample left out: {message}", logging.WARNING)
     for message in data.bad_samples:
@@ -376,6 +377,8 @@ def train_epoch(run: Run) -> engine.EpochStats:
             start=engine.EpochStart(pos.epoch, pos.step, pos.batch, run.batches_per_epoch),
             names=run.names, after_step=after_step)
     except DataFileError as e:
+        if cfg.skip_bad:
+            raise
         raise DataFileError(f"{e}; fix or remove the file, or pass --skip-bad to leave bad samples out") from None
     note_replaced(run, replaced)
     return stats
@@ -384,7 +387,7 @@ def train_epoch(run: Run) -> engine.EpochStats:
 def note_replaced(run: Run, slots: list[tuple[str, ...]]) -> None:
     """Count the batch slots filled by a neighbour because their sample went bad during the run (every
     process's), and log each such sample once per run."""
-    if run.info.enabled:
+    if run.info.enabled and run.cfg.skip_bad:  # without skip_bad a bad sample raises, so there is nothing to gather
         gathered: list = [None] * run.info.world
         torch.distributed.all_gather_object(gathered, slots)
         slots = [slot for part in gathered for slot in part]
