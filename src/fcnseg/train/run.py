@@ -288,18 +288,20 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
                                  on_nonfinite=cfg.on_nonfinite, channels_last=cfg.channels_last,
                                  progress=cfg.progress and info.main),
               batches_per_epoch, steps_per_epoch, total_steps, names, command=command)
+    trained_s = 0.0
     if resume:
-        restore(run)
+        trained_s = restore(run)
     else:
         torch.manual_seed(cfg.seed + info.rank)  # training-time randomness (dropout, loss sampling) per process
-        run.started = time.perf_counter()
     run.stopped = run.pos.step >= total_steps
     open_run_dir(run, resume)
+    run.started = time.perf_counter() - trained_s  # the run's clock (time budget, elapsed_s) goes on across resumes
     return run
 
 
-def restore(run: Run) -> None:
-    """Model, optimiser, schedule, position, history and random streams from the newest good state."""
+def restore(run: Run) -> float:
+    """Model, optimiser, schedule, position, history and random streams from the newest good state; returns
+    the seconds the run had trained before."""
     state, path = load_state(run.ckpt_dir)
     samples = state.get("samples")
     if samples is not None and int(state["batch"]) and samples != len(run.data.train_indices):
@@ -312,13 +314,13 @@ def restore(run: Run) -> None:
     batch = int(state["batch"])
     run.pos = Position(int(state["epoch"]), batch, int(state["step"]), list(state["order"]) if batch else None)
     run.skipped_steps = int(state.get("skipped", 0))
-    run.started = time.perf_counter() - float(state.get("trained_s", 0.0))
     run.history, run.best = list(state.get("history", [])), dict(state.get("best", {}))
     run.late_bad, run.filled_slots = list(state.get("late_bad", [])), int(state.get("filled_slots", 0))
     rngs = state["rng"]
     set_rng_state(rngs[run.info.rank] if isinstance(rngs, list) else rngs)
     log(run.info, f"resuming {run.out} from {path.name}: epoch {run.pos.epoch + 1}, batch {run.pos.batch}, "
                   f"step {run.pos.step}")
+    return float(state.get("trained_s", 0.0))
 
 
 def open_run_dir(run: Run, resume: bool) -> None:
@@ -533,7 +535,7 @@ def finish(run: Run) -> dict[str, Any]:
         log(run.info, f"stopped at step {pos.step} "
                       f"({'max_steps' if pos.step >= run.total_steps else 'time budget'} reached)")
     counts = run.sample_counts()
-    if counts["skipped_samples"] or counts["listing_problems"]:
+    if run.cfg.skip_bad:
         log(run.info, f"left out {counts['skipped_samples']} bad samples and {counts['listing_problems']} listing "
                       f"problems (--skip-bad); {counts['filled_slots']} batch slots filled by the next sample")
     base = {"epoch": pos.epoch, "step": pos.step, "skipped_steps": run.skipped_steps, **counts}
