@@ -22,6 +22,7 @@ COMMANDS = {
     "predict": "predict",
     "export": "export",
     "benchmark": "benchmark",
+    "serve": "serve",
 }
 
 
