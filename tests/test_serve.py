@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import math
 import socket
@@ -332,13 +333,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_graceful_shutdown_finishes_the_request_in_flight(seg):
+@contextlib.contextmanager
+def running_server(app):
+    """A real uvicorn server for ``app`` on 127.0.0.1 and a free port, in a thread; stopped on exit."""
     import uvicorn
 
-    slow, gated = gated_segmenter(seg, delay=1.0)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app({"tiny": slow}), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=10))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -346,11 +347,20 @@ def test_graceful_shutdown_finishes_the_request_in_flight(seg):
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
             time.sleep(0.05)
+        yield server, f"http://127.0.0.1:{server.config.port}", thread
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_graceful_shutdown_finishes_the_request_in_flight(seg):
+    slow, gated = gated_segmenter(seg, delay=1.0)
+    with running_server(create_app({"tiny": slow})) as (server, url, thread):
         result: dict = {}
 
         def client() -> None:
             data = png_bytes(random_image(32, 32, 11))
-            result["resp"] = httpx.post(f"http://127.0.0.1:{port}/v1/segment?format=mask", content=data, timeout=20)
+            result["resp"] = httpx.post(f"{url}/v1/segment?format=mask", content=data, timeout=20)
 
         caller = threading.Thread(target=client)
         caller.start()
@@ -362,10 +372,7 @@ def test_graceful_shutdown_finishes_the_request_in_flight(seg):
         assert result["resp"].status_code == 200
         assert np.asarray(Image.open(io.BytesIO(result["resp"].content))).shape == (32, 32)
         with pytest.raises(httpx.ConnectError):  # and it is gone
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-    finally:
-        server.should_exit = True
-        thread.join(20)
+            httpx.get(f"{url}/healthz", timeout=2)
 
 
 # -- the command ----------------------------------------------------------------------------------------
