@@ -67,7 +67,7 @@ def test_upload_overlay_toggle_hover_and_download_equal_fcnseg_predict(site, bro
 
     page.set_input_files("#file", str(photo))
     page.wait_for_selector("body[data-ready=result]")
-    assert page.is_visible("#viewer") and not page.is_visible("#drop")
+    assert page.is_visible("#viewer") and not page.is_visible("#drop") and not page.is_visible("#keyform")
     expected = np.asarray(Image.open(predicted))
     assert page.evaluate("() => [document.getElementById('mask').width, document.getElementById('mask').height]") \
         == [96, 72]
@@ -126,7 +126,7 @@ def test_phone_layout_stacks_without_sideways_scrolling_and_errors_are_shown(sit
     stage, panel = page.locator(".stage").bounding_box(), page.locator(".panel").bounding_box()
     assert panel["y"] >= stage["y"] + stage["height"]  # the legend goes below the picture
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
-    assert page.locator("#mask").bounding_box()["width"] <= 390
+    assert page.locator("#mask").bounding_box()["width"] <= 390 and not page.is_visible("#keyform")
 
     not_image = tmp_path / "notes.png"
     not_image.write_bytes(b"this is text")

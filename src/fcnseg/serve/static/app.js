@@ -94,6 +94,7 @@ async function segment() {
   photo.height = result.height;
   photo.getContext("2d").drawImage(bitmap, 0, 0, result.width, result.height);
   bitmap.close();
+  $("photo").parentElement.style.setProperty("--aspect", String(result.width / result.height));
   $("mask").width = result.width;
   $("mask").height = result.height;
   $("drop").hidden = true;
