@@ -11,7 +11,7 @@ from PIL import Image
 
 from fcnseg.cli import main
 from fcnseg.inference import Segmenter
-from fcnseg.serve import create_app
+from fcnseg.serve import ServeSettings, create_app
 from test_segmenter import random_image, tiny_checkpoint
 from test_serve import running_server
 
@@ -135,3 +135,21 @@ def test_phone_layout_stacks_without_sideways_scrolling_and_errors_are_shown(sit
     assert "not an image format" in page.inner_text("#status")
     assert "error" in (page.get_attribute("#status", "class") or "")
     page.close()
+
+
+def test_the_page_asks_for_the_api_key_and_then_works(site, browser, tmp_path):
+    _, photo, predicted = site
+    five = predicted.parents[1] / "five.safetensors"
+    app = create_app({"five": Segmenter.from_checkpoint(str(five))}, ServeSettings(api_key="k3y"))
+    with running_server(app) as (_server, url, _thread):
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#keyform:not([hidden])")
+        assert "needs an API key" in page.inner_text("#status")
+        page.fill("#apikey", "k3y")
+        page.click("#keyform button")
+        page.wait_for_selector("body[data-ready=models]")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-ready=result]")
+        assert not page.is_visible("#keyform") and page.locator("#legend button").count() == 5
+        page.close()

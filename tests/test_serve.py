@@ -7,11 +7,16 @@ import base64
 import contextlib
 import io
 import math
+import os
+import signal
 import socket
+import subprocess
+import sys
 import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -325,6 +330,26 @@ def test_concurrent_requests_are_micro_batched_and_batched_masks_equal_single_on
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(mask_png))), expected)
 
 
+def test_a_failing_model_gives_a_json_500_and_the_server_goes_on(seg):
+    class Failing(Gated):
+        fail = True
+
+        def __call__(self, x):
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return super().__call__(x)
+
+    failing = Failing(seg.model)
+    app = create_app({"tiny": Segmenter(failing)})
+    data = png_bytes(random_image(32, 32, 14))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/v1/segment", content=data)
+        assert resp.status_code == 500 and error_of(resp)["code"] == "internal_error"
+        failing.fail = False
+        assert client.post("/v1/segment", content=data).status_code == 200
+        assert app.state.batcher.depth == 0
+
+
 # -- a real server: graceful shutdown ---------------------------------------------------------------
 
 def free_port() -> int:
@@ -391,7 +416,7 @@ def test_serve_command_checks_and_warns(ckpt, monkeypatch, capsys):
         assert main(["serve", "--checkpoint", str(ckpt), "--port", str(taken.getsockname()[1])]) == 1
         assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(ckpt), "--max-batch", "0"]) == 1
-    assert "max_batch must be at least 1" in capsys.readouterr().err
+    assert "--max-batch 0: expected at least 1" in capsys.readouterr().err
 
     served = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.append(self.config))
@@ -410,3 +435,69 @@ def test_serve_defaults_to_the_builtin_models():
     from fcnseg.cli.serve import model_specs
 
     assert model_specs(None) == {name: name for name in builtin_checkpoints()} and model_specs(None)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+
+
+def test_fcnseg_serve_without_model_arguments_serves_the_builtin_models_and_stops_on_sigint():
+    from fcnseg.checkpoint import builtin_checkpoints
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "fcnseg", "serve", "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(url, proc)
+        assert [m["name"] for m in httpx.get(f"{url}/v1/models").json()["models"]] == list(builtin_checkpoints())
+        assert "<title>" in httpx.get(url).text
+        resp = httpx.post(f"{url}/v1/segment?format=mask", content=png_bytes(random_image(64, 96, 12)), timeout=60)
+        assert resp.status_code == 200 and Image.open(io.BytesIO(resp.content)).size == (96, 64)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert f"serving {', '.join(builtin_checkpoints())} on http://127.0.0.1:{port}/" in err
+        assert err.rstrip().endswith("fcnseg: server stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_curl_examples_in_docs_serve_md_work(tmp_path, ckpt, seg):
+    import re
+    import shlex
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serve.md").read_text()
+    block = re.search(r"```console\n(.*?)```", doc, re.S).group(1)
+    commands = [line for line in block.splitlines() if line.startswith("curl ")]
+    assert len(commands) >= 5
+    random_image(40, 56, 13).save(tmp_path / "street.png")
+    with running_server(create_app({"tiny": seg})) as (_server, url, _thread):
+        for line in commands:
+            done = subprocess.run(shlex.split(line.replace("HOST", url)), cwd=tmp_path, capture_output=True, timeout=60)
+            assert done.returncode == 0, (line, done.stderr)
+    assert Image.open(tmp_path / "street_mask.png").mode == "P"
+    assert Image.open(tmp_path / "street_overlay.jpg").size == (56, 40)
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_runs_with_tiny_settings(ckpt):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script), "--checkpoint", str(ckpt), "--clients", "2", "--duration", "3",
+                           "--warmup", "0.5", "--size", "48", "64", "--max-queue", "4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "wrong answers (200 with a mask unlike fcnseg predict's): 0" in done.stdout
+    assert "5xx other than 503/504: 0" in done.stdout and "p99" in done.stdout

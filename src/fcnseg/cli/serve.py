@@ -98,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
     from .predict import load_segmenter
 
     api_key = args.api_key or os.environ.get("FCNSEG_API_KEY") or None
+    for flag, value in (("--workers-threads", args.workers_threads), ("--max-batch", args.max_batch),
+                        ("--max-queue", args.max_queue), ("--max-pixels", args.max_pixels)):
+        if value < 1:
+            raise FcnsegError(f"{flag} {value}: expected at least 1")
+    if args.timeout <= 0 or args.max_upload_mb <= 0 or args.batch_window_ms < 0:
+        raise FcnsegError("--timeout and --max-upload-mb must be positive, --batch-window-ms at least 0")
     try:
         settings = ServeSettings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                                  workers=args.workers_threads, max_queue=args.max_queue, timeout_s=args.timeout,
@@ -118,5 +124,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"fcnseg: serving {', '.join(models)} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=max(1, int(args.timeout) + 5))
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop here
+        pass
+    print("fcnseg: server stopped", file=sys.stderr)
     return 0

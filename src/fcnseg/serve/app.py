@@ -224,6 +224,12 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
         where = ".".join(str(p) for p in first.get("loc", ()))
         return _error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid value')}")
 
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        metrics.rejects.labels("internal_error").inc()
+        return _error_response(500, "internal_error", f"the server failed on this request ({type(exc).__name__})")
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
         return _error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
@@ -266,6 +272,7 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
         if name not in models:
             raise ServeError(404, "unknown_model", f"no model {name!r}; loaded: {', '.join(models)}")
         fmt = choose_format(format, request.headers.get("accept"))
+        batcher.check_capacity()  # refuse overload before reading and decoding the upload
         data = await read_upload(request, settings.max_upload_bytes)
         image = await run_in_threadpool(decode_image, data, settings.max_pixels)
         want_probs = fmt is OutputFormat.json and uncertainty

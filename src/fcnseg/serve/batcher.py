@@ -70,12 +70,17 @@ class MicroBatcher:
         self._closing = False
         self._task = asyncio.create_task(self._dispatch(), name="fcnseg-batcher")
 
-    async def submit(self, key: Hashable, item: Any, timeout_s: float) -> Any:
-        """The result for ``item``, computed in a batch with other items of the same ``key``."""
+    def check_capacity(self) -> None:
+        """Raise ``ShuttingDown`` or ``QueueFull`` now if ``submit`` would (callers check this before
+        reading and decoding an upload, so overload is refused cheaply)."""
         if self._task is None or self._closing:
             raise ShuttingDown("the server is shutting down")
         if self._depth >= self.max_queue:
             raise QueueFull(f"{self._depth} requests are already queued (limit {self.max_queue})")
+
+    async def submit(self, key: Hashable, item: Any, timeout_s: float) -> Any:
+        """The result for ``item``, computed in a batch with other items of the same ``key``."""
+        self.check_capacity()
         loop = asyncio.get_running_loop()
         job = _Job(key, item, time.monotonic() + timeout_s, loop.create_future())
         self._groups.setdefault(key, []).append(job)
@@ -120,39 +125,53 @@ class MicroBatcher:
             job.future.set_result(result)
 
     async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            await self._free.acquire()  # wait for a worker before choosing a batch: batches grow meanwhile
-            while not self._groups:
-                self._wake.clear()
-                await self._wake.wait()
-            key = next(iter(self._groups))
-            group = self._groups[key]
-            # a few ms for companions, unless the batch is full or we are draining
-            wait = group[0].arrived + self.window_s - time.monotonic()
-            if wait > 0 and len(group) < self.max_batch and not self._closing:
-                await asyncio.sleep(wait)
-            batch, rest = group[:self.max_batch], group[self.max_batch:]
-            if rest:
-                self._groups[key] = rest
-                self._groups[key] = self._groups.pop(key)  # the rest queue behind the other groups
+            try:
+                await self._dispatch_one()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never leave the queue without a dispatcher
+                log.exception("batch dispatch failed")
+
+    async def _dispatch_one(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self._free.acquire()  # wait for a worker before choosing a batch: batches grow meanwhile
+        while not self._groups:
+            self._wake.clear()
+            await self._wake.wait()
+        key = next(iter(self._groups))
+        group = self._groups[key]
+        # a few ms for companions, unless the batch is full or we are draining
+        wait = group[0].arrived + self.window_s - time.monotonic()
+        if wait > 0 and len(group) < self.max_batch and not self._closing:
+            await asyncio.sleep(wait)
+        batch, rest = group[:self.max_batch], group[self.max_batch:]
+        if rest:
+            self._groups[key] = rest
+            self._groups[key] = self._groups.pop(key)  # the rest queue behind the other groups
+        else:
+            del self._groups[key]
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.future.done() or job.deadline <= now:  # nobody waits for it any more
+                self._finish(job, error=DeadlineExceeded("deadline passed while queued"))
             else:
-                del self._groups[key]
-            now = time.monotonic()
-            live = []
-            for job in batch:
-                if job.future.done() or job.deadline <= now:  # nobody waits for it any more
-                    self._finish(job, error=DeadlineExceeded("deadline passed while queued"))
-                else:
-                    live.append(job)
-            if not live:
-                self._free.release()
-                continue
-            if self.on_batch:
-                self.on_batch(len(live))
+                live.append(job)
+        if not live:
+            self._free.release()
+            return
+        if self.on_batch:
+            self.on_batch(len(live))
+        try:
             fut = loop.run_in_executor(self._pool, self.run, key, [j.item for j in live])
-            self._running.add(fut)
-            fut.add_done_callback(lambda f, jobs=live: self._done(f, jobs))
+        except Exception as e:  # the pool refused the work: answer these requests, free the slot
+            self._free.release()
+            for job in live:
+                self._finish(job, error=e)
+            raise
+        self._running.add(fut)
+        fut.add_done_callback(lambda f, jobs=live: self._done(f, jobs))
 
     def _done(self, fut: asyncio.Future, jobs: list[_Job]) -> None:
         self._running.discard(fut)
