@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from playwright.sync_api import sync_playwright
 
 from fcnseg.cli import main
 from fcnseg.inference import Segmenter
@@ -17,7 +18,6 @@ from test_serve import running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.browser
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def site(tmp_path_factory):
 def browser():
     if not shutil.which(CHROMIUM):
         pytest.fail(f"no Chromium at {CHROMIUM}: run `make chromium` (apt-get install chromium)")
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b
         b.close()
