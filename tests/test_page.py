@@ -2,6 +2,7 @@
 -> class toggled -> mask downloaded, the mask equal to ``fcnseg predict``'s; and a phone-sized layout."""
 from __future__ import annotations
 
+import base64
 import shutil
 
 import numpy as np
@@ -78,6 +79,8 @@ def test_upload_overlay_toggle_hover_and_download_equal_fcnseg_predict(site, bro
     cls = int(first.get_attribute("data-class-id"))
     share = first.locator(".share").inner_text()
     assert share == f"{100 * (expected == cls).mean():.1f}%"
+    first.hover()  # pointing at a class highlights it: the others are dimmed
+    assert page.evaluate(VISIBLE_PIXELS) == int((expected == cls).sum())
     first.click()
     assert first.get_attribute("aria-pressed") == "false"
     page.mouse.move(0, 0)  # leave the legend: no highlight dimming
@@ -116,13 +119,24 @@ def test_upload_overlay_toggle_hover_and_download_equal_fcnseg_predict(site, bro
     page.close()
 
 
+DROP_FILE = """([name, b64]) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const dt = new DataTransfer();
+    dt.items.add(new File([bytes], name, { type: "image/jpeg" }));
+    const zone = document.getElementById("drop");
+    zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
+    zone.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+}"""
+
+
 def test_phone_layout_stacks_without_sideways_scrolling_and_errors_are_shown(site, browser, tmp_path):
-    url, photo, _ = site
+    url, photo, predicted = site
     page = browser.new_page(viewport={"width": 390, "height": 844})
     page.goto(url)
     page.wait_for_selector("body[data-ready=models]")
-    page.set_input_files("#file", str(photo))
+    page.evaluate(DROP_FILE, [photo.name, base64.b64encode(photo.read_bytes()).decode()])  # drag and drop
     page.wait_for_selector("body[data-ready=result]")
+    assert page.evaluate(VISIBLE_PIXELS) == np.asarray(Image.open(predicted)).size
     stage, panel = page.locator(".stage").bounding_box(), page.locator(".panel").bounding_box()
     assert panel["y"] >= stage["y"] + stage["height"]  # the legend goes below the picture
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
