@@ -27,18 +27,25 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """A server with two tiny models, a photo, and what ``fcnseg predict`` makes of it."""
+def assets(tmp_path_factory):
+    """Two tiny checkpoints, a photo, and what ``fcnseg predict`` makes of it."""
     tmp = tmp_path_factory.mktemp("page")
     five = tiny_checkpoint(tmp / "five.safetensors")
     three = tiny_checkpoint(tmp / "three.safetensors", num_classes=3)
     photo = tmp / "street.jpg"
     random_image(72, 96, 5).save(photo, quality=92)
     assert main(["predict", "--checkpoint", str(five), str(photo), "--out", str(tmp / "pred"), "--quiet"]) == 0
+    return five, three, photo, tmp / "pred" / "street.png"
+
+
+@pytest.fixture
+def site(assets):
+    """A server (for this test only) with both models; its URL, the photo and the predicted mask file."""
+    five, three, photo, predicted = assets
     app = create_app({"five": Segmenter.from_checkpoint(str(five), batch_size=8),
                       "three": Segmenter.from_checkpoint(str(three), batch_size=8)})
     with running_server(app) as (_server, url, _thread):
-        yield url, photo, tmp / "pred" / "street.png"
+        yield url, photo, predicted
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +158,8 @@ def test_phone_layout_stacks_without_sideways_scrolling_and_errors_are_shown(sit
     page.close()
 
 
-def test_the_page_asks_for_the_api_key_and_then_works(site, browser, tmp_path):
-    _, photo, predicted = site
-    five = predicted.parents[1] / "five.safetensors"
+def test_the_page_asks_for_the_api_key_and_then_works(assets, browser):
+    five, _, photo, _ = assets
     app = create_app({"five": Segmenter.from_checkpoint(str(five))}, ServeSettings(api_key="k3y"))
     with running_server(app) as (_server, url, _thread):
         page = browser.new_page()

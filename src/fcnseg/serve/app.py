@@ -13,12 +13,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
+import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.datastructures import UploadFile
@@ -159,9 +159,16 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
                            workers=settings.workers, max_queue=settings.max_queue,
                            on_batch=metrics.batch_size.observe)
     metrics.queue_depth.set_function(lambda: batcher.depth)
+    # decoding and encoding images is CPU work too: a few threads at a time, so that a burst of uploads
+    # neither starves the inference threads nor holds many decoded images at once
+    codec_slots: list[anyio.CapacityLimiter] = []  # made in the lifespan, inside the server's event loop
+
+    async def in_codec_thread(fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=codec_slots[0])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        codec_slots[:] = [anyio.CapacityLimiter(settings.workers + 2)]
         await batcher.start()
         try:
             yield
@@ -274,11 +281,11 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
         fmt = choose_format(format, request.headers.get("accept"))
         batcher.check_capacity()  # refuse overload before reading and decoding the upload
         data = await read_upload(request, settings.max_upload_bytes)
-        image = await run_in_threadpool(decode_image, data, settings.max_pixels)
+        image = await in_codec_thread(decode_image, data, settings.max_pixels)
         want_probs = fmt is OutputFormat.json and uncertainty
         key = (name, image.size, want_probs)
         pred = await batcher.submit(key, image, settings.timeout_s)
-        return await run_in_threadpool(render, fmt, name, models[name], image, pred, alpha, include_mask)
+        return await in_codec_thread(render, fmt, name, models[name], image, pred, alpha, include_mask)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
