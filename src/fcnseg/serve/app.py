@@ -275,6 +275,7 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
                       uncertainty: bool = Query(False, description="JSON: add the normalised-entropy map as a PNG"),
                       include_mask: bool = Query(False, description="JSON: add the mask (palette PNG and raw ids)"),
                       alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay colour weight")) -> Response:
+        deadline = time.monotonic() + settings.timeout_s  # the whole request, upload and decoding included
         name = model or default_model
         if name not in models:
             raise ServeError(404, "unknown_model", f"no model {name!r}; loaded: {', '.join(models)}")
@@ -284,7 +285,10 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
         image = await in_codec_thread(decode_image, data, settings.max_pixels)
         want_probs = fmt is OutputFormat.json and uncertainty
         key = (name, image.size, want_probs)
-        pred = await batcher.submit(key, image, settings.timeout_s)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"the upload alone took longer than {settings.timeout_s:g} s")
+        pred = await batcher.submit(key, image, left)
         return await in_codec_thread(render, fmt, name, models[name], image, pred, alpha, include_mask)
 
     @app.get("/", include_in_schema=False)

@@ -91,7 +91,7 @@ class MicroBatcher:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
         except asyncio.TimeoutError:
             job.future.cancel()  # tells the dispatcher nobody waits for it
-            raise DeadlineExceeded(f"no answer within {timeout_s:g} s") from None
+            raise DeadlineExceeded("no answer within the request's deadline") from None
         except asyncio.CancelledError:  # the client went away
             job.future.cancel()
             raise
