@@ -350,6 +350,34 @@ def test_a_failing_model_gives_a_json_500_and_the_server_goes_on(seg):
         assert app.state.batcher.depth == 0
 
 
+def test_batcher_close_drains_queued_work_and_refuses_new_work():
+    from fcnseg.serve.batcher import MicroBatcher, ShuttingDown
+
+    calls = []
+
+    def run(key, items):
+        calls.append(list(items))
+        time.sleep(0.05)
+        return [i * 10 for i in items]
+
+    async def go():
+        batcher = MicroBatcher(run, max_batch=2, workers=1, max_queue=10)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit("k", i, 10)) for i in range(5)]
+        await asyncio.sleep(0)  # all five queued
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit("k", 99, 10)
+        results = await asyncio.gather(*tasks)
+        await closing
+        return results, batcher.depth
+
+    results, depth = asyncio.run(go())
+    assert results == [0, 10, 20, 30, 40] and depth == 0
+    assert calls == [[0, 1], [2, 3], [4]]
+
+
 # -- a real server: graceful shutdown ---------------------------------------------------------------
 
 def free_port() -> int:
