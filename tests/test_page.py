@@ -149,6 +149,13 @@ def test_phone_layout_stacks_without_sideways_scrolling_and_errors_are_shown(sit
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
     assert page.locator("#mask").bounding_box()["width"] <= 390 and not page.is_visible("#keyform")
 
+    ppm = tmp_path / "frame.ppm"  # the server reads PPM, Chromium cannot show it: the mask alone
+    Image.open(photo).save(ppm)
+    page.set_input_files("#file2", str(ppm))
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('frame.ppm')")
+    assert "the mask is shown alone" in page.inner_text("#status")
+    assert page.evaluate(VISIBLE_PIXELS) == np.asarray(Image.open(predicted)).size
+
     not_image = tmp_path / "notes.png"
     not_image.write_bytes(b"this is text")
     page.set_input_files("#file2", str(not_image))

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  models: [], file: null, result: null, ids: null, width: 0, height: 0,
+  models: [], file: null, ticket: 0, result: null, ids: null, width: 0, height: 0,
   hidden: new Set(), highlight: null, apiKey: sessionStorage.getItem("fcnseg-api-key") || "",
 };
 
@@ -61,6 +61,7 @@ function decodeIds(b64, n) {
 async function segment() {
   if (!state.file) return;
   const model = $("model").value;
+  const ticket = ++state.ticket;  // a newer request (another photo or model) makes this one stale
   const form = new FormData();
   form.append("image", state.file, state.file.name);
   setStatus(`Segmenting ${state.file.name} with ${model}…`);
@@ -74,6 +75,7 @@ async function segment() {
     document.body.dataset.ready = "error";
     return;
   }
+  if (ticket !== state.ticket) return;
   if (resp.status === 401) { askForKey(); document.body.dataset.ready = "error"; return; }
   if (!resp.ok) {
     setStatus(`Could not segment ${state.file.name}: ${await errorText(resp)}`, true);
@@ -81,8 +83,13 @@ async function segment() {
     return;
   }
   const result = await resp.json();
+  if (ticket !== state.ticket) return;
   // the browser applies the photo's EXIF orientation like the server does, so sizes agree
-  const bitmap = await createImageBitmap(state.file, { imageOrientation: "from-image" });
+  let bitmap = null;
+  try {
+    bitmap = await createImageBitmap(state.file, { imageOrientation: "from-image" });
+  } catch (e) { /* a format the server reads but this browser cannot show (TIFF, PPM): mask alone */ }
+  if (ticket !== state.ticket) { if (bitmap) bitmap.close(); return; }
   state.result = result;
   state.width = result.width;
   state.height = result.height;
@@ -92,8 +99,14 @@ async function segment() {
   const photo = $("photo");
   photo.width = result.width;
   photo.height = result.height;
-  photo.getContext("2d").drawImage(bitmap, 0, 0, result.width, result.height);
-  bitmap.close();
+  const ctx = photo.getContext("2d");
+  if (bitmap) {
+    ctx.drawImage(bitmap, 0, 0, result.width, result.height);
+    bitmap.close();
+  } else {
+    ctx.fillStyle = "#888";
+    ctx.fillRect(0, 0, result.width, result.height);
+  }
   $("photo").parentElement.style.setProperty("--aspect", String(result.width / result.height));
   $("mask").width = result.width;
   $("mask").height = result.height;
@@ -103,7 +116,8 @@ async function segment() {
   $("dloverlay").disabled = false;
   buildLegend();
   drawMask();
-  setStatus(`${state.file.name}: ${result.width}×${result.height}, model ${result.model}.`);
+  setStatus(`${state.file.name}: ${result.width}×${result.height}, model ${result.model}.` +
+            (bitmap ? "" : " This browser cannot display the photo itself; the mask is shown alone."));
   document.body.dataset.ready = "result";
 }
 
