@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from test_train_helpers import env, make_folder_dataset, read_weights, run_cli, write_launcher
+from tiny_models import env, make_folder_dataset, read_weights, run_cli, write_launcher
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -13,7 +13,7 @@ import torch
 from fcnseg.errors import FcnsegError
 from fcnseg.train.state import load_state, save_state
 
-from test_train_helpers import env, make_folder_dataset, read_weights, run_cli, tiny_train_args, write_launcher
+from tiny_models import env, make_folder_dataset, read_weights, run_cli, tiny_train_args, write_launcher
 
 
 def _minimal_state(step):

@@ -20,6 +20,15 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return wrap
 
 
+def unregister_model(name: str) -> None:
+    """Take ``name`` out of the registry again (a plugin or a test that registered a model for a while).
+
+    An unknown name is the same KeyError, listing the valid names, as ``build_model`` raises.
+    """
+    get_builder(name)
+    del _MODELS[name]
+
+
 def list_models() -> list[str]:
     """Names of every registered model, sorted."""
     return sorted(_MODELS)
