@@ -25,6 +25,7 @@ def _args(data, out, batch):
             "--device", "cpu", "--no-progress", "--no-plots", "--out", str(out)]
 
 
+@pytest.mark.slow  # a torch.distributed launch of two processes beside a single-process run
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_train=8, n_val=3)
     launcher = write_launcher(tmp_path / "bin")

@@ -47,6 +47,7 @@ def _step_of(ckpt):
         return -1
 
 
+@pytest.mark.slow  # three training runs in child processes
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_train=8, n_val=2)
     launcher = write_launcher(tmp_path / "bin")
