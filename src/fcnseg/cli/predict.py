@@ -6,7 +6,7 @@ import glob
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from ..data.io import IMAGE_SUFFIXES
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

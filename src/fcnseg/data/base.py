@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import FcnsegError
-from .io import DataFileError, image_size, read_image, read_mask
+from .io import IMAGE_SUFFIXES, DataFileError, image_size, read_image, read_mask
 
 IGNORE_INDEX = 255
 
@@ -247,9 +247,6 @@ class SegmentationDataset(Dataset):
                 continue
             return self.transforms(image, mask)
         raise FcnsegError(f"{self.root}: every sample of split {self.split!r} is bad; run 'fcnseg data check'")
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def pair_folders(image_dir: Path, mask_dir: Path, mask_name=lambda stem: f"{stem}.png",
