@@ -119,8 +119,6 @@ class SegmentationDataset(Dataset):
         self.mean, self.std = tuple(mean), tuple(std)
         self.skip_bad = skip_bad
         self.skipped: list[str] = []  # messages of samples skipped in this process
-        self.value_map = value_map
-        self.color_map = color_map
         self._lut, self._valid = self._make_lut(value_map)
         self._color_codes, self._color_ids = self._make_color_lookup(color_map)
         # missing partners: the listing itself is checked up front (a stat per file)
