@@ -81,19 +81,17 @@ def test_onnx_export_parity_of_a_real_light_model(tmp_path):
         assert r["class_agreement"] > 0.999, ((h, w), r)
 
 
-def test_export_command_prints_parity(tmp_path, capsys):
-    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
+def test_export_command_prints_parity(tmp_path, tiny_ckpt, capsys):
     out = tmp_path / "tiny.pt"
-    assert main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out),
+    assert main(["export", "--checkpoint", str(tiny_ckpt), "--format", "torchscript", "--out", str(out),
                  "--size", "64", "80"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("parity")]
     assert len(lines) == 2 and all("class agreement 100.000%" in ln for ln in lines)
     assert "at 49x69 (batch 2)" in lines[1]  # a second, odd size: height and width are dynamic
 
 
-def test_torchscript_export_parity_and_record(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
-    model = fcnseg.load_checkpoint(ckpt)
+def test_torchscript_export_parity_and_record(tmp_path, tiny_ckpt):
+    model = fcnseg.load_checkpoint(tiny_ckpt)
     from fcnseg.export import export_torchscript
 
     path = export_torchscript(model, tmp_path / "tiny.pt", example_size=(64, 96))
