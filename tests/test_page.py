@@ -14,8 +14,8 @@ from playwright.sync_api import sync_playwright
 from fcnseg.cli import main
 from fcnseg.inference import Segmenter
 from fcnseg.serve import ServeSettings, create_app
-from test_segmenter import random_image, tiny_checkpoint
-from test_serve import running_server
+from tiny_models import random_image, tiny_checkpoint
+from live_server import running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.browser

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import math
 import os
@@ -28,7 +27,8 @@ from PIL import Image
 from fcnseg.cli import main
 from fcnseg.inference import Segmenter
 from fcnseg.serve import ServeSettings, create_app
-from test_segmenter import random_image, tiny_checkpoint
+from tiny_models import random_image, tiny_checkpoint
+from live_server import free_port, running_server
 
 
 @pytest.fixture(autouse=True)
@@ -379,32 +379,6 @@ def test_batcher_close_drains_queued_work_and_refuses_new_work():
 
 
 # -- a real server: graceful shutdown ---------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(app):
-    """A real uvicorn server for ``app`` on 127.0.0.1 and a free port, in a thread; stopped on exit."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
-                                           timeout_graceful_shutdown=10))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        yield server, f"http://127.0.0.1:{server.config.port}", thread
-    finally:
-        server.should_exit = True
-        thread.join(20)
-
 
 def test_graceful_shutdown_finishes_the_request_in_flight(seg):
     slow, gated = gated_segmenter(seg, delay=1.0)

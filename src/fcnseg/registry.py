@@ -94,7 +94,8 @@ def register_model(name: str, record_kwargs: Mapping[str, Callable[[Any], bool]]
 
 
 def unregister_model(name: str) -> None:
-    """Remove a registered model (tests, plug-ins)."""
+    """Take ``name`` out of the registry again (a plug-in or a test that registered a model for a while);
+    an unknown name is the same one-line ``FcnsegError``, listing the valid names, as ``build_model`` raises."""
     _MODELS.unregister(name)
 
 

@@ -6,9 +6,8 @@ import glob
 import sys
 from pathlib import Path
 
+from ..data.io import IMAGE_SUFFIXES
 from ..errors import printable, show_path
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import AMP_DTYPES, ON_NONFINITE, OPTIMIZERS, REDUCTIONS, SCHEDULES
+
 # flag -> (config key, argparse keywords); every flag defaults to None so only given flags override
 FLAGS: dict[str, tuple[str, dict]] = {
     "--model": ("model", dict(help="architecture (see 'fcnseg models')")),
@@ -24,22 +26,22 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "--epochs": ("epochs", dict(type=int)),
     "--batch-size": ("batch_size", dict(type=int, help="images per step per process")),
     "--accumulate": ("accumulate", dict(type=int, help="micro-batches per optimiser step")),
-    "--optimizer": ("optimizer", dict(choices=("sgd", "adam", "adamw"))),
+    "--optimizer": ("optimizer", dict(choices=OPTIMIZERS)),
     "--lr": ("lr", dict(type=float, help="base learning rate")),
     "--momentum": ("momentum", dict(type=float)),
     "--weight-decay": ("weight_decay", dict(type=float)),
-    "--schedule": ("schedule", dict(choices=("fixed", "poly", "cosine"))),
+    "--schedule": ("schedule", dict(choices=SCHEDULES)),
     "--warmup-steps": ("warmup_steps", dict(type=int)),
     "--max-steps": ("max_steps", dict(type=int, help="stop after N optimiser steps (also the schedule length)")),
     "--time-budget-min": ("time_budget_min", dict(type=float, metavar="MIN", help="stop after MIN minutes")),
-    "--loss-reduction": ("loss_reduction", dict(choices=("mean", "sum"), help="sum: the paper's unnormalised loss")),
+    "--loss-reduction": ("loss_reduction", dict(choices=REDUCTIONS, help="sum: the paper's unnormalised loss")),
     "--class-weights": ("class_weights", dict(metavar="FILE.json|median", help="per-class loss weights")),
     "--class-weight-power": ("class_weight_power", dict(type=float, metavar="P",
                                                         help="raise the class weights to P (0.5: softened balancing)")),
     "--loss-sample": ("loss_sample", dict(type=float, metavar="P", help="keep each output cell with probability P")),
-    "--on-nonfinite": ("on_nonfinite", dict(choices=("stop", "skip"), help="on a NaN/inf loss (default stop)")),
+    "--on-nonfinite": ("on_nonfinite", dict(choices=ON_NONFINITE, help="on a NaN/inf loss (default stop)")),
     "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="mixed precision (bf16 on CPU)")),
-    "--amp-dtype": ("amp_dtype", dict(choices=("auto", "bf16", "fp16"))),
+    "--amp-dtype": ("amp_dtype", dict(choices=AMP_DTYPES)),
     "--channels-last": ("channels_last", dict(action=argparse.BooleanOptionalAction)),
     "--threads": ("threads", dict(type=int, help="torch CPU threads")),
     "--device": ("device", dict(help="auto, cpu, cuda, cuda:N")),

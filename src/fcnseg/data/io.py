@@ -11,6 +11,9 @@ from ..errors import FcnsegError
 
 _EXIF_ORIENTATION = 0x0112
 
+# file suffixes taken for images wherever a folder is listed (datasets, ``fcnseg predict`` inputs)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
 
 class DataFileError(FcnsegError):
     """A bad data file: the message is ``"{path}: <problem>"`` on one line.
