@@ -6,7 +6,7 @@ import glob
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,7 +30,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="test-time augmentation: average over these input scales, e.g. 0.75 1 1.25")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <stem>_uncertainty.png: 8-bit normalised entropy (255 = most uncertain)")
+    p.add_argument("--max-side", type=int, default=None, metavar="PX",
+                   help="shrink photos whose long side exceeds PX before segmenting (default: the scale the model "
+                        "was trained at, from its record; 0: never shrink)")
+    p.add_argument("--scale", type=float, default=None, metavar="S",
+                   help="resize every photo by S before segmenting (instead of --max-side); the mask is resampled "
+                        "back to the photo's size")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -84,17 +92,23 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import atomic_write
     from ..data.io import read_image
+    from PIL import Image
+
     from ..errors import FcnsegError
+    from ..uncertainty import to_png_array, uncertainty
     from ..visualize import legend, overlay, palette_image
 
     files, problems = expand_inputs(args.inputs)
-    seg = load_segmenter(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype,
-                         tile=args.tile, overlap=args.overlap, flip=args.flip, scales=args.scales)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "legend.png", lambda tmp: legend(seg.classes, seg.colors).save(tmp, format="PNG"))
     for msg in problems:
         print(f"fcnseg: {msg}", file=sys.stderr)
+    if not [f for f in files if f.is_file()]:  # checked before the model loads
+        missing = next((f for f in files), None)
+        raise FcnsegError(f"{missing}: no such image file" if missing else "no images to segment")
+    seg = load_segmenter(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype,
+                         tile=args.tile, overlap=args.overlap, flip=args.flip, scales=args.scales,
+                         max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
 
     failed = len(problems)
     bar = tqdm(list(zip(files, output_stems(files))), unit="image", disable=args.quiet or len(files) < 2,
@@ -102,13 +116,16 @@ def run(args: argparse.Namespace) -> int:
     for path, stem in bar:
         try:
             image = read_image(path)
-            pred = seg.segment(image, probs=args.probs)
+            pred = seg.segment(image, probs=args.probs or args.uncertainty)
             mask = pred.mask.numpy()
+            if args.uncertainty:
+                u = Image.fromarray(to_png_array(uncertainty(pred.probs)))  # uint8 (H, W): 8-bit grey
+                atomic_write(out / f"{stem}_uncertainty.png", lambda tmp: u.save(tmp, format="PNG"))
             atomic_write(out / f"{stem}.png", lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))
             if args.overlay:
                 pic = overlay(image, mask, seg.colors, args.alpha)
                 atomic_write(out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90))
-            if pred.probs is not None:
+            if args.probs:
                 probs = pred.probs.numpy()
 
                 def save_npy(tmp: str) -> None:
@@ -121,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             tqdm.write(f"fcnseg: {path}: {msg}" if str(path) not in msg else f"fcnseg: {msg}", file=sys.stderr)
     done = len(files) - (failed - len(problems))
+    if done:  # a legend only beside masks
+        atomic_write(out / "legend.png", lambda tmp: legend(seg.classes, seg.colors).save(tmp, format="PNG"))
     print(f"wrote {done} prediction(s) to {out}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
 

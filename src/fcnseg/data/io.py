@@ -53,6 +53,11 @@ def _open(path: Path, what: str) -> Image.Image:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         kind = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "unreadable"
         raise DataFileError(f"{path}: {kind} {what} ({msg})") from None
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        # using the first frame silently would segment (or train on) a fraction of what the file holds
+        raise DataFileError(f"{path}: {what} has {frames} frames (multi-page TIFF or animated GIF/PNG/WebP); fcnseg "
+                            f"reads single-frame images: save each frame as its own file")
     return im
 
 
@@ -72,7 +77,8 @@ def read_image(path: str | Path) -> Image.Image:
     im = _apply_exif(_open(path, "image"))
     if im.mode != "RGB":
         if im.mode in ("I;16", "I;16B", "I", "F"):
-            raise DataFileError(f"{path}: image has mode {im.mode} (16-bit/float single channel); expected 8-bit RGB")
+            raise DataFileError(f"{path}: image has mode {im.mode} (16-bit or float); fcnseg reads 8-bit images "
+                                f"(RGB, RGBA, grey or palette): convert it to 8 bits per channel first")
         im = im.convert("RGB")
     return im
 
