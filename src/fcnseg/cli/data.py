@@ -126,12 +126,14 @@ def run_rank(args: argparse.Namespace) -> int:
     from ..uncertainty import rank_images
     from .predict import expand_inputs, load_segmenter
 
+    from ..errors import FcnsegError
+
+    if args.out.exists():
+        raise FcnsegError(f"{args.out}: already exists; choose another --out or remove it first")
     files, problems = expand_inputs([str(i) for i in args.inputs])
     for msg in problems:
         print(f"fcnseg: {msg}", file=sys.stderr)
     if not files:
-        from ..errors import FcnsegError
-
         raise FcnsegError("no images to rank")
     seg = load_segmenter(args.checkpoint, device=args.device)
     rows, failed = rank_images(seg, files, args.out, measure=args.measure, progress=not args.no_progress,
