@@ -153,7 +153,7 @@ def closing_note(out: Path, summary: dict) -> str:
     where = f" (epoch {metrics['epoch']}, split {metrics.get('split')})" if "epoch" in metrics else ""
     lines = [f"{which} checkpoint: {path}" + where, f"validation: {scores}" if scores else "validation: none run",
              "next:",
-             f"  fcnseg evaluate --checkpoint {out}                      # scores on the run's val split",
-             f"  fcnseg predict --checkpoint {out} PHOTOS... --out masks/  # masks for your photos",
+             f"  fcnseg evaluate --checkpoint {path}   # scores on the run's val split",
+             f"  fcnseg predict --checkpoint {path} PHOTOS... --out masks/",
              f"  fcnseg export --checkpoint {path} --format onnx --out model.onnx"]
     return "\n".join(lines)
