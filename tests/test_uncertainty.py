@@ -1,4 +1,5 @@
-"""Uncertainty: entropy and margin by hand, ``predict --uncertainty`` PNGs, ``data rank`` CSV order."""
+"""Uncertainty (entropy and margin by hand, ``predict --uncertainty`` PNGs, ``data rank`` CSV order) and predict's
+input checks (before the model loads, multi-frame refusal, .gif, no lone legend, the 16-bit message)."""
 from __future__ import annotations
 
 import csv
@@ -80,3 +81,42 @@ def test_rank_orders_images_by_mean_uncertainty(tmp_path, half_sure, capsys):
     assert values[0] > values[1] > values[2] >= 0.5  # the right half alone contributes 0.5
     assert main(["data", "rank", "--checkpoint", "camvid", str(tmp_path / "dark.png"), "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+# ---- predict's inputs: checked before the model loads, multi-frame files refused, .gif listed, no lone legend
+
+def test_predict_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from fcnseg.cli import predict
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded for inputs that name no image")
+
+    monkeypatch.setattr(predict, "load_segmenter", never)
+    assert main(["predict", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "o")]) == 1
+    assert "missing.jpg: no such image file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_multi_frame_files_are_refused_and_gif_folders_listed(tmp_path, half_sure, capsys):
+    frames = [Image.fromarray(np.full((12, 16, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:])
+    out = tmp_path / "o"
+    assert main(["predict", str(tmp_path), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("has 2 frames" in ln and "save each frame as its own file" in ln for ln in err)
+    assert not (out / "legend.png").exists()  # nothing was segmented: no legend on its own
+    frames[0].save(tmp_path / "one.gif")
+    assert main(["predict", str(tmp_path / "one.gif"), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "one.png").is_file() and (out / "legend.png").is_file()
+
+
+def test_16_bit_images_are_refused_saying_what_is_accepted(tmp_path):
+    from fcnseg.data.io import DataFileError, read_image
+
+    Image.fromarray(np.zeros((4, 4), np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(DataFileError, match=r"deep.png: image has mode I;16 \(16-bit or float\); fcnseg reads "
+                                            r"8-bit images \(RGB, RGBA, grey or palette\)"):
+        read_image(tmp_path / "deep.png")
