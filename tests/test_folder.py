@@ -76,3 +76,26 @@ def test_check_says_the_split_and_writes_weights_only_when_asked(tmp_path, capsy
     captured = capsys.readouterr()
     assert "mask values 11 are outside" in captured.out
     assert "no class weights written" in captured.err and not (tmp_path / "bad.json").exists()
+
+
+# ---- training a folder dataset: the defaults, --ignore-value, the VGG warning ---------------------------
+
+def test_train_defaults_are_the_cpu_recipe_and_ignore_value_reaches_the_dataset(tmp_path, capsys):
+    assert main(["train", "--dataset", "folder", "--root", str(tmp_path), "--ignore-value", "11",
+                 "--print-config"]) == 0
+    import yaml
+
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"] == "fcn8s_efficientnet_lite0" and cfg["pretrained"] is True
+    assert cfg["crop_size"] == [384, 384] and cfg["epochs"] == 15
+    assert cfg["dataset_kwargs"] == {"ignore_value": 11}
+
+
+def test_an_untrained_vgg_warns_once(tmp_path, capsys):
+    args = ["train", "--dataset", "folder", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]
+    assert main(args + ["--model", "fcn8s_vgg16"]) == 1  # the missing root stops it after the warning
+    err = capsys.readouterr().err
+    assert err.count("fcnseg: warning: fcn8s_vgg16 from random weights") == 1
+    assert "no such dataset directory" in err
+    assert main(args + ["--model", "fcn8s_vgg16", "--pretrained"]) == 1
+    assert "warning" not in capsys.readouterr().err

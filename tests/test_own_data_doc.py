@@ -130,6 +130,16 @@ def test_own_data_doc_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "to_label.csv").read_text().count("\n") == 4
     assert (tmp_path / "mymodel.onnx").is_file()
 
+    # the library call behind 'fcnseg evaluate': the run directory gives dataset, root and split
+    import fcnseg
+    from fcnseg.errors import FcnsegError
+
+    scores = fcnseg.evaluate_checkpoint(tmp_path / "runs" / "mymodel")
+    assert (scores["dataset"], scores["split"], scores["images"]) == ("folder", "val", 1)
+    assert 0 <= scores["mean_iou"] <= 1 and len(scores["per_class"]) == 3
+    with pytest.raises(FcnsegError, match="give the dataset"):
+        fcnseg.evaluate_checkpoint("camvid")
+
 
 @pytest.mark.parametrize("line", ["$ fcnseg train --dataset folder --root mydata --out runs/mymodel"])
 def test_the_train_line_uses_only_defaults(line):
