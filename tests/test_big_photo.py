@@ -93,3 +93,18 @@ def test_native_scale_is_worse_and_depends_on_the_tile_grid():
     native = [Segmenter.from_checkpoint("camvid", max_side=0, tile=t, overlap=128)(big) for t in (512, 1024)]
     assert not np.array_equal(*native)
     assert (native[1] == ref).mean() < 0.9  # measured 0.71
+
+
+def test_median_image_size_reads_headers_and_exif(tmp_path):
+    from fcnseg.data.io import median_image_size
+
+    for i, (w, h) in enumerate([(40, 30), (48, 36), (400, 300)]):
+        Image.new("RGB", (w, h)).save(tmp_path / f"{i}.png")
+    sideways = Image.new("RGB", (36, 48))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: 48 x 36 upright
+    sideways.save(tmp_path / "3.jpg", exif=exif)
+    (tmp_path / "4.png").write_bytes(b"broken")
+    files = sorted(tmp_path.iterdir())
+    assert median_image_size(files) == [36, 48]
+    assert median_image_size([]) is None

@@ -381,6 +381,9 @@ class Segmenter:
     norm folded, weights cast): pass a copy of a model you will train further. Images larger than
     ``tile`` on a side are cut into tiles sharing ``overlap`` pixels. ``flip`` and ``scales`` add
     test-time augmentation: probabilities are averaged over horizontal flips and input rescalings.
+    Photos larger than the model's working scale are shrunk to it first (``max_side="auto"``: the long
+    side of the record's ``working_size``, or of the built-in family's training images; a number of
+    pixels; 0 or None: never), or resized by a fixed ``scale``; masks come back at the photo's size.
     """
 
     def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor], classes: Sequence[str] | None = None,

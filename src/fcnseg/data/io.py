@@ -120,3 +120,23 @@ def image_size(image) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.size
     return int(image.shape[-1]), int(image.shape[-2])
+
+
+def median_image_size(paths, limit: int = 64) -> list[int] | None:
+    """[H, W], the median size (upright by EXIF) of up to ``limit`` images, read from their headers only:
+    the scale a model trained on them works at (a checkpoint record's ``working_size``). None for no images."""
+    sizes = []
+    step = max(1, len(paths) // limit) if limit else 1
+    for path in list(paths)[::step][:limit or None]:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways
+                    w, h = h, w
+        except (OSError, ValueError, SyntaxError):
+            continue  # the training checks report bad files; a size estimate can do without them
+        sizes.append((h, w))
+    if not sizes:
+        return None
+    arr = np.array(sizes)
+    return [int(np.median(arr[:, 0])), int(np.median(arr[:, 1]))]
