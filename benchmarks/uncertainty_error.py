@@ -32,7 +32,8 @@ def top_share_error(wrong: np.ndarray, right: np.ndarray, share: float) -> dict:
     lo_w, lo_n = wrong[:b].sum(), total[:b].sum()
     return {"threshold": b / BINS, "share_above": float(hi_n / total.sum()),
             "error_above": float(hi_w / max(hi_n, 1)), "error_below": float(lo_w / max(lo_n, 1)),
-            "share_of_errors_above": float(hi_w / max(wrong.sum(), 1)), "error_overall": float(wrong.sum() / total.sum())}
+            "share_of_errors_above": float(hi_w / max(wrong.sum(), 1)),
+            "error_overall": float(wrong.sum() / total.sum())}
 
 
 def main() -> None:

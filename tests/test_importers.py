@@ -1,4 +1,5 @@
-"""``fcnseg data import``: small labelme, COCO and CVAT exports in each tool's real format, masks checked pixel by pixel."""
+"""``fcnseg data import``: small labelme, COCO and CVAT exports in each tool's real format, masks checked pixel
+by pixel."""
 from __future__ import annotations
 
 import base64
@@ -80,7 +81,8 @@ def test_labelme_polygons_rectangles_embedded_and_linked_images(tmp_path):
     assert (out / "images" / "b.png").read_bytes() == png_bytes(seed=2)
     lines = (out / "classes.txt").read_text().splitlines()
     assert lines[0].startswith("background ") and len(lines) == 4 and all(len(ln.split()) == 4 for ln in lines)
-    assert sorted((out / "splits" / "train.txt").read_text().split() + (out / "splits" / "val.txt").read_text().split()) == ["a", "b"]
+    listed = [(out / "splits" / f"{s}.txt").read_text().split() for s in ("train", "val")]
+    assert sorted(listed[0] + listed[1]) == ["a", "b"]
     # the result is a folder dataset that reads back with the same ids
     ds = build_dataset("folder", out, "all")
     assert ds.classes == ["background", "car", "road", "sky"]
@@ -124,7 +126,8 @@ def test_coco_polygons_and_both_rle_forms(tmp_path):
     blob = box(H, W, 2, 6, 3, 8)
     compressed = coco_mask.encode(np.asfortranarray(blob.astype(np.uint8)))
     compressed["counts"] = compressed["counts"].decode()  # JSON holds it as a string
-    # uncompressed counts are column-major runs starting with zeros: columns 0-1 and row 0 of column 2 empty, then rows 1-2 of columns 2-3
+    # uncompressed counts are column-major runs starting with zeros: columns 0-1 and row 0 of column 2 empty,
+    # then rows 1-2 of columns 2-3
     uncompressed = {"size": [4, 5], "counts": [9, 2, 2, 2, 5]}
     doc = {
         "info": {}, "licenses": [],

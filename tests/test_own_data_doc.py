@@ -78,7 +78,8 @@ def write_exports(root: Path, n: int = 8) -> None:
         xml_images.append(f'<image id="{i}" name="{name}" width="{W}" height="{H}">{polys}</image>')
     (coco / "annotations" / "instances_default.json").write_text(json.dumps(
         {"images": images, "annotations": annotations,
-         "categories": [{"id": 1, "name": "road", "supercategory": ""}, {"id": 2, "name": "car", "supercategory": ""}]}))
+         "categories": [{"id": 1, "name": "road", "supercategory": ""},
+                        {"id": 2, "name": "car", "supercategory": ""}]}))
     (cvat / "annotations.xml").write_text(
         '<?xml version="1.0" encoding="utf-8"?><annotations><version>1.1</version><meta><task><labels>'
         "<label><name>road</name><color>#808080</color></label><label><name>car</name><color>#ff0000</color></label>"

@@ -172,7 +172,8 @@ def parse_labelme(src: Path, images_dir: Path | None, problems: list[str]) -> li
 def parse_coco(src: Path, images_dir: Path | None, problems: list[str]) -> list[ImageEntry]:
     """A COCO instances JSON: ``images``, ``annotations`` (polygons or RLE, compressed or not), ``categories``."""
     doc = _load_json(src)
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")):
+    keys = ("images", "annotations", "categories")
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in keys):
         raise FcnsegError(f"{src}: not a COCO instances file (needs 'images', 'annotations' and 'categories' lists)")
     cats = {c.get("id"): str(c.get("name")) for c in doc["categories"] if isinstance(c, dict)}
     dirs = [d for d in (images_dir, src.parent / "images", src.parent.parent / "images", src.parent) if d]
