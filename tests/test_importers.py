@@ -223,3 +223,19 @@ def test_cvat_refuses_entities(tmp_path):
     (tmp_path / "a.xml").write_text('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><annotations/>')
     with pytest.raises(FcnsegError, match="DOCTYPE/ENTITY"):
         import_annotations("cvat", tmp_path / "a.xml", tmp_path / "ds")
+
+
+def test_coco_missing_images_are_reported_once_and_unknown_ids_each(tmp_path):
+    (tmp_path / "there.png").write_bytes(png_bytes())
+    poly = [[0, 0, 5, 0, 5, 5]]
+    doc = {"images": [{"id": 1, "file_name": "there.png", "width": W, "height": H},
+                      {"id": 2, "file_name": "gone.png", "width": W, "height": H}],
+           "categories": [{"id": 1, "name": "cat"}],
+           "annotations": [{"id": i, "image_id": img, "category_id": 1, "segmentation": poly}
+                           for i, img in ((1, 1), (2, 2), (3, 2), (4, 99))]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    report = import_annotations("coco", tmp_path / "c.json", tmp_path / "ds")
+    assert report.images == 1 and report.shapes == 1
+    assert len(report.problems) == 2
+    assert "image 'gone.png' not found" in report.problems[0]
+    assert "annotation 4 (image 99): no image with this id" in report.problems[1]

@@ -178,6 +178,7 @@ def parse_coco(src: Path, images_dir: Path | None, problems: list[str]) -> list[
     cats = {c.get("id"): str(c.get("name")) for c in doc["categories"] if isinstance(c, dict)}
     dirs = [d for d in (images_dir, src.parent / "images", src.parent.parent / "images", src.parent) if d]
     entries: dict[Any, ImageEntry] = {}
+    skipped = set()  # images already reported: their annotations need no line of their own
     for im in doc["images"]:
         try:
             name, width, height = str(im["file_name"]), int(im["width"]), int(im["height"])
@@ -187,6 +188,7 @@ def parse_coco(src: Path, images_dir: Path | None, problems: list[str]) -> list[
         path = _find_image(name, dirs)
         if path is None:
             problems.append(f"{src}: image {name!r} not found in {', '.join(map(str, dirs))}; skipped")
+            skipped.add(im.get("id"))
             continue
         entries[im.get("id")] = ImageEntry(name=Path(name).stem, width=width, height=height, shapes=[], path=path,
                                            suffix=path.suffix.lower())
@@ -199,8 +201,8 @@ def parse_coco(src: Path, images_dir: Path | None, problems: list[str]) -> list[
         label = cats.get(a.get("category_id"))
         seg = a.get("segmentation")
         if entry is None:
-            if not any(p.startswith(f"{src}: image") for p in problems):
-                problems.append(f"{where}: no such image; left out")
+            if a.get("image_id") not in skipped:
+                problems.append(f"{where}: no image with this id in 'images'; left out")
             continue
         if label is None:
             problems.append(f"{where}: category {a.get('category_id')} is not in 'categories'; left out")
