@@ -74,7 +74,8 @@ def run_check(args: argparse.Namespace) -> int:
 
         raise FcnsegError(f"--ignore-value is for folder datasets; {args.dataset} maps its own void label")
     dataset = build_dataset(args.dataset, args.root, args.split, skip_bad=True, transforms=_identity, **kwargs)
-    print(f"scanning split {dataset.split!r} of {args.dataset} ({getattr(dataset, 'split_source', 'its split')})")
+    source = getattr(dataset, "split_source", None)
+    print(f"scanning split {dataset.split!r} of {args.dataset}" + (f" ({source})" if source else ""))
     progress = None
     if not args.no_progress and sys.stderr.isatty():
         from tqdm import tqdm
