@@ -201,9 +201,9 @@ def test_optimize_bfloat16_keeps_the_head_in_float32_and_the_state_dict():
 def test_optimize_warns_when_bfloat16_is_not_native(monkeypatch, native):
     import warnings
 
-    import fcnseg.inference as inference
+    import fcnseg.optimize
 
-    monkeypatch.setattr(inference, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         optimize(tiny_model(), torch.bfloat16)
@@ -215,10 +215,10 @@ def test_optimize_warns_when_bfloat16_is_not_native(monkeypatch, native):
 def test_cli_prints_warnings_in_one_line(monkeypatch, tmp_path, capsys):
     import warnings
 
-    import fcnseg.inference as inference
+    import fcnseg.optimize
     from fcnseg.cli import main
 
-    monkeypatch.setattr(inference, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: False)
     src = tmp_path / "x.png"
     random_image(40, 56).save(src)
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
@@ -233,23 +233,21 @@ def test_cli_prints_warnings_in_one_line(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_big_weight_convolutions_are_the_same_convolution(dtype):
-    from fcnseg.inference import _BigWeightConv2d
+    from fcnseg.inference import BigWeightConv2d
 
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 10, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)).to(dtype)
-    big = nn.Conv2d(6, 10, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)).to(dtype)
-    big.load_state_dict(conv.state_dict())
-    big.__class__ = _BigWeightConv2d
-    big.chunk_bytes = 200  # several bands of output rows (bf16) or chunks of output channels (float32)
+    big = BigWeightConv2d.from_conv(conv, chunk_bytes=200)  # several bands of output rows (bf16) or chunks of output channels (float32)
     x = torch.randn(2, 6, 23, 17).to(dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         a, b = conv(x).float(), big(x).float()
     assert a.shape == b.shape
     assert torch.allclose(a, b, atol=1e-5 if dtype == torch.float32 else 0.05)
-    # inside a model: optimize swaps in the class for convolutions over big_weight_bytes, state dict unchanged
+    assert big.weight is conv.weight and big.bias is conv.bias  # the same parameters, not copies
+    # inside a model: optimize replaces convolutions over big_weight_bytes, state dict unchanged
     ref = tiny_model()
     model = optimize(tiny_model(), dtype, channels_last=True, big_weight_bytes=1024)
-    assert isinstance(model.fc.fc6, _BigWeightConv2d) and list(model.state_dict()) == list(ref.state_dict())
+    assert isinstance(model.fc.fc6, BigWeightConv2d) and list(model.state_dict()) == list(ref.state_dict())
     x = torch.randn(1, 3, 70, 90)
     with torch.no_grad():
         y, yb = ref(x), model(x)

@@ -84,7 +84,8 @@ def unregister_tiny() -> None:
     from fcnseg import registry
 
     for name in TINY_NAMES:
-        registry._MODELS.pop(name, None)
+        if name in registry.list_models():
+            registry.unregister_model(name)
 
 
 def write_launcher(folder: Path) -> Path:

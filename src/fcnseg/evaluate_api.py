@@ -30,11 +30,13 @@ def run_defaults(checkpoint: str | Path) -> dict[str, Any]:
 def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root: str | Path | None = None,
                         split: str | None = None, *, flip: bool = False, scales: Sequence[float] = (1.0,),
                         exclude: Sequence[str | int] = (), exclude_absent: bool = False, limit: int = 0,
-                        workers: int = 0, device: str | torch.device = "auto", amp: bool = False,
-                        onnx_threads: int | None = None, dataset_kwargs: dict | None = None,
+                        batch_size: int = 8, workers: int = 2, device: str | torch.device = "auto",
+                        dtype: str = "float32", onnx_threads: int | None = None, dataset_kwargs: dict | None = None,
                         progress: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a built-in name, .safetensors file, run directory or exported .onnx file) on a
-    dataset split at the images' original resolution, with the checkpoint's own normalisation.
+    dataset split at the images' original resolution, with the checkpoint's own normalisation, run as
+    ``predict`` runs it (an optimized copy; images of equal size batched; ``dtype`` bfloat16 keeps the
+    scoring layers in float32).
 
     ``dataset``, ``root``, ``split`` and the dataset arguments default to the run's config.yaml when
     ``checkpoint`` is a run directory (or a checkpoint inside one); ``split`` otherwise defaults to val.
@@ -42,13 +44,14 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     leave classes out of the class-averaged means. Returns the scores (fractions in [0, 1]) with the
     confusion matrix, per-class rows and what was scored.
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import open_model
     from .data import build_dataset, build_transforms
-    from .engine import evaluate
-    from .inference import TestTimeAugmentation, check_scales
+    from .evaluation import evaluate_model
+    from .export import OnnxRuntimeModule
     from .metrics import absent_classes
+    from .record import normalization_of
     from .train.distributed import pick_device
-    from .train.loader import Seeded, make_loader
+    from .tta import check_scales
 
     defaults = run_defaults(checkpoint)
     dataset = dataset or defaults.get("dataset")
@@ -65,21 +68,16 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
         raise FcnsegError(f"limit must be 0 (all) or more, got {limit}")
     # the data is checked before the model loads: a wrong root or split fails in a second
     data = build_dataset(dataset, root, split, **dataset_kwargs)
-    if str(checkpoint).endswith(".onnx"):
-        from .export import OnnxRuntimeModel, OnnxRuntimeModule
-
-        if amp:
-            raise FcnsegError("amp is for PyTorch checkpoints; an ONNX model runs in its own precision")
-        device = torch.device("cpu")
-        model = OnnxRuntimeModule(OnnxRuntimeModel(checkpoint, threads=onnx_threads))
-    else:
-        device = pick_device(str(device))
-        model = load_checkpoint(checkpoint, device=device)
+    onnx = str(checkpoint).endswith(".onnx")
+    device = torch.device("cpu") if onnx else pick_device(str(device))
+    model = open_model(checkpoint, device=device, threads=onnx_threads)
+    if not isinstance(model, torch.nn.Module):  # ONNX Runtime: in the nn.Module form evaluation expects
+        if dtype != "float32":
+            raise FcnsegError("dtype/amp are for PyTorch checkpoints; an ONNX model runs in its own precision")
+        model = OnnxRuntimeModule(model)
     record = model.record
-    norm = record.get("normalization", {})
-    if "mean" in norm and "std" in norm:  # the checkpoint's own preprocessing, at original resolution
-        data.transforms = build_transforms(getattr(data, "preset", dataset), train=False, mean=norm["mean"],
-                                           std=norm["std"])
+    mean, std = normalization_of(model)  # the checkpoint's own preprocessing, at original resolution
+    data.transforms = build_transforms(getattr(data, "preset", dataset), train=False, mean=mean, std=std)
     if data.num_classes != model.num_classes:
         raise FcnsegError(f"{checkpoint} predicts {model.num_classes} classes but {dataset} has {data.num_classes}; "
                           f"evaluate on the dataset it was trained for")
@@ -95,11 +93,12 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
             excluded.append(int(c))
         else:
             raise FcnsegError(f"exclude {c!r}: not a class of {dataset} ({', '.join(classes)})")
-    net = model if scales == (1.0,) and not flip else TestTimeAugmentation(model, scales, flip)
     n = min(limit, len(data)) if limit else len(data)
-    loader = make_loader(Seeded(data), list(range(n)), 1, workers, device)
-    cm = evaluate(net, loader, model.num_classes, device=device, ignore_index=data.ignore_index,
-                  amp_dtype=torch.bfloat16 if amp else None, desc=f"{dataset} {split}", progress=progress)
+    # the freshly loaded model is ours: optimized in place (an ONNX model runs as exported)
+    cm = evaluate_model(model, data, indices=list(range(n)), num_classes=model.num_classes,
+                        ignore_index=data.ignore_index, device=device, dtype=dtype, optimize_model=not onnx,
+                        inplace=True, batch_size=batch_size, workers=workers, flip=flip, scales=scales,
+                        desc=f"{dataset} {split}", progress=progress)
     if exclude_absent:
         excluded += [i for i in absent_classes(cm) if i not in excluded]
     scores = cm.compute(exclude=excluded, class_names=classes)

@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..data.download import DEFAULT_LIMITS
+from ..errors import show_path
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="check, import (labelme, COCO, CVAT), rank by uncertainty, download datasets")
@@ -17,6 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--split", required=True, help="split to scan, e.g. train, val, trainval")
     c.add_argument("--weights-json", type=Path, default=None, metavar="PATH",
                    help="also write class statistics and median-frequency weights to PATH (for train --class-weights)")
+    c.add_argument("--no-weights-json", action="store_true", help=argparse.SUPPRESS)  # old scripts: now the default
     c.add_argument("--ignore-value", type=int, default=None, metavar="V",
                    help="folder datasets: mask value V means 'not labelled' (e.g. 11 for CamVid-style void)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -56,6 +60,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("name", help="what to fetch: voc2012, voc2011, sbd, voc (= voc2012 + sbd), camvid, siftflow")
     d.add_argument("--root", required=True, type=Path, help="directory to put the dataset in")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    limits = d.add_argument_group("extraction limits", "An archive that would unpack to more is refused before "
+                                  "anything is written (the defaults are about 4x the largest supported dataset).")
+    limits.add_argument("--max-extract-gb", type=float, default=DEFAULT_LIMITS.max_bytes / 2**30, metavar="GB",
+                        help="total size of the extracted files (default %(default)g GiB)")
+    limits.add_argument("--max-ratio", type=float, default=DEFAULT_LIMITS.max_ratio, metavar="R",
+                        help="extracted size / archive size (default %(default)g; zip bombs are 1000 and more)")
+    limits.add_argument("--max-members", type=int, default=DEFAULT_LIMITS.max_members, metavar="N",
+                        help="files and folders in one archive (default %(default)d)")
     d.set_defaults(_data=run_download)
     return p
 
@@ -67,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..data.checks import check_dataset, write_weights_json
+    from ..outputs import output_file
 
-    kwargs = {} if args.ignore_value is None else {"ignore_value": args.ignore_value}
     if args.ignore_value is not None and args.dataset != "folder":
         from ..errors import FcnsegError
 
         raise FcnsegError(f"--ignore-value is for folder datasets; {args.dataset} maps its own void label")
+    kwargs = {} if args.ignore_value is None else {"ignore_value": args.ignore_value}
+    # checked before the scan, which can take minutes; nothing is written unless asked
+    json_path = output_file(args.weights_json, what="--weights-json") if args.weights_json is not None else None
     dataset = build_dataset(args.dataset, args.root, args.split, skip_bad=True, transforms=_identity, **kwargs)
     source = getattr(dataset, "split_source", None)
     print(f"scanning split {dataset.split!r} of {args.dataset}" + (f" ({source})" if source else ""))
@@ -94,13 +109,13 @@ def run_check(args: argparse.Namespace) -> int:
     for i, (name, px, f, w) in enumerate(zip(report.classes, report.class_pixels, report.frequencies(), weights)):
         print(f"{i:>3} {name:<{width}} {int(px):>13,} {f:>9.4f} {w:>8.4f}")
     print("class weights (median frequency): " + ", ".join(f"{w:.4f}" for w in weights))
-    if args.weights_json is not None:
+    if json_path is not None:
         if not report.good or not any(weights):
-            print(f"fcnseg: no class weights written to {args.weights_json}: no readable labelled pixels",
+            print(f"fcnseg: no class weights written to {show_path(json_path)}: no readable labelled pixels",
                   file=sys.stderr)
             return 1
-        write_weights_json(report, args.weights_json, dataset=args.dataset, root=str(args.root), split=args.split)
-        print(f"wrote {args.weights_json}")
+        write_weights_json(report, json_path, dataset=args.dataset, root=str(args.root), split=args.split)
+        print(f"wrote {show_path(json_path)}")
     return 0 if report.ok else 1
 
 
@@ -124,13 +139,12 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_rank(args: argparse.Namespace) -> int:
+    from ..errors import FcnsegError
+    from ..outputs import output_file
     from ..uncertainty import rank_images
     from .predict import expand_inputs, load_segmenter
 
-    from ..errors import FcnsegError
-
-    if args.out.exists():
-        raise FcnsegError(f"{args.out}: already exists; choose another --out or remove it first")
+    output_file(args.out, what="--out", overwrite=False)  # before the images are read and the model loads
     files, problems = expand_inputs([str(i) for i in args.inputs])
     for msg in problems:
         print(f"fcnseg: {msg}", file=sys.stderr)
@@ -139,7 +153,7 @@ def run_rank(args: argparse.Namespace) -> int:
     seg = load_segmenter(args.checkpoint, device=args.device)
     rows, failed = rank_images(seg, files, args.out, measure=args.measure, progress=not args.no_progress,
                                on_problem=lambda m: print(f"fcnseg: {m}", file=sys.stderr))
-    print(f"ranked {len(rows)} images by mean {args.measure} uncertainty into {args.out}"
+    print(f"ranked {len(rows)} images by mean {args.measure} uncertainty into {show_path(args.out)}"
           + (f"; {failed} failed" if failed else ""))
     for row in rows[:5]:
         print(f"  {row['mean_uncertainty']:.4f}  {row['image']}")
@@ -147,8 +161,15 @@ def run_rank(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from ..data.download import download_dataset
+    from ..data.download import ExtractLimits, download_dataset
+    from ..errors import FcnsegError
 
-    path = download_dataset(args.name, args.root, progress=not args.no_progress)
+    for flag, value in (("--max-extract-gb", args.max_extract_gb), ("--max-ratio", args.max_ratio),
+                        ("--max-members", args.max_members)):
+        if not value > 0:
+            raise FcnsegError(f"{flag} must be positive, got {value}")
+    limits = ExtractLimits(max_bytes=int(args.max_extract_gb * 2**30), max_ratio=args.max_ratio,
+                           max_members=args.max_members)
+    path = download_dataset(args.name, args.root, progress=not args.no_progress, limits=limits)
     print(f"{args.name} ready in {path}")
     return 0

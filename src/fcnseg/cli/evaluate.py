@@ -7,7 +7,8 @@ import sys
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a checkpoint: pixel acc., mean acc., mean IU, f.w. IU, per class",
-                       description="Score a checkpoint on a dataset split (batch size 1, original resolution). "
+                       description="Score a checkpoint on a dataset split at original resolution, running the model "
+                                   "as predict does (optimized; images of equal size batched). "
                                    "Means leave out classes with no defined value (see fcnseg.metrics).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a .safetensors checkpoint, a run directory, a built-in name, or an exported .onnx file "
@@ -22,12 +23,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--exclude-absent", action="store_true",
                    help="leave out classes with no pixel in this split (the paper's SIFT Flow protocol)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="score the first N images only")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="loader processes preparing the next batches (default 2)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="images of equal size scored together (default 8; the scores do not depend on it)")
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="test-time augmentation: average over the image rescaled by each S (e.g. 1 1.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations (bfloat16 keeps the FCN's scoring layers in float32)")
+    p.add_argument("--amp", action="store_true", help="the same as --dtype bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal); --no-progress: none")
@@ -39,14 +44,21 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluate_api import evaluate_checkpoint
     from ..metrics import format_table
+    from ..outputs import output_file
     from ..train.report import plot_confusion, write_json
 
+    # before the model loads: a bad --json place must not cost a whole evaluation
+    if args.json:
+        output_file(args.json, what="--json")
+    if args.confusion_png:
+        output_file(args.confusion_png, what="--confusion-png")
     if args.threads:
         torch.set_num_threads(args.threads)
     scores = evaluate_checkpoint(
         args.checkpoint, args.dataset, args.root, args.split, flip=args.flip, scales=args.scales,
-        exclude=args.exclude, exclude_absent=args.exclude_absent, limit=args.limit, workers=args.workers,
-        device=args.device, amp=args.amp, onnx_threads=args.threads or None,
+        exclude=args.exclude, exclude_absent=args.exclude_absent, limit=args.limit, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, dtype="bfloat16" if args.amp else args.dtype,
+        onnx_threads=args.threads or None,
         progress=sys.stderr.isatty() if args.progress is None else args.progress)
     tta = scores["tta"]
     aug = "" if tta == {"flip": False, "scales": [1.0]} else f", test-time flip={tta['flip']} scales={tta['scales']}"

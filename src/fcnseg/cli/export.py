@@ -37,9 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def calibration_batches(patterns: list[str], size: tuple[int, int], record: dict, limit: int) -> list:
+def calibration_batches(patterns: list[str], size: tuple[int, int], model, limit: int) -> list:
     """Normalised (1, 3, H, W) float32 arrays of up to ``limit`` images spread over ``patterns``."""
-    from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
     from ..data.io import read_image
     from ..errors import FcnsegError
     from ..export import calibration_batch
@@ -52,8 +51,9 @@ def calibration_batches(patterns: list[str], size: tuple[int, int], record: dict
         raise FcnsegError(f"--calibrate-limit must be at least 1, got {limit}")
     if len(files) > limit:
         files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else files[:1]
-    norm = record.get("normalization") or {}
-    mean, std = norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD)
+    from ..record import normalization_of
+
+    mean, std = normalization_of(model)
     return [calibration_batch(read_image(f), size, mean, std) for f in files]
 
 
@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..errors import FcnsegError
     from ..export import export, load_exported, parity
+    from ..outputs import output_file
     from .predict import check_checkpoint_name
 
+    output_file(args.out, what="--out")
     check_checkpoint_name(args.checkpoint)
     if args.int8 or args.calibrate or args.int8_layers:
         if args.fmt != "onnx":
@@ -103,7 +105,7 @@ def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
     from ..errors import FcnsegError
     from ..export import OnnxRuntimeModel, export_onnx, parity, quantize_onnx
 
-    batches = calibration_batches(args.calibrate, size, model.record or {}, args.calibrate_limit)
+    batches = calibration_batches(args.calibrate, size, model, args.calibrate_limit)
     with tempfile.TemporaryDirectory(prefix="fcnseg-export-") as tmp:
         fp32 = export_onnx(model, Path(tmp) / "float32.onnx", example_size=size)
         path = quantize_onnx(fp32, args.out, batches, only=args.int8_layers)
