@@ -80,7 +80,7 @@ def test_rank_orders_images_by_mean_uncertainty(tmp_path, half_sure, capsys):
     values = [float(r["mean_uncertainty"]) for r in rows]
     assert values[0] > values[1] > values[2] >= 0.5  # the right half alone contributes 0.5
     assert main(["data", "rank", "--checkpoint", "camvid", str(tmp_path / "dark.png"), "--out", str(out)]) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert "rank.csv: exists already" in capsys.readouterr().err
 
 
 # ---- predict's inputs: checked before the model loads, multi-frame files refused, .gif listed, no lone legend
