@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv demo test test-all clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fcnseg demo
 
-test: $(STAMP)
+# the page tests drive Debian's Chromium through Playwright (browsers cannot be downloaded at test time)
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: $(STAMP) chromium
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(PY) -m pytest -q -m ''
 
 clean:
