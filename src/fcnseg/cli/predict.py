@@ -34,7 +34,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="test-time augmentation: average over these input scales, e.g. 0.75 1 1.25")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <stem>_uncertainty.png: 8-bit normalised entropy (255 = most uncertain)")
+    p.add_argument("--max-side", type=int, default=None, metavar="PX",
+                   help="shrink photos whose long side exceeds PX before segmenting (default: the scale the model "
+                        "was trained at, from its record; 0: never shrink)")
+    p.add_argument("--scale", type=float, default=None, metavar="S",
+                   help="resize every photo by S before segmenting (instead of --max-side); the mask is resampled "
+                        "back to the photo's size")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -94,18 +102,25 @@ def renamed_stems(files: list[Path], stems: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
+    from PIL import Image
     from tqdm import tqdm
 
     from ..checkpoint import atomic_write, clean_stale_temps
     from ..data.io import read_image
     from ..errors import FcnsegError, OutputExistsError, OutputWriteError
     from ..outputs import output_dir, write_group
+    from ..uncertainty import to_png_array, uncertainty
     from ..visualize import legend, overlay, palette_image
 
     out: Path = output_dir(args.out, what="--out")  # before the model loads
     files, problems = expand_inputs(args.inputs)
+    if not any(f.is_file() for f in files):  # inputs too are checked before the model loads
+        for msg in problems:
+            say(msg)
+        raise FcnsegError(f"{show_path(files[0])}: no such image file" if files else "no images to segment")
     seg = load_segmenter(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype,
-                         tile=args.tile, overlap=args.overlap, flip=args.flip, scales=args.scales)
+                         tile=args.tile, overlap=args.overlap, flip=args.flip, scales=args.scales,
+                         max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
     clean_stale_temps(out)
     for msg in problems:
         say(msg)
@@ -119,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(todo, unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
     for i, (path, stem) in enumerate(bar):
         names = [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if args.overlay else []) + \
-                ([f"{stem}_probs.npy"] if args.probs else [])
+                ([f"{stem}_probs.npy"] if args.probs else []) + \
+                ([f"{stem}_uncertainty.png"] if args.uncertainty else [])
         there = [n for n in names if (out / n).exists()] if not args.overwrite else []
         if there:  # checked before the work; the exclusive write below still catches a name taken meanwhile
             skipped += 1
@@ -127,13 +143,16 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             image = read_image(path)
-            pred = seg.segment(image, probs=args.probs)
+            pred = seg.segment(image, probs=args.probs or args.uncertainty)
             mask = pred.mask.numpy()
             group = [(out / names[0], lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))]
             if args.overlay:
                 pic = overlay(image, mask, seg.colors, args.alpha)
                 group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
-            if pred.probs is not None:
+            if args.uncertainty:
+                u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
+                group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
+            if args.probs:
                 probs = pred.probs.numpy()
 
                 def save_npy(tmp: str) -> None:
