@@ -138,6 +138,10 @@ class CheckpointRecord(Mapping):
         top = data.get("top_stride")
         if top is not None and (not _is_int(top) or not 1 <= top <= 1024):
             raise bad("top_stride", f"must be a whole number from 1 to 1024, got {str(top)[:40]!r}")
+        size = data.get("working_size")
+        if size is not None and not (isinstance(size, list) and len(size) == 2
+                                     and all(_is_int(v) and 1 <= v <= 100000 for v in size)):
+            raise bad("working_size", "must be [height, width] in pixels, whole numbers from 1 to 100000")
         for field in ("metrics", "provenance", "quantization"):
             if field in data and not isinstance(data[field], dict):
                 raise bad(field, f"must be an object, got {type(data[field]).__name__}")

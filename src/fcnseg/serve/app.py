@@ -24,11 +24,11 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.datastructures import UploadFile
 
 from ..inference import Prediction, Segmenter
+from ..uncertainty import normalized_entropy, to_png_array
 from ..visualize import overlay, palette_image
 from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
 from .decode import UploadError, decode_image, limited_stream, read_limited
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
-from .uncertainty import normalized_entropy_map
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def render(fmt: OutputFormat, name: str, seg: Segmenter, image, pred: Prediction
     if pred.probs is not None:
         from PIL import Image
 
-        body["uncertainty_png"] = _b64(_png_bytes(Image.fromarray(normalized_entropy_map(pred.probs), mode="L")))
+        body["uncertainty_png"] = _b64(_png_bytes(Image.fromarray(to_png_array(normalized_entropy(pred.probs)), mode="L")))
     return JSONResponse(body)
 
 

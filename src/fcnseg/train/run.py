@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, make_record, save_checkpoint
 from ..config import TrainConfig, save_config
-from ..data.io import DataFileError
+from ..data.io import DataFileError, median_image_size
 from ..errors import FcnsegError
 from ..metrics import format_table
 from ..outputs import output_dir
@@ -448,8 +448,10 @@ def save_weights(run: Run, name: str, scores: dict[str, Any] | None, epoch: int)
     provenance = {"command": run.command, "config": cfg.to_dict(), "code": run.code,
                   "dataset": cfg.dataset, "split": cfg.split, "epoch": epoch, "step": run.pos.step}
     metrics = dict(_summary(scores), split=cfg.val_split, epoch=epoch) if scores else {}
+    files = getattr(data.train, "files", None)
+    extra = {"working_size": median_image_size([f[0] for f in files])} if files else {}
     record = make_record(run.model, provenance=provenance, metrics=metrics, classes=data.classes,
-                         colors=data.colors, mean=data.mean, std=data.std)
+                         colors=data.colors, mean=data.mean, std=data.std, **{k: v for k, v in extra.items() if v})
     save_checkpoint(run.model, run.ckpt_dir / f"{name}.safetensors", record)
 
 
