@@ -189,7 +189,7 @@ def test_list_models_is_sorted_whatever_the_registration_order():
         assert listed == ["aa_order_test", "mm_order_test", "zz_order_test"]
         assert fcnseg.build_model("mm_order_test", num_classes=4).out_channels == 4
     assert not any(n.endswith("_order_test") for n in fcnseg.list_models())
-    with pytest.raises(KeyError, match="unknown model 'mm_order_test'"):
+    with pytest.raises(FcnsegError, match="unknown model 'mm_order_test'"):
         fcnseg.build_model("mm_order_test")
 
 

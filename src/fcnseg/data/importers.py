@@ -16,6 +16,7 @@ import io
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,14 +306,17 @@ def rasterize(shape: Shape, width: int, height: int) -> np.ndarray:
         from pycocotools import mask as coco_mask
 
         seg = shape.data
-        if isinstance(seg, list):
-            rle = coco_mask.merge(coco_mask.frPyObjects(seg, height, width))
-        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-            rle = coco_mask.frPyObjects(seg, height, width)
-        else:
-            rle = {"size": list(seg["size"]), "counts": seg["counts"].encode() if isinstance(seg["counts"], str)
-                   else seg["counts"]}
-        return coco_mask.decode(rle).astype(bool)
+        # pycocotools' Cython code warns about NumPy 2's __array__ copy keyword: its own business, not the user's
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*__array__ implementation doesn't accept a copy keyword")
+            if isinstance(seg, list):
+                rle = coco_mask.merge(coco_mask.frPyObjects(seg, height, width))
+            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+                rle = coco_mask.frPyObjects(seg, height, width)
+            else:
+                rle = {"size": list(seg["size"]), "counts": seg["counts"].encode() if isinstance(seg["counts"], str)
+                       else seg["counts"]}
+            return coco_mask.decode(rle).astype(bool)
     canvas = Image.new("1", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
     if shape.kind == "polygon":
