@@ -92,6 +92,7 @@ class FCN(nn.Module):
             self.up[str(s)] = up
             self.score_skip[str(s)] = nn.Conv2d(backbone.channels[s], num_classes, 1)
             stride = s
+        self.score_geometry = geo  # where the cells of ``scores(x)`` sit (models/dense.py aligns dense scores with it)
         self.final_up = Upsample(num_classes, stride, upsample, learnable_upsample)
         self.final_offset = crop_offset(self.final_up.geometry(geo), Geometry())
         if self.final_offset < 0:
@@ -108,8 +109,8 @@ class FCN(nn.Module):
     def output_stride(self) -> int:
         return min(self.skips) if self.skips else self.top_stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores before the final upsampling: (B, K, ~H/s, ~W/s) at s = ``output_stride``."""
         feats = self.backbone(x)  # {8: (B,C8,H/8,W/8), 16: (B,C16,H/16,W/16), 32: (B,C32,H/32,W/32)}
         score = self.score_fr(self.fc(feats[self.top_stride]))  # (B, K, H/32, W/32)
         for s, offset, scale in zip(self.skips, self.skip_offsets, self.skip_scales):
@@ -120,5 +121,9 @@ class FCN(nn.Module):
                 score = _crop(up, offset, skip.shape[-2], skip.shape[-1]) + skip
             else:
                 score = up + _crop(skip, -offset, up.shape[-2], up.shape[-1])
-        out = self.final_up(score)  # (B, K, >=H, >=W)
+        return score
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        out = self.final_up(self.scores(x))  # (B, K, >=H, >=W)
         return _crop(out, self.final_offset, h, w)  # (B, K, H, W)
