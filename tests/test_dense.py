@@ -2,6 +2,7 @@
 cells (tiny nets of every layer kind, real EfficientNet-Lite0 and VGG16 trunks) and the dense FCN."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -300,3 +301,73 @@ def test_densify_keeps_the_record_and_notes_the_method():
     assert dense.record["classes"] == ["a", "b", "c"] and dense.arch == "tiny" and dense.num_classes == 3
     assert dense.record["dense"] == {"method": "shift-and-stitch", "stride": 16, "passes": 4}
     assert "dense" not in model.record
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+TINY32 = "tiny_fcn32s_dense_test"
+
+
+@pytest.fixture(scope="module")
+def tiny32_checkpoint(tmp_path_factory):
+    """A saved tiny bilinear FCN-32s (3 classes) and a 3-class folder dataset of odd-sized images."""
+    import fcnseg
+    from fcnseg.checkpoint import make_record, save_checkpoint
+    from test_train_helpers import make_folder_dataset
+
+    if TINY32 not in fcnseg.list_models():
+        @fcnseg.register_model(TINY32)
+        def tiny32(num_classes: int = 3, **kwargs) -> FCN:
+            return FCN(_TinyBackbone(), num_classes, skips=(), fc_channels=8, fc_kernel=3, upsample="bilinear", **kwargs)
+
+    torch.manual_seed(0)
+    model = fcnseg.build_model(TINY32, num_classes=3)
+    nn.init.normal_(model.score_fr.weight, std=0.5)
+    tmp = tmp_path_factory.mktemp("dense")
+    ckpt = save_checkpoint(model, tmp / "tiny32.safetensors", make_record(model, classes=["a", "b", "c"]))
+    data = make_folder_dataset(tmp / "data", n_train=1, n_val=2, size=(37, 45))
+    return ckpt, data, tmp
+
+
+def test_predict_dense_at_the_models_stride_matches_plain_predict(tiny32_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    from fcnseg.cli import main
+
+    ckpt, data, _ = tiny32_checkpoint
+    image = next((data / "images").iterdir())
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "plain"), "--quiet"]) == 0
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "ss"), "--quiet",
+                 "--dense", "shift-and-stitch", "--dense-stride", "32"]) == 0
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--out", str(tmp_path / "rf"), "--quiet",
+                 "--dense", "rarefaction", "--dense-stride", "8"]) == 0
+    plain, ss, rf = (np.asarray(Image.open(tmp_path / d / f"{image.stem}.png")) for d in ("plain", "ss", "rf"))
+    assert np.array_equal(plain, ss)
+    assert rf.shape == plain.shape == Image.open(image).size[::-1]
+
+
+def test_evaluate_dense_records_the_method(tiny32_checkpoint, capsys):
+    import json
+
+    from fcnseg.cli import main
+
+    ckpt, data, tmp = tiny32_checkpoint
+    out = tmp / "scores.json"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--dataset", "folder", "--root", str(data), "--workers", "0",
+                 "--dense", "shift-and-stitch", "--dense-stride", "16", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["dense"] == {"method": "shift-and-stitch", "stride": 16, "passes": 4}
+
+
+def test_dense_flag_mistakes_are_one_line(tiny32_checkpoint, tmp_path, capsys):
+    from fcnseg.cli import main
+
+    ckpt, data, _ = tiny32_checkpoint
+    base = ["evaluate", "--checkpoint", str(ckpt), "--dataset", "folder", "--root", str(data), "--workers", "0"]
+    assert main(base + ["--dense-stride", "8"]) == 1
+    assert "--dense-stride needs --dense" in capsys.readouterr().err
+    assert main(base + ["--dense", "rarefaction", "--dense-stride", "12"]) == 1
+    err = capsys.readouterr().err
+    assert "dense stride 12 must divide" in err and len(err.strip().splitlines()) == 1
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.onnx"), "x.png", "--out", str(tmp_path),
+                 "--dense", "shift-and-stitch"]) == 1
+    assert "PyTorch checkpoint" in capsys.readouterr().err

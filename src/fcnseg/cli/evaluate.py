@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .predict import add_dense_arguments, dense_model
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a checkpoint: pixel acc., mean acc., mean IU, f.w. IU, per class",
@@ -31,6 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
+    add_dense_arguments(p)  # --dense shift-and-stitch|rarefaction, --dense-stride (see cli/predict.py)
     return p
 
 
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = pick_device(args.device)
         model = load_checkpoint(args.checkpoint, device=device)
+    model = dense_model(args, lambda: model) or model
     record = model.record
     dataset = build_dataset(args.dataset, args.root, args.split)
     norm = record.get("normalization", {})
@@ -93,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     scores = cm.compute(exclude=exclude, class_names=classes)
     scores = {"checkpoint": str(args.checkpoint), "arch": record.get("arch"), "dataset": args.dataset,
               "split": args.split, "images": n, "tta": tta,
-              "excluded": [classes[i] for i in sorted(exclude)], **scores}
+              "excluded": [classes[i] for i in sorted(exclude)], **({"dense": record["dense"]} if "dense" in record else {}),
+              **scores}
     aug = "" if net is model else f", test-time flip={args.flip} scales={tta['scales']}"
     print(f"{record.get('arch')} on {args.dataset} {args.split} ({n} images{aug})")
     print(format_table(scores))
