@@ -13,7 +13,7 @@ import torch.nn as nn
 from .backbones import Backbone
 from .convolutionalize import fc_to_conv
 from .geometry import Geometry, crop_offset
-from .upsample import Upsample, UpsampleMode
+from .upsample import UnpoolDecoder, Upsample, UpsampleMode
 
 
 class ConvClassifier(nn.Module):
@@ -52,6 +52,7 @@ class FCN(nn.Module):
     ``skips`` lists the strides fused on the way up: () is FCN-32s, (16,) FCN-16s, (16, 8) FCN-8s.
     ``skip_scales`` multiplies each skip feature before scoring (the at-once net's 0.01 / 0.0001).
     ``fc_channels=0`` drops fc6/fc7 and scores the deepest features directly (light backbones, GoogLeNet).
+    ``upsample='unpool'`` (no skips) upsamples by reversing the backbone's max poolings (``UnpoolDecoder``).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, skips: Sequence[int] = (16, 8),
@@ -62,6 +63,8 @@ class FCN(nn.Module):
         top = max(backbone.strides)
         if any(s not in backbone.strides or s >= top for s in skips) or list(skips) != sorted(skips, reverse=True):
             raise ValueError(f"skips {tuple(skips)} must be decreasing strides below {top} from {backbone.strides}")
+        if upsample == "unpool" and skips:
+            raise ValueError("upsample='unpool' reverses the backbone's poolings from the top stride; use skips=()")
         self.backbone = backbone
         self.num_classes = num_classes
         self.top_stride = top
@@ -93,7 +96,10 @@ class FCN(nn.Module):
             self.score_skip[str(s)] = nn.Conv2d(backbone.channels[s], num_classes, 1)
             stride = s
         self.score_geometry = geo  # where the cells of ``scores(x)`` sit (models/dense.py aligns dense scores with it)
-        self.final_up = Upsample(num_classes, stride, upsample, learnable_upsample)
+        if upsample == "unpool":  # the pooling switches, reversed from the top stride (upsample.py)
+            self.final_up = UnpoolDecoder(backbone, num_classes, geo, learnable_upsample)
+        else:
+            self.final_up = Upsample(num_classes, stride, upsample, learnable_upsample)
         self.final_offset = crop_offset(self.final_up.geometry(geo), Geometry())
         if self.final_offset < 0:
             raise ValueError("the upsampled output starts inside the image; the backbone needs input padding")
