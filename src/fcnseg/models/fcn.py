@@ -117,8 +117,13 @@ class FCN(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores before the final upsampling: (B, K, ~H/s, ~W/s) at s = ``output_stride``."""
-        feats = self.backbone(x)  # {8: (B,C8,H/8,W/8), 16: (B,C16,H/16,W/16), 32: (B,C32,H/32,W/32)}
-        score = self.score_fr(self.fc(feats[self.top_stride]))  # (B, K, H/32, W/32)
+        return self.fuse(self.backbone(x))  # {8: (B,C8,H/8,W/8), 16: (B,C16,H/16,W/16), 32: (B,C32,H/32,W/32)}
+
+    def fuse(self, feats: dict[int, torch.Tensor], top: torch.Tensor | None = None) -> torch.Tensor:
+        """Score the backbone features and fuse the skips; ``top``: the fc6/fc7 output when a trunk shared
+        by several heads has computed it (models/multihead.py)."""
+        top = self.fc(feats[self.top_stride]) if top is None else top
+        score = self.score_fr(top)  # (B, K, H/32, W/32)
         for s, offset, scale in zip(self.skips, self.skip_offsets, self.skip_scales):
             up = self.up[str(s)](score)  # (B, K, ~H/s, ~W/s)
             skip = feats[s] * scale if scale != 1.0 else feats[s]
@@ -129,7 +134,11 @@ class FCN(nn.Module):
                 score = up + _crop(skip, -offset, up.shape[-2], up.shape[-1])
         return score
 
+    def logits(self, score: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Scores from ``scores``/``fuse`` to (B, K, h, w) logits: the final upsampling and its computed crop."""
+        out = self.final_up(score)  # (B, K, >=H, >=W)
+        return _crop(out, self.final_offset, h, w)  # (B, K, H, W)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        out = self.final_up(self.scores(x))  # (B, K, >=H, >=W)
-        return _crop(out, self.final_offset, h, w)  # (B, K, H, W)
+        return self.logits(self.scores(x), h, w)
