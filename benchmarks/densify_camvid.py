@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 ROWS = ("fcn8s", "fcn32s", "shift-and-stitch", "rarefaction")
+DERIVED = "derived (trunk + coarse scores of the FCN-8s, untrained as 32s)"
 
 
 def derived_fcn32s(checkpoint: str) -> torch.nn.Module:
@@ -109,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         model = build(row, args.checkpoint, args.fcn32s, args.stride)
         entry = {"row": row, "stride": args.stride if row in ("shift-and-stitch", "rarefaction") else
                  (8 if row == "fcn8s" else 32), "passes": getattr(model, "passes", 1),
-                 "fcn32s": "given" if args.fcn32s else "derived (trunk + coarse scores of the FCN-8s, untrained as 32s)"}
+                 "fcn32s": "given" if args.fcn32s else DERIVED}
         del model
         entry |= accuracy(build(row, args.checkpoint, args.fcn32s, args.stride), args.root, args.limit)
         entry |= cost(row, args)
         table.append(entry)
         print(json.dumps(entry), file=sys.stderr, flush=True)
 
-    print(f"| method | output stride | passes | mean IU | pixel acc. | s / image | peak MB |  ({table[0]['images']} val images)")
+    print(f"{table[0]['images']} CamVid val images; FCN-32s: {table[0]['fcn32s']}")
+    print("| method | output stride | passes | mean IU | pixel acc. | s / image | peak MB |")
     print("|---|---|---|---|---|---|---|")
     for e in table:
         print(f"| {e['row']} | {e['stride']} | {e['passes']} | {100 * e['mean_iou']:.1f} | "

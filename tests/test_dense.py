@@ -318,7 +318,8 @@ def tiny32_checkpoint(tmp_path_factory):
     if TINY32 not in fcnseg.list_models():
         @fcnseg.register_model(TINY32)
         def tiny32(num_classes: int = 3, **kwargs) -> FCN:
-            return FCN(_TinyBackbone(), num_classes, skips=(), fc_channels=8, fc_kernel=3, upsample="bilinear", **kwargs)
+            return FCN(_TinyBackbone(), num_classes, skips=(), fc_channels=8, fc_kernel=3, upsample="bilinear",
+                       **kwargs)
 
     torch.manual_seed(0)
     model = fcnseg.build_model(TINY32, num_classes=3)

@@ -41,7 +41,6 @@ def test_the_trunk_is_shared_and_stored_once(tmp_path):
     model = _model()
     keys = list(model.state_dict())
     assert not any(".backbone." in k or k.startswith("heads.") and ".fc." in k for k in keys)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     save_file(model.state_dict(), tmp_path / "m.safetensors")  # refuses shared tensors, so none are
     clone = _model()
     with torch.no_grad():

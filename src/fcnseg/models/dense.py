@@ -85,7 +85,7 @@ def receptive_field(module: nn.Module) -> tuple[int, int]:
 
 def shift_and_stitch(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, stride: int,
                      target_stride: int = 1) -> torch.Tensor:
-    """Dense output of ``net`` (output stride ``stride``) at ``target_stride``, from ``(stride/target_stride)**2`` passes.
+    """Dense output of ``net`` (output stride ``stride``) at ``target_stride``, in ``(stride/target_stride)**2`` passes.
 
     ``x``: (B, C, H, W). Returns (B, K, F*h, F*w) where (B, K, h, w) is one pass's output and
     ``F = stride // target_stride``; cell ``q`` sits on input pixel ``target_stride*q + c`` (``c`` the
@@ -156,7 +156,8 @@ class _Rarefier:
     def _rewrite(self, parent: nn.Module, name: str, m: nn.Module) -> None:
         if isinstance(m, nn.ConvTranspose2d):
             if self.factor > 1:
-                raise FcnsegError(f"rarefy: cannot dilate the transposed convolution {name!r}; rarefy the part before it")
+                raise FcnsegError(f"rarefy: cannot dilate the transposed convolution {name!r}; "
+                                  f"rarefy the part before it")
             return
         if not isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             self.visit(m)
@@ -244,7 +245,8 @@ class DenseFCN(nn.Module):
         if method not in DENSE_METHODS:
             raise FcnsegError(f"unknown dense method {method!r}; valid: {', '.join(DENSE_METHODS)}")
         if not hasattr(model, "scores") or not hasattr(model, "score_geometry"):
-            raise FcnsegError(f"{type(model).__name__} is not an FCN; dense outputs need its class scores before upsampling")
+            raise FcnsegError(f"{type(model).__name__} is not an FCN; dense outputs need its class scores "
+                              f"before upsampling")
         coarse = int(model.output_stride)
         if stride < 1 or coarse % stride:
             raise FcnsegError(f"dense stride {stride} must divide the model's output stride {coarse} "
@@ -260,7 +262,8 @@ class DenseFCN(nn.Module):
         self.rarefied = rarefy(_CoarseScorer(model), stride) if method == "rarefaction" else None
         # dense cell q sits on pixel stride*q + c; cells replicated past the top/left edge until the
         # upsampled map starts at or before pixel 0 (a net whose scores start inside the image)
-        self.upsample = Upsample(model.num_classes, stride, "bilinear", learnable=False) if stride > 1 else nn.Identity()
+        self.upsample = (Upsample(model.num_classes, stride, "bilinear", learnable=False) if stride > 1
+                         else nn.Identity())
         self.lead = 0
         while (offset := crop_offset(self._up_geometry(Geometry(float(stride), model.score_geometry.offset
                                                                 - self.lead * stride)), Geometry())) < 0:

@@ -1,4 +1,4 @@
-"""RGB-D fusion (paper section 5, NYUDv2): early fusion widens conv1 to four channels; late fusion sums two FCNs' scores.
+"""RGB-D fusion (paper section 5, NYUDv2): early fusion widens conv1 to 4 channels; late fusion sums two FCNs' scores.
 
 Early fusion: the first convolution that reads the image gets a fourth input channel whose filter
 is the mean of the RGB filters (so a depth map normalised like the colour channels starts with the
@@ -40,7 +40,8 @@ def early_fusion(model: nn.Module, extra_channels: int = 1) -> nn.Module:
     fused = copy.deepcopy(model)
     parent, attr, old = _first_conv(fused)
     new = nn.Conv2d(3 + extra_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
-                    old.groups, old.bias is not None, old.padding_mode, device=old.weight.device, dtype=old.weight.dtype)
+                    old.groups, old.bias is not None, old.padding_mode, device=old.weight.device,
+                    dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight[:, :3] = old.weight
         new.weight[:, 3:] = old.weight.mean(1, keepdim=True)
