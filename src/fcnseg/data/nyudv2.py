@@ -67,7 +67,8 @@ class NYUDv2(SegmentationDataset):
             extra = torch.from_numpy(np.ascontiguousarray(read_depth(path)))[None]  # (1, H, W) metres
         else:
             hha = cached_hha(path, self.hha_cache, self.intrinsics)  # (H, W, 3) uint8
-            extra = torch.from_numpy(np.ascontiguousarray(hha)).permute(2, 0, 1).float() / 255
+            # a copy: an array read from the cache is read-only
+            extra = torch.from_numpy(np.array(hha)).permute(2, 0, 1).float() / 255
         if tuple(extra.shape[-2:]) != (image.height, image.width):
             raise DataFileError(f"{path}: depth map is {extra.shape[-1]}x{extra.shape[-2]} but its image "
                                 f"{self.files[index][0]} is {image.width}x{image.height}")
