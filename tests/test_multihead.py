@@ -152,3 +152,21 @@ def test_siftflow_geometric_label_files_win_over_derivation(tmp_path):
     assert ds[0][1].eq(2).all()
     with pytest.raises(FcnsegError, match="semantic, geometric"):
         build_dataset("siftflow", tmp_path / "s", "test", labels="depth")
+
+
+def test_one_mask_per_head_is_written(tmp_path):
+    from fcnseg.checkpoint import default_palette
+    from fcnseg.models.multihead import write_head_masks
+
+    model = _model()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 29, 35))
+    colors = {name: default_palette(k) for name, k in HEADS.items()}
+    paths = write_head_masks(out, colors, tmp_path / "pred", "img")
+    assert [p.name for p in paths] == ["img_semantic.png", "img_geometric.png"]
+    for name, path in zip(HEADS, paths):
+        png = Image.open(path)
+        assert png.mode == "P" and png.size == (35, 29)
+        assert np.array_equal(np.asarray(png), out[name][0].argmax(0).numpy())
+    with pytest.raises(FcnsegError, match="no colours for head 'geometric'"):
+        write_head_masks(out, {"semantic": colors["semantic"]}, tmp_path, "x")

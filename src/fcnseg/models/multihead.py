@@ -4,10 +4,11 @@
 and fc6/fc7 and gives every head its own score layers, skip scorers and upsamplings (each head is an
 ``FCN`` without a trunk of its own, so its crops and fusion are the FCN's). ``forward`` returns
 ``{head: (B, K_head, H, W) logits}``; ``multihead_loss`` sums one loss per head; ``evaluate_heads``
-keeps one confusion matrix per head.
+keeps one confusion matrix per head; ``write_head_masks`` writes one palette PNG per head.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -80,3 +81,24 @@ def evaluate_heads(model: MultiHeadFCN, batches: Iterable[tuple[torch.Tensor, Ma
         for name, logits in outputs.items():
             cms[name].update(targets[name].to(device), logits.argmax(1))
     return cms
+
+
+def write_head_masks(logits: Mapping[str, torch.Tensor], colors: Mapping[str, Sequence[Sequence[int]]],
+                     out: str | Path, stem: str) -> list[Path]:
+    """One palette PNG of class ids per head, ``out/<stem>_<head>.png``, from one image's
+    ``{head: (K, H, W) or (1, K, H, W) logits}``; written atomically. Returns the paths."""
+    from ..checkpoint import atomic_write
+    from ..visualize import palette_image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, value in logits.items():
+        if name not in colors:
+            raise FcnsegError(f"no colours for head {name!r}; colours are given for {sorted(colors)}")
+        mask = (value[0] if value.dim() == 4 else value).argmax(0).cpu().numpy()
+        image = palette_image(mask, colors[name])
+        path = out / f"{stem}_{name}.png"
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
