@@ -254,7 +254,8 @@ class DenseFCN(nn.Module):
         if method == "rarefaction" and model.skips:
             raise FcnsegError(f"rarefaction needs a net without skips (FCN-32s); this one fuses strides "
                               f"{', '.join(map(str, model.skips))}: use shift-and-stitch")
-        self.model = model
+        # the rarefied copy replaces the model (keeping both would hold, and count, the weights twice)
+        self.model = model if method == "shift-and-stitch" else None
         self.method, self.stride, self.coarse_stride = method, int(stride), coarse
         self.passes = (coarse // stride) ** 2 if method == "shift-and-stitch" else 1
         self.num_classes = model.num_classes
