@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     scores = {"checkpoint": str(args.checkpoint), "arch": record.get("arch"), "dataset": args.dataset,
               "split": args.split, "images": n, "tta": tta,
               "excluded": [classes[i] for i in sorted(exclude)],
-              **({"dense": record["dense"]} if "dense" in record else {}), **scores}
+              **({"dense": record["dense"]} if "dense" in record else {}),
+              **({"labels": dataset.label_source} if hasattr(dataset, "label_source") else {}), **scores}
     aug = "" if net is model else f", test-time flip={args.flip} scales={tta['scales']}"
     print(f"{record.get('arch')} on {args.dataset} {args.split} ({n} images{aug})")
     print(format_table(scores))
