@@ -32,11 +32,20 @@ def test_switches_and_unpooling_by_hand():
     indices, size = pool.switches
     assert indices.flatten().tolist() == [1, 6, 12, 15] and tuple(size) == (4, 4)
     scores = torch.tensor([[[[10., 20.], [30., 40.]], [[-1., -2.], [-3., -4.]]]])  # two classes, one switch
-    out = _identity_fill(Unpool(2))(scores, indices, size, pool)
+    out = _identity_fill(Unpool(2))(scores, indices, size)
     expected = torch.zeros(2, 4, 4)
     for (r, c), (a, b) in zip([(0, 1), (1, 2), (3, 0), (3, 3)], [(10., -1.), (20., -2.), (30., -3.), (40., -4.)]):
         expected[0, r, c], expected[1, r, c] = a, b
     assert torch.equal(out[0], expected)
+
+
+def test_the_scatter_is_max_unpool_for_distinct_switches_and_keeps_the_larger_for_shared_ones():
+    x = torch.randn(2, 5, 12, 14)
+    pooled, indices = F.max_pool2d(x, 2, return_indices=True)  # distinct per channel
+    assert torch.equal(Unpool.scatter(pooled, indices, (12, 14)), nn.MaxUnpool2d(2)(pooled, indices))
+    shared = torch.tensor([[[[5, 5], [0, 15]]]])  # two cells chose pixel 5 of a 4x4 plane
+    out = Unpool.scatter(torch.tensor([[[[3., -1.], [2., 4.]]]]), shared, (4, 4)).flatten()
+    assert out[5] == 3 and out[0] == 2 and out[15] == 4 and out.count_nonzero() == 3
 
 
 def test_the_switch_is_where_the_channels_are_strongest_together():
@@ -53,7 +62,7 @@ def test_ceil_mode_and_overlapping_pools_unpool_to_the_input_size():
     for pool in (SwitchMaxPool2d(2, ceil_mode=True), SwitchMaxPool2d(3, 2, 1)):
         x = torch.randn(1, 4, 7, 9)
         pooled = pool(x)
-        out = _identity_fill(Unpool(K))(torch.ones(1, K, *pooled.shape[-2:]), *pool.switches, pool)
+        out = _identity_fill(Unpool(K))(torch.ones(1, K, *pooled.shape[-2:]), *pool.switches)
         assert out.shape == (1, K, 7, 9)
         assert out.sum() <= pooled.shape[-2] * pooled.shape[-1] * K and out.max() == 1
 
@@ -73,7 +82,7 @@ def test_gradients_flow_through_unpooling():
     pooled = pool(x)
     scores = torch.randn(1, K, *pooled.shape[-2:], requires_grad=True)
     unpool = Unpool(K)
-    unpool(scores, *pool.switches, pool).square().sum().backward()
+    unpool(scores, *pool.switches).square().sum().backward()
     assert scores.grad.abs().min() > 0  # every score went somewhere
     assert unpool.fill.weight.grad.abs().sum() > 0
 

@@ -110,9 +110,14 @@ class SwitchMaxPool2d(nn.MaxPool2d):
 
 class Unpool(nn.Module):
     """Reverse one max pooling: each value goes back to its argmax position in the pooling's input
-    (``nn.MaxUnpool2d`` semantics, zeros elsewhere), then a 3x3 per-class filter initialised to the
+    (``nn.MaxUnpool2d``'s result, zeros elsewhere), then a 3x3 per-class filter initialised to the
     3-tap bilinear kernel spreads it over the pooling window (DeconvNet's unpool + deconvolution).
-    Overlapping windows (3x3 stride 2) that chose the same input pixel keep one of the values."""
+
+    The scatter is a ``scatter_reduce(amax)``: the same as ``nn.MaxUnpool2d`` when every switch is
+    distinct (tested against it), and deterministic where overlapping windows (3x3 stride 2) chose the
+    same input pixel: the larger score is kept there (MaxUnpool2d keeps an arbitrary one, which made
+    multi-threaded runs differ).
+    """
 
     def __init__(self, channels: int, learnable: bool = True):
         super().__init__()
@@ -121,12 +126,19 @@ class Unpool(nn.Module):
             self.fill.weight.copy_(bilinear_weight(channels, channels, 3).transpose(0, 1))
         self.fill.requires_grad_(learnable)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, size, pool: nn.MaxPool2d) -> torch.Tensor:
-        """``x`` on the pooled grid, ``indices`` and ``size`` (H, W) of the pooling's input, ``pool`` the layer."""
-        if indices.shape[1] != x.shape[1]:  # one switch per cell for every class (SwitchMaxPool2d)
-            indices = indices.expand(-1, x.shape[1], -1, -1)
-        x = F.max_unpool2d(x, indices, pool.kernel_size, pool.stride, pool.padding, output_size=tuple(size))
-        return self.fill(x)
+    @staticmethod
+    def scatter(x: torch.Tensor, indices: torch.Tensor, size) -> torch.Tensor:
+        """(B, K, h, w) values to their switches in a zero (B, K, H, W) map; ``indices`` (B, 1 or K, h, w)
+        index the flattened (H, W) plane as ``F.max_pool2d(..., return_indices=True)`` gives them."""
+        b, k = x.shape[:2]
+        h, w = (int(v) for v in size)
+        idx = indices.expand(-1, k, -1, -1).reshape(b, k, -1)
+        out = x.new_zeros(b, k, h * w).scatter_reduce(2, idx, x.reshape(b, k, -1), reduce="amax", include_self=False)
+        return out.view(b, k, h, w)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, size) -> torch.Tensor:
+        """``x`` on the pooled grid; ``indices`` and ``size`` (H, W) of the pooling's input (``SwitchMaxPool2d``)."""
+        return self.fill(self.scatter(x, indices, size))
 
 
 def _place(x: torch.Tensor, geo: Geometry, grid: Geometry, size) -> torch.Tensor:
@@ -193,7 +205,7 @@ class UnpoolDecoder(nn.Module):
             indices, size = pool.switches
             del pool.switches  # one forward's switches are used once; do not keep them alive
             x = _place(x, geo, out, indices.shape[-2:])  # the exact cells of the pooled map
-            x = self.unpool[i](x, indices, size, pool)  # (B, K, pooling input size)
+            x = self.unpool[i](x, indices, size)  # (B, K, pooling input size)
             geo = into
         return self.last(x) if self.last is not None else x
 
