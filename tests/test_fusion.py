@@ -85,3 +85,24 @@ def test_late_fusion_from_two_checkpoints(tmp_path):
     c = save_checkpoint(hha, tmp_path / "other.safetensors", make_record(hha, classes=names[::-1]))
     with pytest.raises(FcnsegError, match="name their classes differently"):
         LateFusionFCN.from_checkpoints(a, c)
+
+
+def test_an_early_fused_model_is_built_by_name_and_survives_a_checkpoint(tmp_path):
+    from fcnseg.checkpoint import load_checkpoint, make_record, save_checkpoint
+
+    torch.manual_seed(0)
+    model = fcnseg.build_model("fcn8s_resnet18", num_classes=K, in_channels=4).eval()
+    assert model.backbone.stem[0].in_channels == 4 and model.build_kwargs == {"in_channels": 4}
+    w = model.backbone.stem[0].weight
+    assert torch.allclose(w[:, 3], w[:, :3].mean(1))
+    nn.init.normal_(model.score_fr.weight, std=0.1)
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "rgbd.safetensors", make_record(model)))
+    x = torch.randn(1, 4, 33, 40)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+    # a trained RGB model widened afterwards records the argument too
+    fused = early_fusion(_scored("fcn8s_resnet18"))
+    assert fused.build_kwargs["in_channels"] == 4
+    again = load_checkpoint(save_checkpoint(fused, tmp_path / "f.safetensors", make_record(fused)))
+    with torch.no_grad():
+        assert torch.allclose(again(x), fused(x), atol=1e-5)

@@ -53,18 +53,24 @@ class FCN(nn.Module):
     ``skip_scales`` multiplies each skip feature before scoring (the at-once net's 0.01 / 0.0001).
     ``fc_channels=0`` drops fc6/fc7 and scores the deepest features directly (light backbones, GoogLeNet).
     ``upsample='unpool'`` (no skips) upsamples by reversing the backbone's max poolings (``UnpoolDecoder``).
+    ``in_channels=4``: RGB-D early fusion (the backbone's first convolution widened, see fusion.py).
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, skips: Sequence[int] = (16, 8),
                  fc_channels: int = 4096, fc_kernel: int = 7, dropout: float = 0.5,
                  upsample: UpsampleMode = "deconv", learnable_upsample: bool = True,
-                 skip_scales: Sequence[float] | None = None):
+                 skip_scales: Sequence[float] | None = None, in_channels: int = 3):
         super().__init__()
         top = max(backbone.strides)
         if any(s not in backbone.strides or s >= top for s in skips) or list(skips) != sorted(skips, reverse=True):
             raise ValueError(f"skips {tuple(skips)} must be decreasing strides below {top} from {backbone.strides}")
         if upsample == "unpool" and skips:
             raise ValueError("upsample='unpool' reverses the backbone's poolings from the top stride; use skips=()")
+        if in_channels != 3:  # RGB-D early fusion: conv1 widened, new filters = mean RGB filter (fusion.py)
+            from .fusion import widen_input
+
+            widen_input(backbone, in_channels - 3)
+        self.in_channels = in_channels
         self.backbone = backbone
         self.num_classes = num_classes
         self.top_stride = top

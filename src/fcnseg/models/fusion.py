@@ -28,17 +28,14 @@ def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
     raise FcnsegError(f"{type(model).__name__} has no convolution to widen")
 
 
-def early_fusion(model: nn.Module, extra_channels: int = 1) -> nn.Module:
-    """A copy of ``model`` that takes RGB plus ``extra_channels`` (depth) inputs; ``model`` is not changed.
-
-    Each extra channel's filter starts as the mean of the three RGB filters; the rest of the net and
-    its record/arch attributes are copied as they are.
-    """
-    _, _, conv = _first_conv(model)
-    if conv.in_channels != 3:
-        raise FcnsegError(f"the first convolution reads {conv.in_channels} channels; early fusion widens an RGB net")
-    fused = copy.deepcopy(model)
-    parent, attr, old = _first_conv(fused)
+def widen_input(model: nn.Module, extra_channels: int = 1) -> nn.Module:
+    """Give ``model``'s first convolution ``extra_channels`` more inputs, *in place* (for a model being
+    built: ``FCN(..., in_channels=4)``); each new filter starts as the mean of the three RGB filters."""
+    parent, attr, old = _first_conv(model)
+    if old.in_channels != 3:
+        raise FcnsegError(f"the first convolution reads {old.in_channels} channels; early fusion widens an RGB net")
+    if extra_channels < 1:
+        raise FcnsegError(f"early fusion adds at least one channel; got {extra_channels}")
     new = nn.Conv2d(3 + extra_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
                     old.groups, old.bias is not None, old.padding_mode, device=old.weight.device,
                     dtype=old.weight.dtype)
@@ -47,8 +44,22 @@ def early_fusion(model: nn.Module, extra_channels: int = 1) -> nn.Module:
         new.weight[:, 3:] = old.weight.mean(1, keepdim=True)
         if old.bias is not None:
             new.bias.copy_(old.bias)
+    new.requires_grad_(old.weight.requires_grad)
     setattr(parent, attr, new)
+    return model
+
+
+def early_fusion(model: nn.Module, extra_channels: int = 1) -> nn.Module:
+    """A copy of a built (e.g. trained RGB) ``model`` that takes RGB plus ``extra_channels`` (depth)
+    inputs; ``model`` is not changed. A checkpoint of the copy records ``in_channels`` so that
+    ``load_checkpoint`` rebuilds it (``FCN(..., in_channels=...)``)."""
+    _, _, conv = _first_conv(model)
+    if conv.in_channels != 3:
+        raise FcnsegError(f"the first convolution reads {conv.in_channels} channels; early fusion widens an RGB net")
+    fused = widen_input(copy.deepcopy(model), extra_channels)
     fused.in_channels = 3 + extra_channels
+    if isinstance(getattr(fused, "build_kwargs", None), dict):
+        fused.build_kwargs = {**fused.build_kwargs, "in_channels": 3 + extra_channels}
     return fused
 
 
