@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .backbones import Backbone
 from .convolutionalize import fc_to_conv
+from .fusion import widen_input
 from .geometry import Geometry, crop_offset
 from .upsample import UnpoolDecoder, Upsample, UpsampleMode
 
@@ -67,8 +68,6 @@ class FCN(nn.Module):
         if upsample == "unpool" and skips:
             raise ValueError("upsample='unpool' reverses the backbone's poolings from the top stride; use skips=()")
         if in_channels != 3:  # RGB-D early fusion: conv1 widened, new filters = mean RGB filter (fusion.py)
-            from .fusion import widen_input
-
             widen_input(backbone, in_channels - 3)
         self.in_channels = in_channels
         self.backbone = backbone
