@@ -126,13 +126,13 @@ def build_hybrid(checkpoint: str, trunk: str) -> torch.nn.Module:
     scoring and upsampling in float32: the trunk keeps float32 accuracy at ONNX Runtime's speed, and the
     fc layers, 90% of the weights, take half the memory."""
     import fcnseg
-    from fcnseg.inference import _cast_inputs, optimize
+    from fcnseg.optimize import _CastInputs, optimize
 
     model = fcnseg.load_checkpoint(checkpoint)
     model.backbone = OnnxRuntimeTrunk(trunk, model.backbone.strides)
-    optimize(model.fc, torch.bfloat16, channels_last=True)
+    optimize(model.fc, torch.bfloat16, channels_last=True, inplace=True)
     for layer in [model.score_fr, *model.score_skip.values()]:
-        layer.register_forward_pre_hook(_cast_inputs(torch.float32, False))
+        layer.register_forward_pre_hook(_CastInputs(torch.float32, False))
     return model.eval()
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import fcnseg
-from fcnseg.checkpoint import make_record, read_record, read_state_dict, save_checkpoint
+from fcnseg.checkpoint import default_palette, make_record, read_record, read_state_dict, save_checkpoint
 from fcnseg.errors import FcnsegError
 
 ARCH = "fcn32s_googlenet"  # a paper net small enough to build in a moment
@@ -72,7 +72,8 @@ def test_mistakes_are_fcnseg_errors(model, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
     with pytest.raises(FcnsegError, match="no fcnseg record"):
         fcnseg.load_checkpoint(tmp_path / "bare.safetensors")
-    record = dict(make_record(model), num_classes=5)  # a record that does not fit the weights
+    # a record that does not fit the weights (its own fields agree with each other)
+    record = dict(make_record(model), num_classes=5, classes=list("abcde"), colors=default_palette(5))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "bad.safetensors"),
               metadata={"fcnseg": json.dumps(record)})
     with pytest.raises(FcnsegError, match="weights do not fit"):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torchvision
 
 import fcnseg
+from fcnseg.errors import FcnsegError
 from fcnseg.models import convolutionalize
 
 
@@ -115,6 +116,7 @@ def test_fcn_from_a_torchvision_vgg16_file(vgg16, vgg16_file):
         assert not conv.weight.any() and not conv.bias.any()
 
 
+@pytest.mark.slow  # two more VGG16 nets
 def test_keep_fc8_scores_the_1000_imagenet_classes(vgg16, vgg16_file):
     with pytest.raises(ValueError, match="upsample='bilinear'"), torch.device("meta"):
         fcnseg.build_model("fcn32s_vgg16", keep_fc8=True, num_classes=1000)  # learned 1000x1000x64x64: 16 GB
@@ -123,6 +125,6 @@ def test_keep_fc8_scores_the_1000_imagenet_classes(vgg16, vgg16_file):
     fc8 = vgg16.classifier[6]
     assert torch.equal(model.score_fr.weight, fc8.weight.reshape(1000, 4096, 1, 1))
     assert torch.equal(model.score_fr.bias, fc8.bias)
-    with pytest.raises(ValueError, match="num_classes=1000"):
+    with pytest.raises(FcnsegError, match="num_classes=1000"):
         fcnseg.build_model("fcn32s_vgg16", pretrained=vgg16.state_dict(), keep_fc8=True, num_classes=21)
     assert model.build_kwargs == {"upsample": "bilinear"}

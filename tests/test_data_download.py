@@ -8,6 +8,7 @@ import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from fcnseg.cli import main
@@ -197,3 +198,98 @@ def test_siftflow_release_is_converted_to_the_dataset_layout(data_server, tmp_pa
         Source(f"{data_server.url}/trainval.txt", "trainval.txt", None, extract=False))})
     _, mask = build_dataset("siftflow", tmp_path, "trainval")[0]
     assert mask.tolist() == np.where(labels == 0, 255, labels.astype(np.int64) - 1).tolist()
+
+
+# ---- bounded extraction ----------------------------------------------------------------------------------
+
+def make_zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _serve(server, tmp_path, archive: bytes, filename: str, **limits):
+    server.files[f"/{filename}"] = archive
+    root = tmp_path / "root"
+    sources = {"toy": (Source(f"{server.url}/{filename}", filename, sha256(archive)),)}
+    return root, lambda: download_dataset("toy", root, sources=sources, progress=False,
+                                          limits=dl.ExtractLimits(**limits) if limits else dl.DEFAULT_LIMITS)
+
+
+def _left_as_it_was(root):
+    """Only the kept download: no extracted file, no staging folder, no marker."""
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == \
+        ["downloads", *sorted(f"downloads/{p.name}" for p in (root / "downloads").iterdir())]
+    assert not list((root / "downloads").glob("*.extracted"))
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_compression_bombs_are_refused_by_the_default_ratio(data_server, tmp_path, kind):
+    zeros = {"ok.txt": b"fine", "bomb.bin": bytes(4 << 20)}  # 4 MiB of zeros pack into a few kB
+    archive = make_zip(zeros) if kind == "zip" else make_tar(zeros)
+    assert len(archive) < 40_000
+    root, run = _serve(data_server, tmp_path, archive, f"bomb.{kind}")
+    with pytest.raises(FcnsegError, match=r"ratio [\d,]+, more than 100\b.*refusing the archive.*--max-ratio"):
+        run()
+    _left_as_it_was(root)
+
+
+def test_total_size_and_member_count_limits(data_server, tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes()  # incompressible
+    archive = make_zip({"a.bin": noise, "b.bin": noise})
+    root, run = _serve(data_server, tmp_path, archive, "big.zip", max_bytes=5000)
+    with pytest.raises(FcnsegError, match=r"declares more than 5,000 bytes.*--max-extract-gb"):
+        run()
+    _left_as_it_was(root)
+
+    many = make_zip({f"d/{i}.txt": b"x" for i in range(60)})
+    root, run = _serve(data_server, tmp_path / "2", many, "many.zip", max_members=50)
+    with pytest.raises(FcnsegError, match=r"more than 50 members.*--max-members"):
+        run()
+    _left_as_it_was(root)
+    download_dataset("toy", root, progress=False, limits=dl.ExtractLimits(max_members=61), sources={
+        "toy": (Source(f"{data_server.url}/many.zip", "many.zip", sha256(many)),)})
+    assert len(list((root / "d").iterdir())) == 60
+
+
+def test_bytes_are_counted_while_streaming_when_headers_lie(data_server, tmp_path, monkeypatch):
+    noise = np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    archive = make_tar({"first.bin": noise, "second.bin": noise})
+    monkeypatch.setattr(dl._Budget, "declare", lambda self, size: None)  # as if the headers said 0 bytes
+    root, run = _serve(data_server, tmp_path, archive, "lies.tar.gz", max_bytes=6000)
+    with pytest.raises(FcnsegError, match=r"writes more than 6,000 bytes"):
+        run()
+    _left_as_it_was(root)  # first.bin was unpacked, but only into the staging folder
+
+
+def test_a_member_longer_than_its_header_is_refused(tmp_path):
+    (tmp_path / "x.zip").write_bytes(b"z" * 100)
+    budget = dl._Budget(tmp_path / "x.zip", dl.DEFAULT_LIMITS)
+    with pytest.raises(FcnsegError, match=r"member 'm' holds more than the 10 bytes its header declares"):
+        budget.copy(io.BytesIO(b"y" * 11), tmp_path / "m", "m", 10)
+
+
+def test_archives_sharing_a_root_are_merged(data_server, tmp_path):
+    first, second = make_tar({"VOC/a/1.txt": b"1"}), make_zip({"VOC/a/2.txt": b"2", "VOC/b/3.txt": b"3"})
+    data_server.files["/1.tar.gz"], data_server.files["/2.zip"] = first, second
+    download_dataset("toy", tmp_path, progress=False, sources={"toy": (
+        Source(f"{data_server.url}/1.tar.gz", "1.tar.gz", sha256(first)),
+        Source(f"{data_server.url}/2.zip", "2.zip", sha256(second)))})
+    found = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.txt"))
+    assert found == ["VOC/a/1.txt", "VOC/a/2.txt", "VOC/b/3.txt"]
+    assert not list(tmp_path.glob(".extracting-*"))
+
+
+def test_download_command_takes_the_limits(data_server, tmp_path, capsys, monkeypatch):
+    archive = make_zip({"a.txt": bytes(200_000)})
+    data_server.files["/c.zip"] = archive
+    monkeypatch.setitem(dl.SOURCES, "camvid", (Source(f"{data_server.url}/c.zip", "c.zip", sha256(archive)),))
+    assert main(["data", "download", "camvid", "--root", str(tmp_path), "--no-progress", "--max-ratio", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c.zip" in err[0] and "--max-ratio" in err[0]
+    assert main(["data", "download", "camvid", "--root", str(tmp_path), "--no-progress", "--max-ratio", "2000"]) == 0
+    assert (tmp_path / "a.txt").stat().st_size == 200_000
+    assert main(["data", "download", "camvid", "--root", str(tmp_path), "--max-members", "0"]) == 1
+    assert "--max-members must be positive" in capsys.readouterr().err

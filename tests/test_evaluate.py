@@ -5,13 +5,12 @@ import pytest
 
 from fcnseg.cli import main
 
-from test_train_helpers import make_folder_dataset, register_tiny, unregister_tiny
+from tiny_models import make_folder_dataset
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for one epoch on 3-class data whose images are 33 x 45 (odd sizes on purpose)."""
-    register_tiny()
     tmp = tmp_path_factory.mktemp("eval")
     data = make_folder_dataset(tmp / "data", n_train=4, n_val=3, size=(33, 45))
     run = tmp / "run"
@@ -19,7 +18,6 @@ def trained(tmp_path_factory):
                  "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0", "--no-progress", "--no-plots",
                  "--out", str(run)]) == 0
     yield data, run, tmp
-    unregister_tiny()
 
 
 def _evaluate(data, checkpoint, *extra):
@@ -104,3 +102,70 @@ def test_an_exported_onnx_model_scores_like_its_checkpoint(trained, tmp_path):
     assert moved <= 0.005 * 3 * 32 * 45 and b["checkpoint"].endswith("m.onnx")
     assert b["tta"] == {"flip": True, "scales": [1.0]}
     assert _evaluate(data, onnx_path, "--amp") == 1
+
+
+# -- evaluation at inference speed: the batched, optimized path scores exactly like the per-image one --
+
+def _per_image_matrix(model, dataset, num_classes):
+    """The reference: the model as loaded, one image at a time, plain argmax."""
+    import torch
+
+    from fcnseg.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(num_classes, ignore_index=dataset.ignore_index if hasattr(dataset, "ignore_index") else 255)
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            image, mask = dataset[i][:2]
+            cm.update(target=mask[None], pred=model(image[None]).argmax(1))
+    return cm.mat
+
+
+def test_batched_optimized_evaluation_equals_per_image(trained, capsys):
+    import torch
+
+    from fcnseg.checkpoint import load_checkpoint
+    from fcnseg.data import build_dataset
+    from fcnseg.evaluation import evaluate_model
+
+    data, run, tmp = trained
+    model = load_checkpoint(run)
+    dataset = build_dataset("folder", data, "val")
+    want = _per_image_matrix(model, dataset, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = evaluate_model(model, dataset, batch_size=2, workers=0)
+    assert torch.equal(got.mat, want) and int(want.sum()) == 3 * 32 * 45
+    assert all(torch.equal(v, before[k]) and v.is_contiguous() for k, v in model.state_dict().items())
+    # the command: any batch size gives the same matrix; a batch size below 1 is a user error
+    mats = []
+    for bs in ("1", "3"):
+        out = tmp / f"bs{bs}.json"
+        assert _evaluate(data, run, "--batch-size", bs, "--json", str(out)) == 0
+        mats.append(json.loads(out.read_text())["confusion_matrix"])
+    assert mats[0] == mats[1] == want.tolist()
+    assert _evaluate(data, run, "--batch-size", "0") == 1
+    assert "batch size must be at least 1" in capsys.readouterr().err
+
+
+def test_mixed_sizes_and_batch_norm_fold_score_exactly(tmp_path):
+    """Images of two sizes in one loader batch, a real network whose batch norms are folded, a worker
+    process: the confusion matrix is still exactly the per-image one (float32)."""
+    import torch
+    import torch.nn as nn
+
+    import fcnseg
+    from fcnseg.evaluation import evaluate_model
+
+    torch.manual_seed(0)
+    model = fcnseg.build_model("fcn8s_efficientnet_lite0", num_classes=4, pretrained=True).eval()
+    for conv in [model.score_fr, *model.score_skip.values()]:
+        nn.init.normal_(conv.weight, std=conv.in_channels ** -0.5)  # fresh score layers output zeros
+    g = torch.Generator().manual_seed(1)
+    dataset = []
+    for h, w in [(33, 45), (40, 30), (33, 45), (33, 45), (40, 30)]:
+        mask = torch.randint(0, 4, (h, w), generator=g)
+        mask[0] = 255
+        dataset.append((torch.randn(3, h, w, generator=g), mask))
+    want = _per_image_matrix(model, dataset, 4)
+    got = evaluate_model(model, dataset, batch_size=4, workers=1)
+    assert torch.equal(got.mat, want)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the caller's model was left alone

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from fcnseg.cli import main
-from fcnseg.cli.predict import expand_inputs, output_stems
-from test_segmenter import random_image, tiny_checkpoint
+from fcnseg.cli.predict import expand_inputs, output_stems, renamed_stems
+from tiny_models import random_image, tiny_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -101,4 +101,8 @@ def test_missing_builtin_checkpoint_is_one_line(tmp_path, images, capsys, monkey
 def test_inputs_expand_without_repeats_and_stems_stay_unique(images):
     files, problems = expand_inputs([str(images), str(images / "a.png"), str(images / "**" / "*.png")])
     assert [f.name for f in files] == ["a.png", "b.jpg", "c.png"] and problems == []
-    assert output_stems([images / "x.png", images / "more" / "x.jpg", images / "y.png"]) == ["in_x", "more_x", "y"]
+    inputs = [images / "x.png", images / "more" / "x.jpg", images / "y.png", images / "z" / "more_x.png"]
+    stems = output_stems(inputs)
+    assert stems == ["x", "more_x", "y", "z_more_x"]  # the first keeps its name; a later one is renamed
+    assert renamed_stems(inputs, stems) == [f"x.png from {images / 'x.png'}; {inputs[1]} written as more_x.png",
+                                            f"more_x.png from {inputs[1]}; {inputs[3]} written as z_more_x.png"]

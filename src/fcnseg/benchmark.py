@@ -122,7 +122,8 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .inference import Segmenter, _return_freed_memory, optimize, parse_dtype
+    from .inference import Segmenter
+    from .optimize import optimize, parse_dtype, return_freed_memory
 
     spec = {**DEFAULT_SPEC, **spec}
     if spec["threads"]:
@@ -147,14 +148,14 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     elif spec["backend"] == "torch":
         model = _build_torch(spec).to(device)
         if spec["optimize"] and spec["mode"] == "model":
-            model = optimize(model, spec["dtype"], spec["channels_last"])
+            model = optimize(model, spec["dtype"], spec["channels_last"], inplace=True)  # the model is ours
     else:
         raise ValueError(f"unknown backend {spec['backend']!r}")
 
     if spec["mode"] == "segmenter":
         seg = Segmenter(model, device=device, dtype=spec["dtype"] if spec["backend"] == "torch" else None,
                         channels_last=spec["channels_last"], tile=spec["tile"], overlap=spec["overlap"],
-                        batch_size=b)
+                        batch_size=b, inplace=True)
         images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for _ in range(b)]
 
         def step():
@@ -172,7 +173,7 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
             return out["out"] if isinstance(out, dict) else out  # torchvision's segmentation models
 
     method = "VmHWM after reset (clear_refs) - RSS after imports"
-    _return_freed_memory()  # what building and loading freed is not the model's (glibc keeps it otherwise)
+    return_freed_memory()  # what building and loading freed is not the model's (glibc keeps it otherwise)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -255,17 +256,18 @@ def format_results(rows: list[dict[str, Any]], labels: list[str] | None = None) 
 
 
 def _worker(argv: list[str]) -> int:
-    import torch
+    from .optimize import flush_denormal
 
-    # before the first parallel operation: OpenMP's threads inherit the setting only when created after
-    # it; random weights drive activations into subnormal floats, which take x86's slow path
-    torch.set_flush_denormal(True)
-    import fcnseg  # noqa: F401  (fills the registry before the baseline is taken)
+    # this worker is a program: it opts in to flushing subnormals, before the first parallel operation
+    # (OpenMP's threads inherit the setting only when created after it); random weights drive
+    # activations into subnormal floats, which take x86's slow path
+    with flush_denormal():
+        import fcnseg  # noqa: F401  (fills the registry before the baseline is taken)
 
-    spec = json.loads(argv[0])
-    if spec.get("backend") == "onnxruntime":
-        import onnxruntime  # noqa: F401  (its import belongs to the baseline, like torch's)
-    result = run_benchmark(spec)
+        spec = json.loads(argv[0])
+        if spec.get("backend") == "onnxruntime":
+            import onnxruntime  # noqa: F401  (its import belongs to the baseline, like torch's)
+        result = run_benchmark(spec)
     print(json.dumps(result), flush=True)
     return 0
 

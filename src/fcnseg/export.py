@@ -22,6 +22,8 @@ import torch.nn as nn
 
 from .checkpoint import atomic_write
 from .errors import FcnsegError
+from .outputs import output_file
+from .record import CheckpointRecord
 
 FORMATS = ("onnx", "torchscript")
 METADATA_KEY = "fcnseg"
@@ -46,7 +48,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int
         import onnxscript  # noqa: F401  (the exporter's backend)
     except ModuleNotFoundError as e:
         raise FcnsegError(f"ONNX export needs {e.name}: pip install 'fcnseg[onnx]'") from None
-    path = Path(path)
+    path = output_file(path, what="ONNX export")  # before the minutes of tracing
     model = model.eval()
     x = torch.randn(1, 3, *example_size)
     auto = torch.export.Dim.AUTO  # the pooling and crop arithmetic is left to torch.export to work out
@@ -180,7 +182,7 @@ def export_torchscript(model: nn.Module, path: str | Path, example_size: tuple[i
 
     Load it with ``torch.jit.load(path)``; the record is the extra file ``fcnseg.json``.
     """
-    path = Path(path)
+    path = output_file(path, what="TorchScript export")
     model = model.eval()
     x = torch.randn(1, 3, *example_size)
     with warnings.catch_warnings(), torch.no_grad():
@@ -227,7 +229,9 @@ class OnnxRuntimeModel:
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise FcnsegError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.record: dict[str, Any] = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+        # an exported file carries its checkpoint's record; a foreign ONNX file has none
+        self.record: CheckpointRecord | dict[str, Any] = (
+            CheckpointRecord.from_json(meta[METADATA_KEY], path) if METADATA_KEY in meta else {})
         self.input_name = self.session.get_inputs()[0].name
         shape = self.session.get_outputs()[0].shape
         self.num_classes = int(self.record.get("num_classes") or (shape[1] if isinstance(shape[1], int) else 0))
@@ -262,7 +266,8 @@ def load_exported(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    module.record = json.loads(extra[f"{METADATA_KEY}.json"] or "{}")
+    text = extra[f"{METADATA_KEY}.json"]
+    module.record = CheckpointRecord.from_json(text, path) if text else {}
     return module
 
 

@@ -47,10 +47,11 @@ class ConfusionMatrix:
         target = target.reshape(-1).to(self.mat.device, torch.int64)
         pred = pred.reshape(-1).to(self.mat.device, torch.int64)
         keep = (target >= 0) & (target < k) & (target != self.ignore_index)
-        if bool(((pred[keep] < 0) | (pred[keep] >= k)).any()):
+        if bool((keep & ((pred < 0) | (pred >= k))).any()):
             raise ValueError(f"predicted labels must lie in [0, {k})")
-        idx = target[keep] * k + pred[keep]
-        self.mat += torch.bincount(idx, minlength=k * k).reshape(k, k)
+        # skipped pixels go to an extra bin: boolean indexing would cost ten times the count itself
+        idx = torch.where(keep, target * k + pred, k * k)
+        self.mat += torch.bincount(idx, minlength=k * k + 1)[:k * k].reshape(k, k)
 
     def reset(self) -> None:
         self.mat.zero_()

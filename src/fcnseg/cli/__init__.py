@@ -5,11 +5,13 @@ Each subcommand lives in its own module here with ``add_parser(subparsers)`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
 import warnings
 
-from ..errors import FcnsegError
+from ..errors import FcnsegError, printable
 
 # subcommand -> module in this package; a module missing here (not yet written) is simply not offered
 COMMANDS = {
@@ -22,7 +24,12 @@ COMMANDS = {
     "predict": "predict",
     "export": "export",
     "benchmark": "benchmark",
+    "serve": "serve",
 }
+
+# commands that run a model opt in to flushing subnormal floats, a process-wide switch that belongs to
+# the program, not the library (see fcnseg.optimize.flush_denormal)
+FLUSH_DENORMAL = {"predict", "evaluate", "benchmark", "serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"fcnseg: warning: {message}", file=sys.stderr)
+    print(f"fcnseg: warning: {printable(str(message))}", file=sys.stderr)
+
+
+class _LogFormat(logging.Formatter):
+    """The library's log records as the CLI's stderr lines: the bare message; warnings as one-line warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return f"fcnseg: warning: {msg}" if record.levelno >= logging.WARNING else msg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,16 +69,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    # the library logs to "fcnseg"; the program shows those messages on stderr while the command runs
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat())
+    lib_logger = logging.getLogger("fcnseg")
+    level = lib_logger.level
+    lib_logger.addHandler(handler)
+    lib_logger.setLevel(logging.INFO)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as settings:
             warnings.showwarning = _one_line_warning
+            if args.command in FLUSH_DENORMAL:
+                from ..optimize import flush_denormal
+
+                settings.enter_context(flush_denormal())
             code = args._run(args)
     except FcnsegError as e:
-        print(f"fcnseg: error: {e}", file=sys.stderr)
+        # the last line of defence for the one-line format: a newline in a quoted file name is escaped
+        print(f"fcnseg: error: {printable(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fcnseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        lib_logger.removeHandler(handler)
+        lib_logger.setLevel(level)
     return int(code or 0)
 
 

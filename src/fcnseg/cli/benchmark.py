@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..registry import list_models
 
     if args.dtype == "bfloat16" and args.device == "cpu":
-        from ..inference import bf16_slowness
+        from ..optimize import bf16_slowness
 
         slow = bf16_slowness()  # the run itself is in another process, where its warning would be lost
         if slow:

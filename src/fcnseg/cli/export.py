@@ -37,9 +37,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def calibration_batches(patterns: list[str], size: tuple[int, int], record: dict, limit: int) -> list:
+def second_check_size(h: int, w: int) -> tuple[int, int]:
+    """The size of the second parity check: about half the export size, shifted by 17 and 29 pixels so that
+    it matches neither the export size nor its aspect ratio -- a graph with a size baked in fails there."""
+    return h // 2 + 17, w // 2 + 29
+
+
+def calibration_batches(patterns: list[str], size: tuple[int, int], model, limit: int) -> list:
     """Normalised (1, 3, H, W) float32 arrays of up to ``limit`` images spread over ``patterns``."""
-    from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
     from ..data.io import read_image
     from ..errors import FcnsegError
     from ..export import calibration_batch
@@ -52,8 +57,9 @@ def calibration_batches(patterns: list[str], size: tuple[int, int], record: dict
         raise FcnsegError(f"--calibrate-limit must be at least 1, got {limit}")
     if len(files) > limit:
         files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else files[:1]
-    norm = record.get("normalization") or {}
-    mean, std = norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD)
+    from ..record import normalization_of
+
+    mean, std = normalization_of(model)
     return [calibration_batch(read_image(f), size, mean, std) for f in files]
 
 
@@ -63,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..errors import FcnsegError
     from ..export import export, load_exported, parity
+    from ..outputs import output_file
     from .predict import check_checkpoint_name
 
+    output_file(args.out, what="--out")
     check_checkpoint_name(args.checkpoint)
     if args.int8 or args.calibrate or args.int8_layers:
         if args.fmt != "onnx":
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     exported = load_exported(path)
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
-    for shape in [(1, 3, h, w), (2, 3, h // 2 + 17, w // 2 + 29)]:
+    for shape in [(1, 3, h, w), (2, 3, *second_check_size(h, w))]:
         r = parity(model, exported, torch.randn(*shape, generator=gen))
         worst = max(worst, r["max_abs_logit_diff"])
         print(f"parity at {shape[2]}x{shape[3]} (batch {shape[0]}): max |logit difference| "
@@ -103,14 +111,14 @@ def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
     from ..errors import FcnsegError
     from ..export import OnnxRuntimeModel, export_onnx, parity, quantize_onnx
 
-    batches = calibration_batches(args.calibrate, size, model.record or {}, args.calibrate_limit)
+    batches = calibration_batches(args.calibrate, size, model, args.calibrate_limit)
     with tempfile.TemporaryDirectory(prefix="fcnseg-export-") as tmp:
         fp32 = export_onnx(model, Path(tmp) / "float32.onnx", example_size=size)
         path = quantize_onnx(fp32, args.out, batches, only=args.int8_layers)
     runtime = OnnxRuntimeModel(path)
     shown = batches[:4]
-    odd = torch.nn.functional.interpolate(torch.from_numpy(batches[0]), size=(size[0] // 2 + 17, size[1] // 2 + 29),
-                                          mode="bilinear", align_corners=False)
+    odd = torch.nn.functional.interpolate(torch.from_numpy(batches[0]), size=second_check_size(*size), mode="bilinear",
+                                          align_corners=False)
     worst = 1.0
     for x in [torch.from_numpy(np.concatenate(shown)), odd]:
         r = parity(model, runtime, x)

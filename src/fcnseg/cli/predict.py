@@ -6,17 +6,21 @@ import glob
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from ..data.io import IMAGE_SUFFIXES
+from ..errors import printable, show_path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment images: palette PNG of class ids per image, optional overlay and probabilities",
                        description="Segment images. For each INPUT writes OUT/<stem>.png (palette PNG of class ids at "
-                                   "the input's size), and OUT/legend.png once.")
+                                   "the input's size), and OUT/legend.png once. Existing files are never replaced "
+                                   "unless --overwrite: they are reported and skipped (exit 1).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (their images) or glob patterns")
     p.add_argument("--checkpoint", default="camvid",
                    help="built-in name, .safetensors checkpoint, run directory, or .onnx file (default: camvid)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace predictions already in --out (default: report and skip them, exit 1)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg: colours blended over the image")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight (default 0.5)")
     p.add_argument("--probs", action="store_true", help="also write <stem>_probs.npy: float16 (K, H, W) probabilities")
@@ -30,7 +34,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="test-time augmentation: average over these input scales, e.g. 0.75 1 1.25")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <stem>_uncertainty.png: 8-bit normalised entropy (255 = most uncertain)")
+    p.add_argument("--max-side", type=int, default=None, metavar="PX",
+                   help="shrink photos whose long side exceeds PX before segmenting (default: the scale the model "
+                        "was trained at, from its record; 0: never shrink)")
+    p.add_argument("--scale", type=float, default=None, metavar="S",
+                   help="resize every photo by S before segmenting (instead of --max-side); the mask is resampled "
+                        "back to the photo's size")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     add_dense_arguments(p)
     return p
 
@@ -93,13 +105,11 @@ def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def output_stems(files: list[Path]) -> list[str]:
-    """Output names: the file stem, made unique with the parent folder's name where stems repeat."""
-    counts: dict[str, int] = {}
-    for f in files:
-        counts[f.stem] = counts.get(f.stem, 0) + 1
+    """Output names: the file stem; a later file whose stem is taken gets its parent folder's name in front
+    (and a number if that is taken too). ``renamed_stems`` says which."""
     stems, used = [], set()
     for f in files:
-        stem = f.stem if counts[f.stem] == 1 else f"{f.parent.name}_{f.stem}"
+        stem = f.stem if f.stem not in used else f"{f.parent.name}_{f.stem}"
         base, n = stem, 2
         while stem in used:
             stem, n = f"{base}_{n}", n + 1
@@ -108,56 +118,124 @@ def output_stems(files: list[Path]) -> list[str]:
     return stems
 
 
+def renamed_stems(files: list[Path], stems: list[str]) -> list[str]:
+    """One line per input whose output name is not its own stem, naming the input that has it."""
+    owner: dict[str, Path] = {}
+    lines = []
+    for f, stem in zip(files, stems):
+        owner.setdefault(stem, f)
+        if stem != f.stem:
+            lines.append(f"{show_path(f.stem)}.png from {show_path(owner[f.stem])}; {show_path(f)} written as "
+                         f"{show_path(stem)}.png")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
+    from PIL import Image
     from tqdm import tqdm
 
-    from ..checkpoint import atomic_write, load_checkpoint
+    from ..checkpoint import atomic_write, clean_stale_temps, load_checkpoint
     from ..data.io import read_image
-    from ..errors import FcnsegError
+    from ..errors import FcnsegError, OutputExistsError, OutputWriteError
     from ..inference import Segmenter
+    from ..outputs import output_dir, write_group
+    from ..uncertainty import to_png_array, uncertainty
     from ..visualize import legend, overlay, palette_image
 
+    out: Path = output_dir(args.out, what="--out")  # before the model loads
     files, problems = expand_inputs(args.inputs)
+    if not any(f.is_file() for f in files):  # inputs too are checked before the model loads
+        for msg in problems:
+            say(msg)
+        raise FcnsegError(f"{show_path(files[0])}: no such image file" if files else "no images to segment")
     options = dict(device=args.device, dtype=args.dtype, tile=args.tile, overlap=args.overlap, flip=args.flip,
-                   scales=args.scales)
+                   scales=args.scales, max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
     check_checkpoint_name(args.checkpoint)
     dense = dense_model(args, lambda: load_checkpoint(args.checkpoint, device=args.device))
-    seg = Segmenter(dense, **options) if dense is not None else load_segmenter(args.checkpoint, backend=args.backend,
-                                                                               **options)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "legend.png", lambda tmp: legend(seg.classes, seg.colors).save(tmp, format="PNG"))
+    seg = Segmenter(dense, inplace=True, **options) if dense is not None else \
+        load_segmenter(args.checkpoint, backend=args.backend, **options)
+    clean_stale_temps(out)
     for msg in problems:
-        print(f"fcnseg: {msg}", file=sys.stderr)
+        say(msg)
+    stems = output_stems(files)
+    for line in renamed_stems(files, stems):
+        say(line)
 
-    failed = len(problems)
-    bar = tqdm(list(zip(files, output_stems(files))), unit="image", disable=args.quiet or len(files) < 2,
-               file=sys.stderr)
-    for path, stem in bar:
+    written = skipped = failed = 0
+    stopped = None
+    todo = list(zip(files, stems))
+    bar = tqdm(todo, unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
+    for i, (path, stem) in enumerate(bar):
+        names = [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if args.overlay else []) + \
+                ([f"{stem}_probs.npy"] if args.probs else []) + \
+                ([f"{stem}_uncertainty.png"] if args.uncertainty else [])
+        there = [n for n in names if (out / n).exists()] if not args.overwrite else []
+        if there:  # checked before the work; the exclusive write below still catches a name taken meanwhile
+            skipped += 1
+            say(f"{show_path(out / there[0])}: exists already, not replaced (--overwrite replaces it)", bar)
+            continue
         try:
             image = read_image(path)
-            pred = seg.segment(image, probs=args.probs)
+            pred = seg.segment(image, probs=args.probs or args.uncertainty)
             mask = pred.mask.numpy()
-            atomic_write(out / f"{stem}.png", lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))
+            group = [(out / names[0], lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))]
             if args.overlay:
                 pic = overlay(image, mask, seg.colors, args.alpha)
-                atomic_write(out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90))
-            if pred.probs is not None:
+                group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
+            if args.uncertainty:
+                u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
+                group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
+            if args.probs:
                 probs = pred.probs.numpy()
 
                 def save_npy(tmp: str) -> None:
                     with open(tmp, "wb") as f:
                         np.save(f, probs)
 
-                atomic_write(out / f"{stem}_probs.npy", save_npy)
+                group.append((out / f"{stem}_probs.npy", save_npy))
+            write_group(group, overwrite=args.overwrite)
+            written += 1
+        except OutputExistsError as e:
+            skipped += 1
+            say(f"{e} (another run wrote it meanwhile; --overwrite replaces it)", bar)
+        except OutputWriteError as e:
+            # a full disk or a read-only folder fails every later image too: stop here
+            failed += 1
+            stopped = len(todo) - i - 1
+            say(str(e), bar)
+            break
         except (FcnsegError, OSError, ValueError, RuntimeError) as e:
             failed += 1
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            tqdm.write(f"fcnseg: {path}: {msg}" if str(path) not in msg else f"fcnseg: {msg}", file=sys.stderr)
-    done = len(files) - (failed - len(problems))
-    print(f"wrote {done} prediction(s) to {out}" + (f"; {failed} failed" if failed else ""))
-    return 1 if failed else 0
+            say(msg if str(path) in msg else f"{show_path(path)}: {msg}", bar)
+    bar.close()
+    if written:
+        try:
+            atomic_write(out / "legend.png", lambda tmp: legend(seg.classes, seg.colors).save(tmp, format="PNG"))
+        except OutputWriteError as e:
+            failed += 1
+            say(str(e))
+    parts = [f"wrote {written} prediction(s) to {show_path(out)}"]
+    if skipped:
+        parts.append(f"{skipped} skipped because they exist (--overwrite replaces them)")
+    if failed or problems:
+        parts.append(f"{failed + len(problems)} failed")
+    if stopped:
+        parts.append(f"stopped with {stopped} image(s) not attempted")
+    print("; ".join(parts))
+    return 1 if failed or problems or skipped else 0
+
+
+def say(message: str, bar=None) -> None:
+    """One ``fcnseg:`` line on stderr (above the progress bar), control characters escaped."""
+    from tqdm import tqdm
+
+    line = f"fcnseg: {printable(message)}"
+    if bar is not None:
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
 
 
 def check_checkpoint_name(checkpoint: str) -> None:
@@ -173,8 +251,13 @@ def check_checkpoint_name(checkpoint: str) -> None:
 
 
 def load_segmenter(checkpoint: str, backend: str | None = None, **kwargs):
-    """A Segmenter for the CLI, after ``check_checkpoint_name``."""
+    """A Segmenter for the CLI, after ``check_checkpoint_name``. A process-wide step the library leaves to
+    programs: a 16-bit conversion's freed float32 weights go back to the OS (glibc keeps freed pages)."""
     from ..inference import Segmenter
+    from ..optimize import return_freed_memory
 
     check_checkpoint_name(checkpoint)
-    return Segmenter.from_checkpoint(checkpoint, backend=backend, **kwargs)
+    seg = Segmenter.from_checkpoint(checkpoint, backend=backend, **kwargs)
+    if kwargs.get("dtype") not in (None, "float32"):
+        return_freed_memory()
+    return seg

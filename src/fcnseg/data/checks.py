@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ..checkpoint import atomic_write
+from ..outputs import output_file
 from .base import IGNORE_INDEX, SegmentationDataset
 from .io import DataFileError
 
@@ -107,7 +108,7 @@ def check_dataset(dataset: SegmentationDataset, progress: Callable | None = None
 
 def write_weights_json(report: CheckReport, path: str | Path, **about) -> Path:
     """The class statistics as JSON for training (``class_weights`` in class order)."""
-    path = Path(path)
+    path = output_file(path, what="class-weights file")
     data = {**about, "classes": report.classes, "ignore_index": IGNORE_INDEX,
             "method": "median_frequency (Eigen & Fergus 2015)",
             "class_weights": [round(w, 6) for w in report.class_weights()],

@@ -7,20 +7,25 @@ archive records a finished extraction, so running the same command again does no
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import http.client
+import logging
 import os
 import shutil
 import tarfile
+import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping, Sequence
 
-from ..checkpoint import file_digest
-from ..errors import FcnsegError
+from ..checkpoint import STALE_TEMP_S, file_digest
+from ..errors import FcnsegError, show_path
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def fetch(url: str, dest: Path, checksum: str | None = None, progress: bool = Tr
         raise FcnsegError(f"{dest.name}: {algo} checksum mismatch (expected {expected}, got {got}); the corrupt "
                           f"download was removed, run the command again")
     if expected is None:
-        print(f"{dest.name}: no published checksum; {algo} {got}")
+        logging.getLogger(__name__).info(f"{dest.name}: no published checksum; {algo} {got}")
     os.replace(part, dest)
     return dest
 
@@ -130,7 +135,7 @@ def _member_target(root: Path, name: str, strip: str) -> Path | None:
     """Where an archive member goes under ``root`` (None: outside ``strip``); hostile names raise."""
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
-        raise FcnsegError(f"archive member {name!r} would be written outside {root}; refusing the archive")
+        raise FcnsegError(f"archive member {name!r} would be written outside the dataset folder; refusing the archive")
     if strip:
         prefix = PurePosixPath(strip)
         if pure == prefix or prefix not in pure.parents:
@@ -138,67 +143,187 @@ def _member_target(root: Path, name: str, strip: str) -> Path | None:
         pure = pure.relative_to(prefix)
     target = (root / pure).resolve()
     if not target.is_relative_to(root.resolve()):
-        raise FcnsegError(f"archive member {name!r} would be written outside {root}; refusing the archive")
+        raise FcnsegError(f"archive member {name!r} would be written outside the dataset folder; refusing the archive")
     return target
 
 
-def extract(archive: Path, root: Path, strip: str = "") -> None:
-    """Extract a .tar(.gz) or .zip under ``root``; every member is checked before anything is written."""
+@dataclass(frozen=True)
+class ExtractLimits:
+    """What one archive may unpack to. The defaults are about four times the largest supported dataset
+    (VOC2012: about 2 GB in some 40,000 members; SBD: about 35,000 members), and a total compression
+    ratio no real dataset comes near (images are compressed already: VOC's tar is about 1:1, a zip of label
+    matrices about 1:10) while a zip bomb is 1:1000 and more."""
+
+    max_bytes: int = 10 * 2**30
+    max_ratio: float = 100.0
+    max_members: int = 200_000
+
+
+DEFAULT_LIMITS = ExtractLimits()
+
+
+class _Budget:
+    """Counts members and bytes against the limits: first as the headers declare them, then as actually
+    written (headers can lie)."""
+
+    def __init__(self, archive: Path, limits: ExtractLimits):
+        self.archive, self.limits = archive, limits
+        self.size = max(archive.stat().st_size, 1)
+        self.members = self.declared = self.written = 0
+
+    def refuse(self, what: str, flag: str) -> None:
+        raise FcnsegError(f"{show_path(self.archive.name)}: {what}; refusing the archive (nothing was extracted; "
+                          f"raise the limit ({flag}) if the archive is trusted)")
+
+    def member(self) -> None:
+        self.members += 1
+        if self.members > self.limits.max_members:
+            self.refuse(f"more than {self.limits.max_members:,} members", "--max-members")
+
+    def declare(self, size: int) -> None:
+        self.declared += max(int(size), 0)
+        self._check(self.declared, "declares")
+
+    def _check(self, total: int, verb: str) -> None:
+        if total > self.limits.max_bytes:
+            self.refuse(f"{verb} more than {self.limits.max_bytes:,} bytes of content", "--max-extract-gb")
+        if total / self.size > self.limits.max_ratio:
+            self.refuse(f"{verb} {total:,} bytes from {self.size:,} (ratio {total / self.size:,.0f}, more than "
+                        f"{self.limits.max_ratio:g})", "--max-ratio")
+
+    def copy(self, src, dst_path: Path, name: str, declared: int) -> None:
+        """Stream one member to ``dst_path``, stopping at its declared size or the limits."""
+        got = 0
+        with open(dst_path, "wb") as dst:
+            while block := src.read(CHUNK):
+                got += len(block)
+                self.written += len(block)
+                if got > declared:
+                    self.refuse(f"member {name!r} holds more than the {declared:,} bytes its header declares",
+                                "--max-extract-gb")
+                self._check(self.written, "writes")
+                dst.write(block)
+
+
+def extract(archive: Path, root: Path, strip: str = "", limits: ExtractLimits = DEFAULT_LIMITS) -> None:
+    """Extract a .tar(.gz) or .zip under ``root``, all or nothing.
+
+    Every member is checked before anything is written (names, links, and the ``limits`` on member count,
+    total size and compression ratio as the headers declare them); the content is unpacked into a hidden
+    folder in ``root``, counting the bytes actually written against the same limits, and moved into place
+    only once complete. A refused or damaged archive leaves ``root`` as it was.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_extractions(root, archive)
+    staging = Path(tempfile.mkdtemp(prefix=f".extracting-{archive.name}-", dir=root))
     try:
+        budget = _Budget(archive, limits)
         if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                plan = [(m, _member_target(root, m.filename, strip)) for m in zf.infolist()]
-                for m, target in plan:
-                    if (m.external_attr >> 16) & 0o170000 == 0o120000:
-                        raise FcnsegError(f"{archive}: member {m.filename!r} is a symbolic link; refusing the archive")
-                for m, target in plan:
-                    if target is None:
-                        continue
-                    if m.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(m) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
-            return
-        with tarfile.open(archive) as tf:
-            plan = []
-            for m in tf.getmembers():
-                target = _member_target(root, m.name, strip)
-                if target is not None and (m.issym() or m.islnk()):
-                    link = PurePosixPath(m.linkname)
-                    if m.issym():  # resolved from the link's own folder
-                        escapes = link.is_absolute() or not (target.parent / link).resolve().is_relative_to(root.resolve())
-                    else:  # a hard link names another member of the archive
-                        escapes = link.is_absolute() or ".." in link.parts
-                    if escapes:
-                        raise FcnsegError(f"{archive}: link {m.name!r} -> {m.linkname!r} points outside {root}; "
-                                          f"refusing the archive")
-                if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-                    continue  # devices and fifos have no place in a dataset
-                if target is not None:
-                    plan.append((m, target))
-            data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            for m, target in plan:
-                if strip:
-                    m = copy.copy(m)
-                    m.name = target.relative_to(root.resolve()).as_posix()
-                    if m.islnk():
-                        linked = _member_target(root, m.linkname, strip)
-                        if linked is None:
-                            raise FcnsegError(f"{archive}: hard link {m.name!r} refers outside {strip!r}")
-                        m.linkname = linked.relative_to(root.resolve()).as_posix()
-                tf.extract(m, root, **data_filter)
+            _extract_zip(archive, staging, strip, budget)
+        else:
+            _extract_tar(archive, staging, strip, budget)
+        _move_into(staging, root)
     except getattr(tarfile, "FilterError", ()) as e:
         raise FcnsegError(f"{archive}: unsafe member ({e}); refusing the archive") from None
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise FcnsegError(f"{archive}: damaged archive ({e}); delete it and download again") from None
+    except OSError as e:
+        raise FcnsegError(f"{archive}: extraction into {root} failed ({e.strerror or e}); nothing was "
+                          f"extracted") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _extract_zip(archive: Path, root: Path, strip: str, budget: _Budget) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        plan = []
+        for m in infos:
+            budget.member()
+            target = _member_target(root, m.filename, strip)
+            if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                raise FcnsegError(f"{archive}: member {m.filename!r} is a symbolic link; refusing the archive")
+            if target is not None:
+                budget.declare(m.file_size)
+                plan.append((m, target))
+        for m, target in plan:
+            if m.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src:
+                budget.copy(src, target, m.filename, m.file_size)
+
+
+def _extract_tar(archive: Path, root: Path, strip: str, budget: _Budget) -> None:
+    with tarfile.open(archive) as tf:
+        plan = []
+        for m in tf:  # not getmembers(): a many-member bomb is refused before all its headers are held
+            budget.member()
+            target = _member_target(root, m.name, strip)
+            if target is not None and (m.issym() or m.islnk()):
+                link = PurePosixPath(m.linkname)
+                if m.issym():  # resolved from the link's own folder
+                    escapes = link.is_absolute() or not (target.parent / link).resolve().is_relative_to(root.resolve())
+                else:  # a hard link names another member of the archive
+                    escapes = link.is_absolute() or ".." in link.parts
+                if escapes:
+                    raise FcnsegError(f"{archive}: link {m.name!r} -> {m.linkname!r} points outside the dataset "
+                                      f"folder; refusing the archive")
+            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                continue  # devices and fifos have no place in a dataset
+            if target is not None:
+                if m.isfile():
+                    budget.declare(m.size)
+                plan.append((m, target))
+        data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        for m, target in plan:
+            if m.isfile():
+                if data_filter:
+                    tarfile.data_filter(m, str(root))  # the same checks tf.extract would make
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tf.extractfile(m)
+                budget.copy(src, target, m.name, m.size)
+                continue
+            if strip:
+                m = copy.copy(m)
+                m.name = target.relative_to(root.resolve()).as_posix()
+                if m.islnk():
+                    linked = _member_target(root, m.linkname, strip)
+                    if linked is None:
+                        raise FcnsegError(f"{archive}: hard link {m.name!r} refers outside {strip!r}")
+                    m.linkname = linked.relative_to(root.resolve()).as_posix()
+            tf.extract(m, root, **data_filter)
+
+
+def _move_into(staging: Path, root: Path) -> None:
+    """Move the finished extraction into ``root``, merging into folders that exist (VOC2012 and SBD share
+    a root; a later archive's file replaces an earlier one of the same name)."""
+    for entry in sorted(staging.iterdir()):
+        dest = root / entry.name
+        if entry.is_dir() and not entry.is_symlink() and dest.is_dir() and not dest.is_symlink():
+            _move_into(entry, dest)
+        else:
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(entry, dest)
+
+
+def _remove_stale_extractions(root: Path, archive: Path) -> None:
+    """Staging folders of this archive left by a killed run (only ones untouched for an hour)."""
+    now = time.time()
+    for old in root.glob(f".extracting-{glob.escape(archive.name)}-*"):
+        try:
+            if old.is_dir() and now - old.stat().st_mtime > STALE_TEMP_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def download_dataset(name: str, root: str | Path, sources: Mapping[str, Sequence[Source]] | None = None,
-                     progress: bool = True) -> Path:
-    """Fetch, verify and extract dataset ``name`` into ``root``; running it again does nothing."""
+                     progress: bool = True, limits: ExtractLimits = DEFAULT_LIMITS) -> Path:
+    """Fetch, verify and extract dataset ``name`` into ``root``; running it again does nothing.
+    ``limits`` bounds what each archive may unpack to (``ExtractLimits``)."""
     sources = SOURCES if sources is None else sources
     names = ALIASES.get(name, (name,)) if sources is SOURCES else (name,)
     unknown = [n for n in names if n not in sources]
@@ -219,7 +344,7 @@ def download_dataset(name: str, root: str | Path, sources: Mapping[str, Sequence
             if marker.is_file():
                 continue
             fetch(src.url, archive, src.checksum, progress)
-            extract(archive, root, src.strip)
+            extract(archive, root, src.strip, limits)
             marker.write_text(f"{src.url}\n")
         if n in PREPARE:
             PREPARE[n](root)

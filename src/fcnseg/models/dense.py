@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FcnsegError
+from ..record import CheckpointRecord
 from .geometry import _SHORTCUT_NAMES, Geometry, crop_offset
 from .upsample import Upsample
 
@@ -301,8 +302,12 @@ class DenseFCN(nn.Module):
 def densify(model: nn.Module, method: DenseMethod, stride: int) -> DenseFCN:
     """``DenseFCN`` over a loaded checkpoint, keeping its record (with the method noted) and arch."""
     dense = DenseFCN(model, method, stride)
-    record = dict(getattr(model, "record", None) or {})
-    record["dense"] = {"method": method, "stride": int(stride), "passes": dense.passes}
-    dense.record = record
+    record = getattr(model, "record", None)
+    note = {"method": method, "stride": int(stride), "passes": dense.passes}
+    # a CheckpointRecord stays one (its normalisation, classes and colours are what inference reads)
+    if isinstance(record, CheckpointRecord):
+        dense.record = record.replace(dense=note)
+    else:
+        dense.record = {**(record or {}), "dense": note}
     dense.arch = getattr(model, "arch", None)
     return dense

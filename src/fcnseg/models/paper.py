@@ -1,51 +1,46 @@
 """The paper's networks: FCN-32s/16s/8s and FCN-8s at-once on VGG16, FCN-32s on AlexNet and GoogLeNet."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
+from ..errors import FcnsegError
 from ..registry import register_model
 from .backbones import AlexNetBackbone, GoogLeNetBackbone, VGG16Backbone
-from .fcn import FCN
+from .fcn import FCN, ConvClassifier
+from .imagenet import load_imagenet
 
 
-def _imagenet_weights(arch: str, pretrained):
-    """``pretrained``: False/None (random), True or 'imagenet' (torchvision's ImageNet weights,
-    downloaded and cached by torchvision), or a local file/state dict of the torchvision classifier."""
-    if pretrained is None or pretrained is False:
-        return None
-    if pretrained is True or pretrained == "imagenet":
-        import torchvision.models as tvm
-
-        enum = {"vgg16": tvm.VGG16_Weights, "alexnet": tvm.AlexNet_Weights, "googlenet": tvm.GoogLeNet_Weights}[arch]
-        return enum.IMAGENET1K_V1
-    if isinstance(pretrained, (str, Path, dict)):
-        return pretrained
-    raise TypeError(f"pretrained must be False, True, 'imagenet', a path or a state dict; got {type(pretrained)}")
-
-
-def _keep_fc8(model: FCN, fc8: dict[str, torch.Tensor]) -> None:
+def _keep_fc8(model: FCN, fc8: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Use the ImageNet classifier's last layer as the score layer: a dense 1000-class heat-map net."""
-    if model.num_classes != fc8["weight"].shape[0]:
-        raise ValueError(f"keep_fc8 needs num_classes={fc8['weight'].shape[0]}, got {model.num_classes}")
-    k, c = fc8["weight"].shape
+    if fc8 is None:
+        raise FcnsegError("keep_fc8 needs ImageNet weights: pass pretrained=True or a weights file")
+    weight, bias = fc8
+    if model.num_classes != weight.shape[0]:
+        raise FcnsegError(f"keep_fc8 needs num_classes={weight.shape[0]}, got {model.num_classes}")
+    k, c = weight.shape
     with torch.no_grad():
-        model.score_fr.weight.copy_(fc8["weight"].reshape(k, c, 1, 1))
-        model.score_fr.bias.copy_(fc8["bias"])
+        model.score_fr.weight.copy_(weight.reshape(k, c, 1, 1))
+        model.score_fr.bias.copy_(bias)
 
 
-def _vgg16_fcn(num_classes: int, skips, pretrained=None, keep_fc8: bool = False, skip_scales=None,
-               **kwargs) -> FCN:
-    backbone = VGG16Backbone(_imagenet_weights("vgg16", pretrained))
-    model = FCN(backbone, num_classes, skips=skips, fc_channels=4096, fc_kernel=7, skip_scales=skip_scales, **kwargs)
-    if backbone.classifier_state is not None:
-        model.fc.load_classifier(backbone.classifier_state, backbone.classifier_in)
-        if keep_fc8:
-            _keep_fc8(model, {"weight": backbone.classifier_state["6.weight"], "bias": backbone.classifier_state["6.bias"]})
-    del backbone.classifier_state
+def _paper_fcn(family: str, backbone_cls, num_classes: int, pretrained, keep_fc8: bool, **kwargs) -> FCN:
+    """One builder for the paper's nets: ImageNet weights into the trunk, fc6/fc7 convolutionalized
+    into the head where the classifier has them, fc8 as the score layer with ``keep_fc8``."""
+    weights = load_imagenet(family, pretrained)
+    backbone = backbone_cls(weights.state if weights else None)
+    model = FCN(backbone, num_classes, **kwargs)
+    if weights is not None and weights.fc6 is not None and isinstance(model.fc, ConvClassifier):
+        model.fc.load_classifier(weights.fc6, weights.fc7, backbone.classifier_in)
+    if keep_fc8:
+        _keep_fc8(model, weights.fc8 if weights else None)
     return model
+
+
+def _vgg16_fcn(num_classes: int, skips, pretrained=None, keep_fc8: bool = False, **kwargs) -> FCN:
+    kwargs.setdefault("fc_channels", 4096)
+    kwargs.setdefault("fc_kernel", 7)
+    return _paper_fcn("vgg16", VGG16Backbone, num_classes, pretrained, keep_fc8, skips=skips, **kwargs)
 
 
 @register_model("fcn32s_vgg16")
@@ -75,27 +70,16 @@ def fcn8s_atonce_vgg16(num_classes: int = 21, **kwargs) -> FCN:
 @register_model("fcn32s_alexnet")
 def fcn32s_alexnet(num_classes: int = 21, pretrained=None, keep_fc8: bool = False, **kwargs) -> FCN:
     """FCN-AlexNet (paper Table 1): conv1 padded by 100, fc6 as a 6x6 convolution, 32x upsampling."""
-    backbone = AlexNetBackbone(_imagenet_weights("alexnet", pretrained))
-    model = FCN(backbone, num_classes, skips=(), fc_channels=4096, fc_kernel=6, **kwargs)
-    if backbone.classifier_state is not None:
-        state = backbone.classifier_state  # torchvision AlexNet: classifier.1 / .4 / .6
-        model.fc.load_classifier({"0.weight": state["1.weight"], "0.bias": state["1.bias"],
-                                  "3.weight": state["4.weight"], "3.bias": state["4.bias"]}, backbone.classifier_in)
-        if keep_fc8:
-            _keep_fc8(model, {"weight": state["6.weight"], "bias": state["6.bias"]})
-    del backbone.classifier_state
-    return model
+    kwargs.setdefault("fc_channels", 4096)
+    kwargs.setdefault("fc_kernel", 6)
+    return _paper_fcn("alexnet", AlexNetBackbone, num_classes, pretrained, keep_fc8, skips=(), **kwargs)
 
 
 @register_model("fcn32s_googlenet")
 def fcn32s_googlenet(num_classes: int = 21, pretrained=None, keep_fc8: bool = False, **kwargs) -> FCN:
     """FCN-GoogLeNet (paper Table 1): inception5b scored by a 1x1 convolution, final average pooling dropped."""
-    backbone = GoogLeNetBackbone(_imagenet_weights("googlenet", pretrained))
-    model = FCN(backbone, num_classes, skips=(), fc_channels=0, **kwargs)
-    if backbone.classifier_state is not None and keep_fc8:
-        _keep_fc8(model, backbone.classifier_state)
-    del backbone.classifier_state
-    return model
+    kwargs.setdefault("fc_channels", 0)
+    return _paper_fcn("googlenet", GoogLeNetBackbone, num_classes, pretrained, keep_fc8, skips=(), **kwargs)
 
 
 def transfer_weights(dst: nn.Module, src: nn.Module) -> list[str]:

@@ -1,0 +1,88 @@
+"""Evaluation speed against model speed: images/s of ``fcnseg evaluate``'s path (``evaluate_model``:
+loading, optimized model, class ids, confusion matrix) next to ``fcnseg benchmark``'s model-only
+images/s for the same model, image size, batch and dtype. The target is a ratio of 0.8 or more.
+
+    OMP_NUM_THREADS=4 .venv/bin/python benchmarks/evaluate_speed.py --model camvid \
+        --dataset camvid --root /work/shared/datasets/camvid --split val
+    .venv/bin/python benchmarks/evaluate_speed.py --model fcn32s_efficientnet_lite0 --synthetic 8 --size 64 96  # smoke
+
+The evaluate path is timed as a user meets it, loader worker start-up included (over a few images it
+dominates); the one-off ``optimize`` is timed apart. Measure on a quiet machine: both numbers share
+the CPU with whatever else runs.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="camvid", help="checkpoint, built-in name, or registered architecture (random)")
+    p.add_argument("--dataset", default="camvid")
+    p.add_argument("--root", default="/work/shared/datasets/camvid")
+    p.add_argument("--split", default="val")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="instead of a dataset: N random normalised images of --size in memory (no loading cost)")
+    p.add_argument("--size", type=int, nargs=2, default=(360, 480), metavar=("H", "W"), help="with --synthetic")
+    p.add_argument("--num-classes", type=int, default=11, help="with --synthetic and a registered architecture")
+    p.add_argument("--images", type=int, default=0, help="images to time (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both measurements (default: torch's)")
+    p.add_argument("--iters", type=int, default=10, help="timed runs of the model-only benchmark")
+    args = p.parse_args()
+
+    import fcnseg
+    from fcnseg.benchmark import benchmark
+    from fcnseg.checkpoint import resolve_checkpoint
+    from fcnseg.evaluation import evaluate_model
+    from fcnseg.optimize import flush_denormal, optimize
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    if args.synthetic:
+        g = torch.Generator().manual_seed(0)
+        h, w = args.size
+        dataset = [(torch.randn(3, h, w, generator=g), torch.randint(0, args.num_classes, (h, w), generator=g))
+                   for _ in range(args.synthetic)]
+        num_classes = args.num_classes
+    else:
+        from fcnseg.data import build_dataset
+
+        dataset = build_dataset(args.dataset, args.root, args.split)
+        num_classes = dataset.num_classes
+        h, w = dataset[0][0].shape[-2:]
+    n = min(args.images or len(dataset), len(dataset))
+
+    with flush_denormal():  # as the fcnseg command and the benchmark worker run
+        if args.model in fcnseg.list_models():
+            torch.manual_seed(0)
+            model, spec_model = fcnseg.build_model(args.model, num_classes=num_classes).eval(), args.model
+        else:
+            model, spec_model = fcnseg.load_checkpoint(args.model), str(resolve_checkpoint(args.model))
+        t0 = time.perf_counter()
+        model = optimize(model, args.dtype, inplace=True)  # once per evaluation: timed apart
+        optimize_s = time.perf_counter() - t0
+        common = dict(num_classes=num_classes, optimize_model=False, batch_size=args.batch_size, workers=args.workers)
+        evaluate_model(model, dataset, indices=list(range(min(n, args.batch_size))), **common)  # warm-up
+        t0 = time.perf_counter()
+        evaluate_model(model, dataset, indices=list(range(n)), **common)
+        eval_ips = n / (time.perf_counter() - t0)
+
+    bench = benchmark({"model": spec_model, "num_classes": num_classes, "dtype": args.dtype, "size": [int(h), int(w)],
+                       "batch": args.batch_size, "warmup": 2, "iters": args.iters, "threads": threads})
+    model_ips = bench["images_per_second"]
+    print(f"{args.model} {args.dtype} {h}x{w} batch {args.batch_size}, {threads} threads, {n} images "
+          f"({'synthetic, in memory' if args.synthetic else f'{args.dataset} {args.split}, {args.workers} workers'})")
+    print(f"  evaluate path   {eval_ips:8.2f} images/s   (optimize once: {optimize_s:.2f} s, not included)")
+    print(f"  model only      {model_ips:8.2f} images/s   (fcnseg benchmark, fresh process)")
+    print(f"  ratio           {eval_ips / model_ips:8.2f}            (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""Inference conversion: ``optimize`` returns a copy of a model prepared for fast, lean inference.
+
+    fast = optimize(model, "bfloat16")          # a converted copy; ``model`` is left as it was
+    optimize(model, inplace=True)               # the same conversion on ``model`` itself
+
+The conversion keeps the network's definition and its state-dict keys: batch normalisation is folded
+into the convolution before it (the BatchNorm module is replaced, through its parent, by what follows
+the normalisation), weights are cast and stored channels-last, an FCN's class-channel parts stay in
+float32, and convolutions with a very big weight are replaced by ``BigWeightConv2d``, which holds the
+same parameters.
+
+Process-wide switches are not the library's to flip: ``flush_denormal`` and ``return_freed_memory``
+are explicit opt-ins for a program's entry point (the CLI and the benchmark worker call them).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import FcnsegError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# FCN parts that work on K class channels: they cost almost nothing, and rounding their inputs or
+# outputs to 16 bits is what flips pixels whose two best classes are nearly tied
+_FCN_FLOAT32_PARTS = ("score_fr", "score_skip", "up", "final_up")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A torch dtype from a name in ``DTYPES``, a torch dtype, or None (float32); else a one-line error."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise FcnsegError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# process-wide opt-ins, for programs (not called by any library function)
+
+def _flushing_denormals() -> bool:
+    # torch has a setter but no getter: a subnormal that comes out as zero tells
+    return bool((torch.tensor([1e-40]) * 1)[0] == 0)
+
+
+@contextlib.contextmanager
+def flush_denormal() -> Iterator[bool]:
+    """Process-wide opt-in: subnormal floats are flushed to zero inside the block (``torch.set_flush_denormal``);
+    yields whether the CPU supports it, and restores the previous setting on this thread at the end.
+
+    On x86 subnormal floats take a slow path that made a float32 EfficientNet-Lite0 FCN ten times slower;
+    in inference they are noise. The setting holds for this thread and the OpenMP threads started after
+    it, so enter the block before the first parallel work: this belongs to a program's entry point
+    (``fcnseg`` commands and the benchmark worker use it), not to a library call.
+    """
+    was = _flushing_denormals()
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield supported
+    finally:
+        torch.set_flush_denormal(was)
+
+
+def return_freed_memory() -> None:
+    """Process-wide opt-in: hand heap pages freed by a conversion (the float32 weights a bfloat16 copy
+    replaced) back to the OS with glibc's ``malloc_trim``, which otherwise keeps them; no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# the big-weight convolution
+
+class BigWeightConv2d(nn.Conv2d):
+    """A Conv2d with a big weight and few output positions (fc6 and fc7 of the VGG nets), computed
+    without oneDNN's per-call copy of the whole weight into its blocked layout (205 MB for fc6 in
+    bfloat16, the largest allocation of the forward pass, and slow on a 16 x 16 output).
+
+    16-bit weights: one matrix product of the unfolded input with the weight read in place, in bands
+    of output rows that keep the unfolded input under ``chunk_bytes`` (bf16 GEMM runs about twice as
+    fast as the convolution here). float32 (where the GEMM is no faster): the convolution in chunks of
+    output channels of at most ``chunk_bytes`` of weight each, which bounds the copy. Same parameters,
+    same state dict, same arithmetic (float32 accumulation).
+    """
+
+    def __init__(self, *args, chunk_bytes: int = 64 << 20, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunk_bytes = int(chunk_bytes)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, chunk_bytes: int = 64 << 20) -> "BigWeightConv2d":
+        """The same convolution, holding ``conv``'s own parameter objects (nothing is copied)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device="meta", chunk_bytes=chunk_bytes)
+        new.weight, new.bias = conv.weight, conv.bias
+        new.train(conv.training)
+        return new
+
+    def _conv_forward(self, input, weight, bias):  # noqa: A002  (torch's signature)
+        if self.padding_mode != "zeros" or self.groups != 1 or isinstance(self.padding, str):
+            return super()._conv_forward(input, weight, bias)
+        if weight.dtype in (torch.bfloat16, torch.float16):
+            return self._gemm(input, weight, bias)
+        per_channel = weight[0].numel() * weight.element_size()
+        step = max(1, self.chunk_bytes // per_channel)
+        outs = [F.conv2d(input, weight[i:i + step], bias[i:i + step] if bias is not None else None, self.stride,
+                         self.padding, self.dilation) for i in range(0, self.out_channels, step)]
+        return torch.cat(outs, 1)
+
+    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel_size, self.stride, self.dilation, self.padding
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        b, c, h, w = x.shape
+        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if ho <= 0 or wo <= 0:
+            return super()._conv_forward(x, weight, bias)  # let torch raise its usual size error
+        w2 = weight.reshape(self.out_channels, -1)  # (O, C*kh*kw), the order F.unfold uses
+        row_bytes = b * wo * w2.shape[1] * x.element_size()
+        rows = max(1, self.chunk_bytes // row_bytes)
+        outs = []
+        for r0 in range(0, ho, rows):
+            r1 = min(ho, r0 + rows)
+            band = x[:, :, r0 * sh:(r1 - 1) * sh + dh * (kh - 1) + 1]
+            cols = F.unfold(band, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # (B, C*kh*kw, rows*Wo)
+            outs.append(F.linear(cols.transpose(1, 2), w2, bias).view(b, r1 - r0, wo, self.out_channels))
+        return torch.cat(outs, 1).permute(0, 3, 1, 2)  # (B, O, Ho, Wo), channels-last in memory
+
+
+def _replace_big_convs(model: nn.Module, big_weight_bytes: int) -> int:
+    """Replace (through its parent) every plain Conv2d whose weight exceeds ``big_weight_bytes``."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Conv2d and child.weight.numel() * child.weight.element_size() > big_weight_bytes]
+    done: dict[int, BigWeightConv2d] = {}  # a convolution registered in two places stays one module
+    for parent, name, conv in swaps:
+        if id(conv) not in done:
+            done[id(conv)] = BigWeightConv2d.from_conv(conv)
+        setattr(parent, name, done[id(conv)])
+    for m in model.modules():
+        if isinstance(m, BigWeightConv2d):  # the GEMM reads the weight as (O, C*kh*kw), not channels-last
+            m.weight.data = m.weight.data.contiguous()
+    return len(done)
+
+
+# ---------------------------------------------------------------------------------------------------
+# batch normalisation folding
+
+def _after_normalisation(bn: nn.BatchNorm2d) -> nn.Module:
+    """What is left of ``bn`` once its affine transform lives in the convolution before it: nothing
+    (``nn.Identity``), or the dropout and activation that timm's BatchNormAct2d applies after it."""
+    rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+            if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    if not rest:
+        return nn.Identity()
+    return rest[0] if len(rest) == 1 else nn.Sequential(*rest)
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, nn.BatchNorm2d]]:
+    """``(parent, bn_name, conv, bn)`` for every eval-mode BatchNorm2d registered right after a Conv2d
+    with as many output channels in the same parent (Sequentials, torchvision and timm blocks)."""
+    pairs, seen = [], set()
+    for parent in model.modules():
+        prev = None
+        for name, child in parent.named_children():
+            if (isinstance(child, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d) and id(child) not in seen
+                    and child.track_running_stats and child.running_var is not None
+                    and prev.out_channels == child.num_features and not child.training):
+                pairs.append((parent, name, prev, child))
+                seen.add(id(child))
+            prev = child
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module, check_size: tuple[int, int] = (96, 128)) -> int:
+    """Fold, in place, every eval-mode BatchNorm2d into the convolution registered just before it in the
+    same parent; the BatchNorm is replaced on its parent by ``nn.Identity`` (or by the dropout and
+    activation of timm's BatchNormAct2d). Returns how many were folded.
+
+    Registration order is only a convention for data flow, so the result is checked: on a random
+    input every folded BatchNorm's output must stay the same, or every fold is undone. A model that
+    is copied first should go through ``optimize``, which folds a copy.
+    """
+    pairs = _conv_bn_pairs(model)
+    if not pairs:
+        return 0
+    # each BatchNorm's own output must stay the same (the model's output may be all zeros: fresh score layers)
+    x = torch.randn(1, 3, *check_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(next(model.parameters()).device)
+    before: dict[int, list[torch.Tensor]] = {}
+    after: dict[int, list[torch.Tensor]] = {}
+
+    def record(store: dict[int, list[torch.Tensor]], i: int):
+        return lambda m, a, out: store.setdefault(i, []).append(out.detach().clone())
+
+    handles = [bn.register_forward_hook(record(before, i)) for i, (_, _, _, bn) in enumerate(pairs)]
+    saved = []
+    try:
+        with torch.inference_mode():
+            model(x)
+        for h in handles:
+            h.remove()
+        handles = []
+        with torch.no_grad():
+            for i, (parent, name, conv, bn) in enumerate(pairs):
+                saved.append((parent, name, conv, conv.weight.detach().clone(), conv.bias, bn))
+                inv_std = torch.rsqrt(bn.running_var + bn.eps)
+                scale = bn.weight * inv_std if bn.affine else inv_std
+                shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+                conv.bias = nn.Parameter((bias * scale + shift).to(conv.weight.dtype), requires_grad=False)
+                rest = _after_normalisation(bn)
+                handles.append(rest.register_forward_hook(record(after, i)))
+                setattr(parent, name, rest)
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    same = all(len(b) == len(a) > 0 and all(
+        p.shape == q.shape and torch.allclose(q, p, rtol=1e-3, atol=1e-4 * float(p.abs().max()) + 1e-6)
+        for p, q in zip(b, a)) for b, a in ((before.get(i, []), after.get(i, [])) for i in range(len(pairs))))
+    if not same:
+        with torch.no_grad():
+            for parent, name, conv, weight, bias, bn in saved:
+                conv.weight.copy_(weight)
+                conv.bias = bias
+                setattr(parent, name, bn)
+        return 0
+    return len(pairs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# precision
+
+class _CastInputs:
+    """A forward pre-hook that casts a module's floating-point inputs (and backbone features keyed by
+    stride) to ``dtype``, channels-last when asked. A class, so that ``optimize`` can find the hooks it
+    set before and replace them rather than stack a second cast after the first."""
+
+    def __init__(self, dtype: torch.dtype, channels_last: bool) -> None:
+        self.dtype, self.channels_last = dtype, channels_last
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        out = []
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                a = a.to(self.dtype)
+                if self.channels_last and a.dim() == 4:
+                    a = a.contiguous(memory_format=torch.channels_last)
+            elif isinstance(a, dict):  # backbone features keyed by stride
+                a = {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                     for k, v in a.items()}
+            out.append(a)
+        return tuple(out)
+
+
+def _remove_cast_hooks(model: nn.Module) -> None:
+    for m in model.modules():
+        # _forward_pre_hooks is where nn.Module keeps its pre-hooks; ours are recognised by their class
+        for key in [k for k, hook in m._forward_pre_hooks.items() if isinstance(hook, _CastInputs)]:
+            del m._forward_pre_hooks[key]
+
+
+def native_bf16_cpu() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU's own units (AVX512-BF16, AMX, or AVX512 at least);
+    elsewhere bfloat16 is converted element by element and is slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def bf16_slowness() -> str | None:
+    """Why bfloat16 would be slow on this CPU (a sentence for a warning), or None where it is native."""
+    if native_bf16_cpu():
+        return None
+    return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 support: "
+            f"bfloat16 will run slower than float32 here")
+
+
+# ---------------------------------------------------------------------------------------------------
+# optimize
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` for a conversion that must leave the caller's model alone, or a one-line
+    error for a model that cannot be copied (one holding a runtime session, say)."""
+    try:
+        return copy.deepcopy(model)
+    except (TypeError, RuntimeError, copy.Error) as e:
+        raise FcnsegError(f"cannot copy this {type(model).__name__} to optimize it ({str(e).splitlines()[0]}); "
+                          f"pass inplace=True to convert the model itself") from None
+
+
+def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_last: bool = True,
+             big_weight_bytes: int = 16 << 20, fold_bn: bool = True, *, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` prepared for inference (``inplace=True``: ``model`` itself, converted), with
+    the same definition and state-dict keys:
+
+    - eval mode; batch normalisation folded into the convolutions before it (``fold_batchnorm``: the
+      result is for inference only); channels-last memory format (oneDNN's fast path);
+    - ``dtype`` (e.g. torch.bfloat16): weights and activations in that type, so the heavy
+      convolutions run on the CPU's bf16 units and the weights take half the memory. An FCN's
+      scoring and upsampling layers stay float32 (see ``_FCN_FLOAT32_PARTS``); inputs are cast at
+      the model's entry and at each float32 part, so callers pass float32 tensors as before;
+    - convolutions whose weight exceeds ``big_weight_bytes`` (fc6, fc7 of the VGG nets) are replaced by
+      ``BigWeightConv2d``, which avoids oneDNN's per-call copy of the whole weight; 0 disables.
+
+    Nothing process-wide changes; a program may add ``flush_denormal`` (much faster on x86 when
+    activations underflow) and, after a bfloat16 conversion, ``return_freed_memory``.
+    """
+    dtype = parse_dtype(dtype)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    slow = bf16_slowness() if dtype == torch.bfloat16 and on_cpu else None
+    if slow:
+        warnings.warn(slow, RuntimeWarning, stacklevel=2)
+    if not inplace:
+        model = copy_model(model)
+    _remove_cast_hooks(model)  # optimizing an optimized model replaces its casts
+    model.eval()
+    if fold_bn:
+        fold_batchnorm(model)
+    if dtype != torch.float32:
+        model.to(dtype)
+        for name in _FCN_FLOAT32_PARTS:
+            part = getattr(model, name, None)
+            if not isinstance(part, nn.Module):
+                continue
+            part.float()
+            # containers are never called themselves: hook the layers they hold
+            called = part.values() if isinstance(part, nn.ModuleDict) else (
+                part if isinstance(part, nn.ModuleList) else [part])
+            for m in called:
+                m.register_forward_pre_hook(_CastInputs(torch.float32, False))
+    elif any(p.dtype != torch.float32 for p in model.parameters()):
+        model.float()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(_CastInputs(dtype, channels_last))
+    if big_weight_bytes:
+        _replace_big_convs(model, big_weight_bytes)
+    return model
