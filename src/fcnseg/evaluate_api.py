@@ -43,8 +43,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     ``checkpoint`` is a run directory (or a checkpoint inside one); ``split`` otherwise defaults to val.
     ``flip``/``scales`` add test-time augmentation; ``exclude`` (names or indices) and ``exclude_absent``
     leave classes out of the class-averaged means. ``dense`` ("shift-and-stitch" or "rarefaction") scores the
-    net densely at ``dense_stride`` (default 8) instead of upsampling its coarse scores (``models.dense``). Returns the scores (fractions in [0, 1]) with the
-    confusion matrix, per-class rows and what was scored.
+    net densely at ``dense_stride`` (default 8) instead of upsampling its coarse scores (``models.dense``).
+    Returns the scores (fractions in [0, 1]) with the confusion matrix, per-class rows and what was scored.
     """
     from .checkpoint import open_model
     from .data import build_dataset, build_transforms
