@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import output_file
     from ..train.report import plot_confusion, write_json
 
+    from ..errors import FcnsegError
+
+    if args.dense is None and args.dense_stride is not None:  # named as the flags are
+        raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
     # before the model loads: a bad --json place must not cost a whole evaluation
     if args.json:
         output_file(args.json, what="--json")
