@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from fcnseg.errors import FcnsegError
 from fcnseg.models import FCN, Backbone
@@ -369,6 +370,8 @@ def test_dense_flag_mistakes_are_one_line(tiny32_checkpoint, tmp_path, capsys):
     assert main(base + ["--dense", "rarefaction", "--dense-stride", "12"]) == 1
     err = capsys.readouterr().err
     assert "dense stride 12 must divide" in err and len(err.strip().splitlines()) == 1
-    assert main(["predict", "--checkpoint", str(tmp_path / "m.onnx"), "x.png", "--out", str(tmp_path),
+    photo = tmp_path / "x.png"  # inputs are checked first: a real one, so the flag is what fails
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.onnx"), str(photo), "--out", str(tmp_path / "o"),
                  "--dense", "shift-and-stitch"]) == 1
     assert "PyTorch checkpoint" in capsys.readouterr().err
