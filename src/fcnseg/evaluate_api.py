@@ -32,6 +32,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
                         exclude: Sequence[str | int] = (), exclude_absent: bool = False, limit: int = 0,
                         batch_size: int = 8, workers: int = 2, device: str | torch.device = "auto",
                         dtype: str = "float32", onnx_threads: int | None = None, dataset_kwargs: dict | None = None,
+                        dense: str | None = None, dense_stride: int | None = None,
                         progress: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a built-in name, .safetensors file, run directory or exported .onnx file) on a
     dataset split at the images' original resolution, with the checkpoint's own normalisation, run as
@@ -41,8 +42,9 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     ``dataset``, ``root``, ``split`` and the dataset arguments default to the run's config.yaml when
     ``checkpoint`` is a run directory (or a checkpoint inside one); ``split`` otherwise defaults to val.
     ``flip``/``scales`` add test-time augmentation; ``exclude`` (names or indices) and ``exclude_absent``
-    leave classes out of the class-averaged means. Returns the scores (fractions in [0, 1]) with the
-    confusion matrix, per-class rows and what was scored.
+    leave classes out of the class-averaged means. ``dense`` ("shift-and-stitch" or "rarefaction") scores the
+    net densely at ``dense_stride`` (default 8) instead of upsampling its coarse scores (``models.dense``).
+    Returns the scores (fractions in [0, 1]) with the confusion matrix, per-class rows and what was scored.
     """
     from .checkpoint import open_model
     from .data import build_dataset, build_transforms
@@ -66,6 +68,11 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     scales = check_scales(scales)
     if limit < 0:
         raise FcnsegError(f"limit must be 0 (all) or more, got {limit}")
+    if dense is None and dense_stride is not None:
+        raise FcnsegError("dense_stride needs dense='shift-and-stitch' or 'rarefaction'")
+    if dense is not None and str(checkpoint).endswith(".onnx"):
+        raise FcnsegError("dense scoring needs a PyTorch checkpoint; an exported .onnx model has its upsampling "
+                          "built in")
     # the data is checked before the model loads: a wrong root or split fails in a second
     data = build_dataset(dataset, root, split, **dataset_kwargs)
     onnx = str(checkpoint).endswith(".onnx")
@@ -75,6 +82,10 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
         if dtype != "float32":
             raise FcnsegError("dtype/amp are for PyTorch checkpoints; an ONNX model runs in its own precision")
         model = OnnxRuntimeModule(model)
+    if dense is not None:
+        from .models.dense import densify
+
+        model = densify(model, dense, dense_stride or 8)
     record = model.record
     mean, std = normalization_of(model)  # the checkpoint's own preprocessing, at original resolution
     data.transforms = build_transforms(getattr(data, "preset", dataset), train=False, mean=mean, std=std)
@@ -105,4 +116,5 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     return {"checkpoint": str(checkpoint), "arch": record.get("arch"), "dataset": dataset, "root": str(root),
             "split": split, "split_source": getattr(data, "split_source", None), "images": n,
             "tta": {"flip": bool(flip), "scales": list(scales)}, "excluded": [classes[i] for i in sorted(excluded)],
-            **scores}
+            **({"dense": record["dense"]} if "dense" in record else {}),
+            **({"labels": data.label_source} if hasattr(data, "label_source") else {}), **scores}

@@ -74,7 +74,8 @@ class Registry(Generic[T]):
 #: name a file, a URL or ImageNet weights: a record rebuilds an architecture, its weights come from
 #: the checkpoint file itself.
 FCN_RECORD_KWARGS: dict[str, Callable[[Any], bool]] = {
-    "upsample": lambda v: v in ("deconv", "bilinear", "resize_conv"),
+    "upsample": lambda v: v in ("deconv", "bilinear", "resize_conv", "unpool"),
+    "in_channels": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16,  # RGB-D: 4
     "learnable_upsample": lambda v: isinstance(v, bool),
     "dropout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
     "fc_channels": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16384,

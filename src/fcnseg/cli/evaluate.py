@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .predict import add_dense_arguments
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a checkpoint: pixel acc., mean acc., mean IU, f.w. IU, per class",
@@ -36,6 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal); --no-progress: none")
+    add_dense_arguments(p)  # --dense shift-and-stitch|rarefaction, --dense-stride (see cli/predict.py)
     return p
 
 
@@ -47,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import output_file
     from ..train.report import plot_confusion, write_json
 
+    from ..errors import FcnsegError
+
+    if args.dense is None and args.dense_stride is not None:  # named as the flags are
+        raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
     # before the model loads: a bad --json place must not cost a whole evaluation
     if args.json:
         output_file(args.json, what="--json")
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.dataset, args.root, args.split, flip=args.flip, scales=args.scales,
         exclude=args.exclude, exclude_absent=args.exclude_absent, limit=args.limit, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype="bfloat16" if args.amp else args.dtype,
-        onnx_threads=args.threads or None,
+        onnx_threads=args.threads or None, dense=args.dense, dense_stride=args.dense_stride,
         progress=sys.stderr.isatty() if args.progress is None else args.progress)
     tta = scores["tta"]
     aug = "" if tta == {"flip": False, "scales": [1.0]} else f", test-time flip={tta['flip']} scales={tta['scales']}"

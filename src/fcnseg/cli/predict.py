@@ -43,7 +43,37 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="resize every photo by S before segmenting (instead of --max-side); the mask is resampled "
                         "back to the photo's size")
     p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
+    add_dense_arguments(p)
     return p
+
+
+# -- dense scores by shift-and-stitch or rarefaction (paper section 3.2; shared with evaluate) ---------
+DENSE_METHODS = ("shift-and-stitch", "rarefaction")  # as fcnseg.models.dense.DENSE_METHODS, without importing torch
+
+
+def add_dense_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dense", choices=DENSE_METHODS, default=None,
+                   help="score the net densely at --dense-stride instead of upsampling its coarse scores: "
+                        "shift-and-stitch ((stride/dense-stride)^2 passes) or rarefaction (one pass of a dilated copy; "
+                        "FCN-32s nets only); then fixed bilinear upsampling by --dense-stride")
+    p.add_argument("--dense-stride", type=int, default=None, metavar="T",
+                   help="output stride of the dense scores, dividing the model's (default 8)")
+
+
+def dense_model(args: argparse.Namespace, load):
+    """``load()``'s model densified as the flags ask, or ``None`` without ``--dense``; flags that do not
+    fit get a one-line error before anything is loaded."""
+    from ..errors import FcnsegError
+
+    if args.dense is None:
+        if args.dense_stride is not None:
+            raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
+        return None
+    if str(args.checkpoint).endswith(".onnx"):
+        raise FcnsegError("--dense needs a PyTorch checkpoint; an exported .onnx model has its upsampling built in")
+    from ..models.dense import densify
+
+    return densify(load(), args.dense, args.dense_stride or 8)
 
 
 def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
@@ -105,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from ..checkpoint import atomic_write, clean_stale_temps
+    from ..checkpoint import atomic_write, clean_stale_temps, load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError, OutputExistsError, OutputWriteError
+    from ..inference import Segmenter
     from ..outputs import output_dir, write_group
     from ..uncertainty import to_png_array, uncertainty
     from ..visualize import legend, overlay, palette_image
@@ -118,9 +149,12 @@ def run(args: argparse.Namespace) -> int:
         for msg in problems:
             say(msg)
         raise FcnsegError(f"{show_path(files[0])}: no such image file" if files else "no images to segment")
-    seg = load_segmenter(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype,
-                         tile=args.tile, overlap=args.overlap, flip=args.flip, scales=args.scales,
-                         max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
+    options = dict(device=args.device, dtype=args.dtype, tile=args.tile, overlap=args.overlap, flip=args.flip,
+                   scales=args.scales, max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
+    check_checkpoint_name(args.checkpoint)
+    dense = dense_model(args, lambda: load_checkpoint(args.checkpoint, device=args.device))
+    seg = Segmenter(dense, inplace=True, **options) if dense is not None else \
+        load_segmenter(args.checkpoint, backend=args.backend, **options)
     clean_stale_temps(out)
     for msg in problems:
         say(msg)

@@ -1,0 +1,104 @@
+"""The two-headed FCN (paper section 5, SIFT Flow): one trunk, one score-and-fuse head per task, losses summed.
+
+``MultiHeadFCN(backbone, heads={"semantic": 33, "geometric": 3}, skips=(16,))`` shares the backbone
+and fc6/fc7 and gives every head its own score layers, skip scorers and upsamplings (each head is an
+``FCN`` without a trunk of its own, so its crops and fusion are the FCN's). ``forward`` returns
+``{head: (B, K_head, H, W) logits}``; ``multihead_loss`` sums one loss per head; ``evaluate_heads``
+keeps one confusion matrix per head; ``write_head_masks`` writes one palette PNG per head.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import FcnsegError
+from ..metrics import ConfusionMatrix
+from .backbones import Backbone
+from .fcn import FCN
+
+
+class MultiHeadFCN(nn.Module):
+    """One trunk (``backbone`` + fc6/fc7), one FCN head per entry of ``heads`` (name -> class count).
+
+    The other arguments are ``FCN``'s and apply to every head.
+    """
+
+    def __init__(self, backbone: Backbone, heads: Mapping[str, int], skips: Sequence[int] = (16,), **fcn_kwargs):
+        super().__init__()
+        if not heads or any(not isinstance(k, int) or k < 1 for k in heads.values()):
+            raise FcnsegError(f"heads must map names to class counts >= 1; got {dict(heads)}")
+        built = {name: FCN(backbone, k, skips=skips, **fcn_kwargs) for name, k in heads.items()}
+        first = next(iter(built.values()))
+        self.backbone, self.fc = backbone, first.fc  # the shared trunk
+        for head in built.values():  # a head keeps its scoring, fusion and upsampling only
+            del head.backbone
+            del head.fc
+        self.heads = nn.ModuleDict(built)
+        self.head_classes = {name: int(k) for name, k in heads.items()}
+        self.top_stride = first.top_stride
+        self.output_stride = first.output_stride
+
+    @classmethod
+    def from_fcn(cls, model: FCN, heads: Mapping[str, int]) -> "MultiHeadFCN":
+        """Heads on the trunk of a built single-head ``model`` (e.g. ``build_model("fcn16s_vgg16",
+        pretrained=True)``: its ImageNet fc6/fc7 are kept); same skips and upsampling; ``model`` is used up."""
+        fc = model.fc
+        kwargs = dict(fc_channels=getattr(fc, "out_channels", 0), fc_kernel=getattr(fc, "kernel", 7),
+                      skip_scales=model.skip_scales, upsample=getattr(model.final_up, "mode", "deconv"))
+        multi = cls(model.backbone, heads, skips=model.skips, **kwargs)
+        multi.fc = fc
+        return multi
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        feats = self.backbone(x)  # {stride: (B, C, H/stride, W/stride)}
+        top = self.fc(feats[self.top_stride])  # shared fc6/fc7 (identity for light backbones)
+        return {name: head.logits(head.fuse(feats, top), h, w) for name, head in self.heads.items()}  # (B, K, H, W)
+
+
+def multihead_loss(outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   weights: Mapping[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The summed loss over heads (optionally weighted) and each head's value, for logging."""
+    if set(outputs) != set(targets):
+        raise FcnsegError(f"targets name heads {sorted(targets)}; the model has {sorted(outputs)}")
+    parts = {name: loss_fn(outputs[name], targets[name]) for name in outputs}
+    total = sum((weights or {}).get(name, 1.0) * value for name, value in parts.items())
+    return total, {name: float(value.detach()) for name, value in parts.items()}
+
+
+@torch.no_grad()
+def evaluate_heads(model: MultiHeadFCN, batches: Iterable[tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+                   ignore_index: int = 255, device: str | torch.device = "cpu") -> dict[str, ConfusionMatrix]:
+    """One confusion matrix per head over ``(image, {head: mask})`` batches."""
+    model.eval()
+    cms = {name: ConfusionMatrix(k, ignore_index, device) for name, k in model.head_classes.items()}
+    for image, targets in batches:
+        outputs = model(image.to(device))
+        for name, logits in outputs.items():
+            cms[name].update(targets[name].to(device), logits.argmax(1))
+    return cms
+
+
+def write_head_masks(logits: Mapping[str, torch.Tensor], colors: Mapping[str, Sequence[Sequence[int]]],
+                     out: str | Path, stem: str) -> list[Path]:
+    """One palette PNG of class ids per head, ``out/<stem>_<head>.png``, from one image's
+    ``{head: (K, H, W) or (1, K, H, W) logits}``; written atomically. Returns the paths."""
+    from ..checkpoint import atomic_write
+    from ..visualize import palette_image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, value in logits.items():
+        if name not in colors:
+            raise FcnsegError(f"no colours for head {name!r}; colours are given for {sorted(colors)}")
+        mask = (value[0] if value.dim() == 4 else value).argmax(0).cpu().numpy()
+        image = palette_image(mask, colors[name])
+        path = out / f"{stem}_{name}.png"
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
