@@ -9,7 +9,7 @@ from PIL import Image
 
 from fcnseg.cli import main
 from fcnseg.cli.predict import expand_inputs, output_stems, renamed_stems
-from tiny_models import random_image, tiny_checkpoint
+from tiny_models import random_image
 
 
 @pytest.fixture(autouse=True)
