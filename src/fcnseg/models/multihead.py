@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..errors import FcnsegError
 from ..metrics import ConfusionMatrix
+from ..registry import MULTIHEAD_RECORD_KWARGS, get_builder, register_model, valid_heads
 from .backbones import Backbone
 from .fcn import FCN
 
@@ -38,6 +39,7 @@ class MultiHeadFCN(nn.Module):
             del head.fc
         self.heads = nn.ModuleDict(built)
         self.head_classes = {name: int(k) for name, k in heads.items()}
+        self.num_classes = next(iter(self.head_classes.values()))  # the first head's: a record's num_classes
         self.top_stride = first.top_stride
         self.output_stride = first.output_stride
 
@@ -57,6 +59,35 @@ class MultiHeadFCN(nn.Module):
         feats = self.backbone(x)  # {stride: (B, C, H/stride, W/stride)}
         top = self.fc(feats[self.top_stride])  # shared fc6/fc7 (identity for light backbones)
         return {name: head.logits(head.fuse(feats, top), h, w) for name, head in self.heads.items()}  # (B, K, H, W)
+
+
+#: the heads of the paper's SIFT Flow net (section 5); the first head is the one a record's num_classes counts
+SIFTFLOW_HEADS = {"semantic": 33, "geometric": 3}
+
+
+def _register_twohead(kind: str, skips: tuple[int, ...]) -> None:
+    name = f"fcn{kind}_efficientnet_lite0_twohead"
+
+    def build(num_classes: int = 33, pretrained=False, heads: Mapping[str, int] | None = None,
+              upsample: str = "deconv", learnable_upsample: bool = True, dropout: float = 0.5) -> MultiHeadFCN:
+        heads = dict(heads) if heads is not None else {"semantic": num_classes, "geometric": 3}
+        if not valid_heads(heads):
+            raise FcnsegError(f"heads must map 1 to 8 names of [a-z_] (up to 32 characters) to class counts "
+                              f"1..65535; got {str(heads)[:120]}")
+        first = next(iter(heads.values()))
+        if first != num_classes:  # one meaning of num_classes for every model: the (first) head's classes
+            raise FcnsegError(f"num_classes={num_classes} but the first head ({next(iter(heads))}) has {first} "
+                              f"classes; num_classes is the first head's count")
+        single = get_builder(f"fcn{kind}_efficientnet_lite0")(num_classes=first, pretrained=pretrained)
+        return MultiHeadFCN(single.backbone, heads, skips=skips, fc_channels=0, upsample=upsample,
+                            learnable_upsample=learnable_upsample, dropout=dropout)
+
+    build.__doc__ = (f"FCN-{kind} with one score head per entry of ``heads`` (default: semantic = num_classes, "
+                     f"geometric = 3) on one EfficientNet-Lite0 trunk: the paper's two-headed SIFT Flow net, light")
+    register_model(name, record_kwargs=MULTIHEAD_RECORD_KWARGS)(build)
+
+
+_register_twohead("16s", (16,))
 
 
 def multihead_loss(outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
