@@ -102,15 +102,31 @@ def multihead_loss(outputs: Mapping[str, torch.Tensor], targets: Mapping[str, to
 
 
 @torch.no_grad()
-def evaluate_heads(model: MultiHeadFCN, batches: Iterable[tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
-                   ignore_index: int = 255, device: str | torch.device = "cpu") -> dict[str, ConfusionMatrix]:
-    """One confusion matrix per head over ``(image, {head: mask})`` batches."""
+def evaluate_heads(model: nn.Module, batches: Iterable[tuple], ignore_index: int = 255,
+                   device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None,
+                   channels_last: bool = False) -> dict[str, ConfusionMatrix]:
+    """One confusion matrix per head over ``(image, targets, ...)`` batches, ``targets`` being ``{head: mask}``
+    or a (B, n_heads, H, W) stack in the model's head order; summed over processes when distributed."""
+    from ..train.engine import autocast, head_targets
+    from ..tta import class_ids
+
+    device = torch.device(device)
+    was_training = model.training
     model.eval()
     cms = {name: ConfusionMatrix(k, ignore_index, device) for name, k in model.head_classes.items()}
-    for image, targets in batches:
-        outputs = model(image.to(device))
+    for batch in batches:
+        image, targets = batch[0].to(device), batch[1]
+        if not isinstance(targets, Mapping):
+            targets = head_targets(targets, list(model.head_classes))
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            outputs = model(image)
         for name, logits in outputs.items():
-            cms[name].update(targets[name].to(device), logits.argmax(1))
+            cms[name].update(target=targets[name].to(device), pred=class_ids(logits))
+    for cm in cms.values():
+        cm.all_reduce()
+    model.train(was_training)
     return cms
 
 
