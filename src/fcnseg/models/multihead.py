@@ -131,21 +131,31 @@ def evaluate_heads(model: nn.Module, batches: Iterable[tuple], ignore_index: int
 
 
 def write_head_masks(logits: Mapping[str, torch.Tensor], colors: Mapping[str, Sequence[Sequence[int]]],
-                     out: str | Path, stem: str) -> list[Path]:
+                     out: str | Path, stem: str, overwrite: bool = False) -> list[Path]:
     """One palette PNG of class ids per head, ``out/<stem>_<head>.png``, from one image's
-    ``{head: (K, H, W) or (1, K, H, W) logits}``; written atomically. Returns the paths."""
-    from ..checkpoint import atomic_write
+    ``{head: (K, H, W) or (1, K, H, W) logits}``; written all-or-nothing (``outputs.write_group``: an existing
+    file is an ``OutputExistsError`` unless ``overwrite``). Returns the paths."""
+    from ..outputs import write_group
     from ..visualize import palette_image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    group = []
     for name, value in logits.items():
         if name not in colors:
             raise FcnsegError(f"no colours for head {name!r}; colours are given for {sorted(colors)}")
         mask = (value[0] if value.dim() == 4 else value).argmax(0).cpu().numpy()
         image = palette_image(mask, colors[name])
-        path = out / f"{stem}_{name}.png"
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        paths.append(path)
-    return paths
+        group.append((out / f"{stem}_{name}.png", lambda tmp, image=image: image.save(tmp, format="PNG")))
+    return write_group(group, overwrite=overwrite)
+
+
+def checkpoint_heads(path_or_name: str | Path) -> dict[str, dict[str, list]] | None:
+    """The heads a checkpoint's record lists (``{name: {classes, colors}}``), read without building anything;
+    None for a single-head checkpoint or an exported .onnx file."""
+    from ..checkpoint import read_record, resolve_checkpoint
+
+    if str(path_or_name).endswith(".onnx"):
+        return None
+    path = resolve_checkpoint(path_or_name)
+    return read_record(path).heads if path.suffix == ".safetensors" else None
