@@ -14,12 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..checkpoint import default_palette
 from ..errors import FcnsegError
-from .io import DataFileError, image_size
 from .base import IGNORE_INDEX, SegmentationDataset, check_split, holdout_split, read_list, register_dataset
+from .io import DataFileError, image_size
 
 SIFTFLOW_CLASSES = ["awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
                     "desert", "door", "fence", "field", "grass", "moon", "mountain", "person", "plant", "pole",
@@ -43,7 +42,8 @@ def siftflow(root: Path, split: str, transforms=None, skip_bad: bool = False, sp
              val_fraction: float = 0.1, seed: int = 0, labels: str = "semantic") -> SegmentationDataset:
     """SIFT Flow. Splits: ``trainval`` (trainval.txt), ``test`` (test.txt), and ``train``/``val``: trainval with a
     fixed ``val_fraction`` held out by ``seed``. ``split_list`` reads the names from a file you give instead.
-    ``labels``: 'semantic' (33 classes) or 'geometric' (3; from ``geolabels/`` or derived, see ``label_source``)."""
+    ``labels``: 'semantic' (33 classes), 'geometric' (3; from ``geolabels/`` or derived, see ``label_source``) or
+    'both' (a (2, H, W) mask per image for the two-headed net; ``SiftFlowBothDataset``)."""
     if labels not in ("semantic", "geometric", "both"):
         raise FcnsegError(f"unknown SIFT Flow labels {labels!r}; valid: semantic, geometric, both")
     if split_list is not None:
