@@ -39,7 +39,8 @@ def model(request):
     m = fcnseg.build_model(request.param, num_classes=NUM_CLASSES)
     with torch.no_grad():  # score layers start at zero; give them weights so outputs are not constant
         for name, conv in m.named_modules():
-            if isinstance(conv, nn.Conv2d) and name.split(".")[0] in ("score_fr", "score_skip"):
+            # a multi-head net's score layers sit under heads.<name>.
+            if isinstance(conv, nn.Conv2d) and {"score_fr", "score_skip"} & set(name.split(".")[:3]):
                 nn.init.normal_(conv.weight, std=0.01)
     yield m
 
@@ -49,6 +50,11 @@ def test_logits_have_the_input_size(model, size):
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, *size))
+    if isinstance(out, dict):  # a multi-head net (models.multihead): every head at the input size
+        assert {k: tuple(v.shape) for k, v in out.items()} == {k: (1, n, *size) for k, n in model.head_classes.items()}
+        assert next(iter(model.head_classes.values())) == NUM_CLASSES
+        assert all(torch.isfinite(v).all() for v in out.values())
+        return
     assert out.shape == (1, NUM_CLASSES, *size)
     assert torch.isfinite(out).all()
 
@@ -59,7 +65,12 @@ def test_backward_reaches_every_trainable_parameter(model):
     x = torch.randn(batch, 3, 37, 53, requires_grad=True)  # batch norm needs more than one value to train
     target = torch.randint(0, NUM_CLASSES, (batch, 37, 53))
     target[0, :5] = 255
-    loss = F.cross_entropy(model(x), target, ignore_index=255)
+    out = model(x)
+    if isinstance(out, dict):  # a multi-head net: the heads' losses summed, each head's classes
+        loss = sum(F.cross_entropy(v, target.clamp_max(v.shape[1] - 1).masked_fill(target == 255, 255),
+                                   ignore_index=255) for v in out.values())
+    else:
+        loss = F.cross_entropy(out, target, ignore_index=255)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []

@@ -51,6 +51,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     from .evaluation import evaluate_model
     from .export import OnnxRuntimeModule
     from .metrics import absent_classes
+    from .models.multihead import checkpoint_heads
     from .record import normalization_of
     from .train.distributed import pick_device
     from .tta import check_scales
@@ -73,9 +74,16 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     if dense is not None and str(checkpoint).endswith(".onnx"):
         raise FcnsegError("dense scoring needs a PyTorch checkpoint; an exported .onnx model has its upsampling "
                           "built in")
+    onnx = str(checkpoint).endswith(".onnx")
+    heads = None if onnx else checkpoint_heads(checkpoint)
+    if heads is not None:
+        if dense is not None or flip or tuple(scales) != (1.0,) or exclude or exclude_absent:
+            raise FcnsegError(f"{checkpoint}: a multi-head checkpoint ({', '.join(heads)}) is scored plainly: "
+                              f"no dense scoring, test-time augmentation or excluded classes")
+        if dataset == "siftflow" and "labels" not in dataset_kwargs:  # the only layout with one map per head
+            dataset_kwargs = dict(dataset_kwargs, labels="both")
     # the data is checked before the model loads: a wrong root or split fails in a second
     data = build_dataset(dataset, root, split, **dataset_kwargs)
-    onnx = str(checkpoint).endswith(".onnx")
     device = torch.device("cpu") if onnx else pick_device(str(device))
     model = open_model(checkpoint, device=device, threads=onnx_threads)
     if not isinstance(model, torch.nn.Module):  # ONNX Runtime: in the nn.Module form evaluation expects
@@ -89,6 +97,12 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     record = model.record
     mean, std = normalization_of(model)  # the checkpoint's own preprocessing, at original resolution
     data.transforms = build_transforms(getattr(data, "preset", dataset), train=False, mean=mean, std=std)
+    if heads is None and hasattr(model, "head_classes"):
+        raise FcnsegError(f"{checkpoint}: a multi-head net whose record lists no heads (its 'heads' field); "
+                          f"save it from a training run, which records every head's classes")
+    if heads is not None:
+        return _evaluate_heads(checkpoint, model, data, dataset, root, split, limit=limit, workers=workers,
+                               device=device, dtype=dtype)
     if data.num_classes != model.num_classes:
         raise FcnsegError(f"{checkpoint} predicts {model.num_classes} classes but {dataset} has {data.num_classes}; "
                           f"evaluate on the dataset it was trained for")
@@ -118,3 +132,32 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
             "tta": {"flip": bool(flip), "scales": list(scales)}, "excluded": [classes[i] for i in sorted(excluded)],
             **({"dense": record["dense"]} if "dense" in record else {}),
             **({"labels": data.label_source} if hasattr(data, "label_source") else {}), **scores}
+
+
+def _evaluate_heads(checkpoint: str | Path, model: torch.nn.Module, data, dataset: str, root: str | Path, split: str,
+                    *, limit: int, workers: int, device: torch.device, dtype: str) -> dict[str, Any]:
+    """A multi-head net's scores: one confusion matrix per head, over a dataset that yields one label map per
+    head (``dataset.heads``, same names and class counts). The first head's scores are also the top-level
+    ones; ``heads`` holds every head's, each with its ``label_source`` (e.g. derived geometric labels)."""
+    from .models.multihead import evaluate_heads
+    from .train.loader import Seeded, make_loader
+
+    record = model.record
+    want = {name: len(h["classes"]) for name, h in record.heads.items()}
+    data_heads = getattr(data, "heads", None)
+    have = {name: len(h["classes"]) for name, h in data_heads.items()} if data_heads else None
+    if have != want or list(have) != list(want):
+        gives = f"label maps {have}" if have else f"one label map ({data.num_classes} classes)"
+        raise FcnsegError(f"{checkpoint} has heads {want} but {dataset} {split} gives {gives}; score it on data "
+                          f"with one label map per head (siftflow: labels='both')")
+    n = min(limit, len(data)) if limit else len(data)
+    loader = make_loader(Seeded(data, list(range(n))), list(range(n)), 1, workers, device)
+    amp = torch.bfloat16 if dtype == "bfloat16" else None
+    cms = evaluate_heads(model, loader, data.ignore_index, device, amp_dtype=amp)
+    heads = {name: dict(cm.compute(class_names=data_heads[name]["classes"]),
+                        label_source=data_heads[name].get("label_source")) for name, cm in cms.items()}
+    first = next(iter(heads.values()))
+    return {"checkpoint": str(checkpoint), "arch": record.get("arch"), "dataset": dataset, "root": str(root),
+            "split": split, "split_source": getattr(data, "split_source", None), "images": n,
+            "tta": {"flip": False, "scales": [1.0]}, "excluded": [],
+            "labels": {name: h["label_source"] for name, h in heads.items()}, **first, "heads": heads}

@@ -82,6 +82,26 @@ FCN_RECORD_KWARGS: dict[str, Callable[[Any], bool]] = {
     "fc_kernel": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 15,
 }
 
+
+HEAD_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
+MAX_HEADS = 8
+
+
+def valid_heads(value: Any) -> bool:
+    """A multi-head net's ``heads``: 1..8 entries, names of 1..32 characters from [a-z_], class counts 1..65535."""
+    return (isinstance(value, dict) and 1 <= len(value) <= MAX_HEADS
+            and all(isinstance(n, str) and 1 <= len(n) <= 32 and set(n) <= HEAD_NAME_CHARS for n in value)
+            and all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 65535 for k in value.values()))
+
+
+#: build arguments a record may carry for a multi-head FCN (``fcnseg.models.multihead``): its heads, and
+#: how every head upsamples
+MULTIHEAD_RECORD_KWARGS: dict[str, Callable[[Any], bool]] = {
+    "heads": valid_heads,
+    "upsample": lambda v: v in ("deconv", "bilinear", "resize_conv"),  # unpool has no skips; the heads have one
+    **{k: FCN_RECORD_KWARGS[k] for k in ("learnable_upsample", "dropout")},
+}
+
 _MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 

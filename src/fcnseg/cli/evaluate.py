@@ -19,7 +19,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--root", metavar="DIR", help="dataset folder (default: the run's, for a run directory)")
     p.add_argument("--split", default=None, help="split to score (default: the run's val split, else val)")
     p.add_argument("--json", metavar="FILE", help="write the scores (fractions in [0, 1]) as JSON")
-    p.add_argument("--confusion-png", metavar="FILE", help="write a row-normalised confusion-matrix plot")
+    p.add_argument("--confusion-png", metavar="FILE",
+                   help="write a row-normalised confusion-matrix plot (a multi-head net: its first head's)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="CLASS",
                    help="leave these classes (names or indices) out of the class-averaged means")
     p.add_argument("--exclude-absent", action="store_true",
@@ -72,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
     source = f", split from {scores['split_source']}" if scores.get("split_source") else ""
     what = f"{scores['dataset']} {scores['split']}"
     print(f"{scores['arch']} on {what} ({scores['images']} images{aug}{source})")
-    print(format_table(scores))
+    if "heads" in scores:  # a multi-head net: one table per head, with where its labels came from
+        for name, head in scores["heads"].items():
+            print(f"\nhead {name} (labels: {head.get('label_source') or 'the dataset'})")
+            print(format_table(head))
+    else:
+        print(format_table(scores))
     if args.json:
         write_json(args.json, scores)
     if args.confusion_png:

@@ -13,7 +13,8 @@ from ..errors import printable, show_path
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment images: palette PNG of class ids per image, optional overlay and probabilities",
                        description="Segment images. For each INPUT writes OUT/<stem>.png (palette PNG of class ids at "
-                                   "the input's size), and OUT/legend.png once. Existing files are never replaced "
+                                   "the input's size), and OUT/legend.png once; a multi-head checkpoint writes "
+                                   "OUT/<stem>_<head>.png per head and OUT/legend_<head>.png. Existing files are never replaced "
                                    "unless --overwrite: they are reported and skipped (exit 1).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (their images) or glob patterns")
     p.add_argument("--checkpoint", default="camvid",
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.io import read_image
     from ..errors import FcnsegError, OutputExistsError, OutputWriteError
     from ..inference import Segmenter
+    from ..models.multihead import checkpoint_heads
     from ..outputs import output_dir, write_group
     from ..uncertainty import to_png_array, uncertainty
     from ..visualize import legend, overlay, palette_image
@@ -152,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
     options = dict(device=args.device, dtype=args.dtype, tile=args.tile, overlap=args.overlap, flip=args.flip,
                    scales=args.scales, max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
     check_checkpoint_name(args.checkpoint)
+    heads = checkpoint_heads(args.checkpoint)
+    if heads is not None:
+        return run_heads(args, out, files, problems, heads)
     dense = dense_model(args, lambda: load_checkpoint(args.checkpoint, device=args.device))
     seg = Segmenter(dense, inplace=True, **options) if dense is not None else \
         load_segmenter(args.checkpoint, backend=args.backend, **options)
@@ -223,6 +228,77 @@ def run(args: argparse.Namespace) -> int:
         parts.append(f"{failed + len(problems)} failed")
     if stopped:
         parts.append(f"stopped with {stopped} image(s) not attempted")
+    print("; ".join(parts))
+    return 1 if failed or problems or skipped else 0
+
+
+def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: list[str],
+              heads: dict[str, dict]) -> int:
+    """``predict`` for a multi-head checkpoint: ``OUT/<stem>_<head>.png`` for every head of every input, one
+    image's files written all-or-nothing (``write_head_masks`` through ``write_group``), and ``legend_<head>.png``.
+    The net runs on the whole image in float32: the single-head options below are refused, not ignored."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+    from tqdm import tqdm
+
+    from ..checkpoint import atomic_write, clean_stale_temps, load_checkpoint
+    from ..data.io import read_image
+    from ..errors import FcnsegError, OutputExistsError, OutputWriteError
+    from ..models.multihead import write_head_masks
+    from ..visualize import legend
+
+    unsupported = [flag for flag, used in (
+        ("--overlay", args.overlay), ("--probs", args.probs), ("--uncertainty", args.uncertainty),
+        ("--flip", args.flip), ("--scales", list(args.scales) != [1.0]), ("--dense", args.dense is not None),
+        ("--backend onnxruntime", args.backend == "onnxruntime"), ("--dtype bfloat16", args.dtype != "float32"),
+        ("--scale", args.scale is not None), ("--max-side", bool(args.max_side))) if used]
+    if unsupported:
+        raise FcnsegError(f"{show_path(args.checkpoint)} is a multi-head net ({', '.join(heads)}); predict writes "
+                          f"one mask per head only, without {', '.join(unsupported)}")
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    record = model.record
+    colors = {name: h["colors"] for name, h in heads.items()}
+    clean_stale_temps(out)
+    for msg in problems:
+        say(msg)
+    stems = output_stems(files)
+    for line in renamed_stems(files, stems):
+        say(line)
+    written = skipped = failed = 0
+    bar = tqdm(list(zip(files, stems)), unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
+    for path, stem in bar:
+        there = [f"{stem}_{h}.png" for h in heads if (out / f"{stem}_{h}.png").exists()] if not args.overwrite else []
+        if there:
+            skipped += 1
+            say(f"{show_path(out / there[0])}: exists already, not replaced (--overwrite replaces it)", bar)
+            continue
+        try:
+            x = TF.to_dtype(TF.pil_to_tensor(read_image(path)), torch.float32, scale=True)[None]  # (1, 3, H, W)
+            with torch.no_grad():
+                logits = model(record.normalize(x).to(args.device))  # {head: (1, K, H, W)}
+            write_head_masks(logits, colors, out, stem, overwrite=args.overwrite)
+            written += 1
+        except OutputExistsError as e:
+            skipped += 1
+            say(f"{e} (another run wrote it meanwhile; --overwrite replaces it)", bar)
+        except OutputWriteError as e:
+            failed += 1
+            say(str(e), bar)
+            break
+        except (FcnsegError, OSError, ValueError, RuntimeError) as e:
+            failed += 1
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            say(msg if str(path) in msg else f"{show_path(path)}: {msg}", bar)
+    bar.close()
+    if written:
+        for name, head in heads.items():
+            atomic_write(out / f"legend_{name}.png",
+                         lambda tmp, head=head: legend(head["classes"], head["colors"]).save(tmp, format="PNG"))
+    parts = [f"wrote {written} prediction(s) ({len(heads)} masks each: {', '.join(heads)}) to {show_path(out)}"]
+    if skipped:
+        parts.append(f"{skipped} skipped because they exist (--overwrite replaces them)")
+    if failed or problems:
+        parts.append(f"{failed + len(problems)} failed")
     print("; ".join(parts))
     return 1 if failed or problems or skipped else 0
 
