@@ -23,7 +23,7 @@ import torch.nn as nn
 from .checkpoint import atomic_write
 from .errors import FcnsegError
 from .outputs import output_file
-from .record import CheckpointRecord
+from .record import CheckpointRecord, refuse_multihead
 
 FORMATS = ("onnx", "torchscript")
 METADATA_KEY = "fcnseg"
@@ -48,6 +48,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int
         import onnxscript  # noqa: F401  (the exporter's backend)
     except ModuleNotFoundError as e:
         raise FcnsegError(f"ONNX export needs {e.name}: pip install 'fcnseg[onnx]'") from None
+    refuse_multihead(model, "ONNX export")
     path = output_file(path, what="ONNX export")  # before the minutes of tracing
     model = model.eval()
     x = torch.randn(1, 3, *example_size)
@@ -182,6 +183,7 @@ def export_torchscript(model: nn.Module, path: str | Path, example_size: tuple[i
 
     Load it with ``torch.jit.load(path)``; the record is the extra file ``fcnseg.json``.
     """
+    refuse_multihead(model, "TorchScript export")
     path = output_file(path, what="TorchScript export")
     model = model.eval()
     x = torch.randn(1, 3, *example_size)

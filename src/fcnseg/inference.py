@@ -22,7 +22,7 @@ from PIL import Image
 
 from .checkpoint import open_model
 from .errors import FcnsegError
-from .record import normalization_of
+from .record import normalization_of, refuse_multihead
 from .optimize import (DTYPES, BigWeightConv2d, bf16_slowness, copy_model, fold_batchnorm, native_bf16_cpu, optimize,
                        parse_dtype)
 from .tiling import tile_spans
@@ -93,6 +93,7 @@ class Segmenter:
                  dtype: str | torch.dtype | None = None, channels_last: bool = True, tile: int = 1024,
                  overlap: int = 256, flip: bool = False, scales: Sequence[float] = (1.0,), batch_size: int = 4,
                  inplace: bool = False, max_side: int | str | None = "auto", scale: float | None = None):
+        refuse_multihead(model, "Segmenter")
         record: Mapping[str, Any] = getattr(model, "record", None) or {}
         self.num_classes = int(getattr(model, "num_classes", 0) or record.get("num_classes", 0))
         if not self.num_classes:

@@ -150,8 +150,10 @@ class CheckpointRecord(Mapping):
 
         out = dict(data)
         out.update(format=FORMAT, arch=arch, num_classes=k, model_kwargs=dict(kwargs), classes=list(classes),
-                   colors=[list(c) for c in colors], **({"heads": heads} if heads else {}), normalization={"mean": [float(v) for v in mean],
-                                                                    "std": [float(v) for v in std]})
+                   colors=[list(c) for c in colors],
+                   normalization={"mean": [float(v) for v in mean], "std": [float(v) for v in std]})
+        if heads:
+            out["heads"] = heads
         return cls(out, src)
 
     @classmethod
@@ -299,3 +301,17 @@ def normalization_of(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if isinstance(record, CheckpointRecord):
         return record.mean, record.std
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+def refuse_multihead(model: Any, what: str) -> None:
+    """A one-line refusal where a single-output path meets a multi-head net (one mask per head is
+    ``fcnseg predict``'s job)."""
+    record = getattr(model, "record", None)
+    heads = list(record.get("heads") or []) if isinstance(record, Mapping) else []
+    modules = getattr(model, "heads", None)  # MultiHeadFCN.heads: an nn.ModuleDict
+    if not heads and hasattr(modules, "keys"):
+        heads = list(modules.keys())
+    if heads:
+        names = ", ".join(heads)
+        raise FcnsegError(f"{what} takes a single-output model; this one has heads ({names}): segment it with "
+                          f"'fcnseg predict', which writes one mask per head")
