@@ -51,3 +51,20 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-4)  # reduced over processes
         assert r2["val"]["num_pixels"] == r1["val"]["num_pixels"] == 3 * 31 * 40  # shards summed, none twice
         assert r2["val"]["pixel_accuracy"] == pytest.approx(r1["val"]["pixel_accuracy"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_skip_bad_with_two_processes_checks_once_and_names_each_file_once(tmp_path):
+    from test_skip_bad import BAD_FILES, LISTING, lines_naming, make_damaged_dataset
+
+    data = make_damaged_dataset(tmp_path / "data")
+    launcher = write_launcher(tmp_path / "bin")
+    args = [*_args(data, tmp_path / "ddp", 2), "--split", "all", "--val-split", "none", "--skip-bad"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(launcher), *args]
+    ddp = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    for name in {**BAD_FILES, **LISTING}:
+        assert len(lines_naming(ddp.stderr, name)) == 1, name  # rank 0 only
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    # 8 good samples over 2 processes x 2 images: 2 steps per epoch, the same index on both processes
+    assert [(r["step"], r["skipped_samples"], r["listing_problems"]) for r in rows] == [(2, 2, 4), (4, 2, 4)]

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from fcnseg.config import from_dict
-from fcnseg.engine import NonFiniteLossError, SegmentationLoss, train_one_epoch
+from fcnseg.train.engine import NonFiniteLossError, SegmentationLoss, StepOptions, train_one_epoch
 from fcnseg.train.loader import Seeded, ShardSampler, collate, sample_seed
 from fcnseg.train.optim import build_optimizer, lr_factor, param_groups
 
@@ -126,7 +126,7 @@ def test_nonfinite_loss_stops_with_step_and_files():
     names = [f"file{i}.png" for i in range(8)]
     with pytest.raises(NonFiniteLossError, match=r"step 1 .*file4\.png, file7\.png"):
         train_one_epoch(model, _batches(), SegmentationLoss(), opt, device=torch.device("cpu"), names=names,
-                        progress=False)
+                        options=StepOptions(progress=False))
 
 
 def test_nonfinite_loss_skip_counts_and_leaves_weights():
@@ -134,7 +134,7 @@ def test_nonfinite_loss_skip_counts_and_leaves_weights():
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats = train_one_epoch(model, _batches(), SegmentationLoss(), opt, device=torch.device("cpu"),
-                            on_nonfinite="skip", progress=False)
+                            options=StepOptions(on_nonfinite="skip", progress=False))
     assert stats.skipped == 2 and stats.steps == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -162,7 +162,7 @@ def test_accumulation_matches_a_larger_batch():
         loader = [(x[i:i + batch], y[i:i + batch], torch.arange(i, i + batch)) for i in range(0, 4, batch)]
         # sum reduction: per-image losses averaged over the window, whatever its split into micro-batches
         train_one_epoch(model, loader, SegmentationLoss(reduction="sum"), opt, device=torch.device("cpu"),
-                        accumulate=acc, progress=False)
+                        options=StepOptions(accumulate=acc, progress=False))
         results.append(model.weight.detach().clone())
     assert torch.allclose(results[0], results[1], atol=1e-6)
 
@@ -301,3 +301,33 @@ def test_max_steps_and_time_budget_stop_the_run(tiny, data, tmp_path):
     assert main(["train", "--resume", str(tmp_path / "budget"), "--time-budget-min", "0", "--no-progress"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["epoch"] == 5 and rows[-1]["step"] == 20
+
+
+def test_fit_as_a_library_logs_records_only_a_given_command_and_leaves_the_process_as_it_was(tiny, data, tmp_path,
+                                                                                              capsys, caplog):
+    import logging
+    import random
+
+    from fcnseg.train import fit
+
+    cfg = from_dict({"model": "tiny_fcn8s", "dataset": "folder", "root": str(data), "epochs": 1, "batch_size": 4,
+                     "crop_size": [32, 32], "workers": 0, "threads": 1, "seed": 5, "val_split": None,
+                     "progress": False, "plots": False, "out": str(tmp_path / "a")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(123)
+        random.seed(123)
+        rng, py = torch.get_rng_state(), random.getstate()
+        caplog.set_level(logging.INFO, logger="fcnseg")
+        summary = fit(cfg)
+        assert torch.get_num_threads() == 2  # cfg.threads held for the run only
+        assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["step"] == 2 and summary["skipped_samples"] == 0 and summary["listing_problems"] == 0
+    assert capsys.readouterr() == ("", "")  # the library never prints
+    assert "run " in caplog.text and "epoch 1/1" in caplog.text
+    assert json.loads((tmp_path / "a" / "version.json").read_text())["command"] is None  # no sys.argv
+    fit(from_dict({"out": str(tmp_path / "b")}, cfg), command=["fcnseg", "train", "--x"])
+    assert json.loads((tmp_path / "b" / "version.json").read_text())["command"] == ["fcnseg", "train", "--x"]

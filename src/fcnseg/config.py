@@ -44,6 +44,7 @@ class TrainConfig:
     jitter: Optional[float] = None  # colour jitter strength; None: the dataset's preset; 0: off
     workers: int = 2  # DataLoader worker processes
     val_limit: int = 0  # validate on the first N images only (0: all)
+    skip_bad: bool = False  # check every sample first; leave out bad ones and listing problems (counted, logged)
 
     # optimisation
     epochs: int = 50

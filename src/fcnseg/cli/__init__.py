@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import sys
 import warnings
 
@@ -53,12 +54,27 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"fcnseg: warning: {printable(str(message))}", file=sys.stderr)
 
 
+class _LogFormat(logging.Formatter):
+    """The library's log records as the CLI's stderr lines: the bare message; warnings as one-line warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return f"fcnseg: warning: {msg}" if record.levelno >= logging.WARNING else msg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    # the library logs to "fcnseg"; the program shows those messages on stderr while the command runs
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat())
+    lib_logger = logging.getLogger("fcnseg")
+    level = lib_logger.level
+    lib_logger.addHandler(handler)
+    lib_logger.setLevel(logging.INFO)
     try:
         with warnings.catch_warnings(), contextlib.ExitStack() as settings:
             warnings.showwarning = _one_line_warning
@@ -74,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fcnseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        lib_logger.removeHandler(handler)
+        lib_logger.setLevel(level)
     return int(code or 0)
 
 

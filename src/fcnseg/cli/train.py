@@ -17,6 +17,9 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "--val-split": ("val_split", dict(help="validation split (default val; 'none' for no validation)")),
     "--crop-size": ("crop_size", dict(type=int, nargs=2, metavar=("H", "W"), help="random training crop")),
     "--scale-range": ("scale_range", dict(type=float, nargs=2, metavar=("LO", "HI"), help="random rescaling")),
+    "--skip-bad": ("skip_bad", dict(action=argparse.BooleanOptionalAction,
+                                    help="check every sample first and leave out bad ones (counted in "
+                                         "metrics.jsonl, each named once)")),
     "--workers": ("workers", dict(type=int, help="data loading processes")),
     "--epochs": ("epochs", dict(type=int)),
     "--batch-size": ("batch_size", dict(type=int, help="images per step per process")),

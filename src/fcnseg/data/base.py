@@ -1,6 +1,8 @@
 """The dataset registry and the base class every family shares: listed files, read with checks, ids mapped."""
 from __future__ import annotations
 
+import errno
+import os
 import random
 import warnings
 from pathlib import Path
@@ -36,7 +38,8 @@ def build_dataset(name: str, root: str | Path, split: str, transforms=None, **kw
 
     ``transforms`` is a callable ``(PIL image, PIL mask) -> (tensor, tensor)`` (see ``build_transforms``);
     None gives the dataset's evaluation preset (normalised tensors at the original resolution).
-    ``skip_bad=True`` skips unreadable or inconsistent samples (counted in ``.skipped``) instead of stopping.
+    ``skip_bad=True`` keeps listing problems (missing partners) in ``.problems`` and replaces unreadable or
+    inconsistent samples (see ``fetch``) instead of stopping; ``fcnseg train --skip-bad`` leaves them out.
     """
     builder = _DATASETS.get(name)
     root = Path(root).expanduser()
@@ -120,8 +123,7 @@ class SegmentationDataset(Dataset):
         self.problems: list[str] = list(problems or [])
         kept_files, kept_names = [], []
         for (img, mask), n in zip(files, names):
-            missing = [f"{p}: missing {what} for sample {n!r}" for p, what in ((img, "image"), (mask, "mask"))
-                       if not p.is_file()]
+            missing = [m for m in (_missing(Path(img), "image", n), _missing(Path(mask), "mask", n)) if m]
             if missing:
                 self.problems.extend(missing)
             else:
@@ -130,7 +132,8 @@ class SegmentationDataset(Dataset):
         if self.problems and not skip_bad:
             more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
             raise DataFileError(f"{self.problems[0]}{more}; run 'fcnseg data check --dataset {name} --root {root} "
-                                f"--split {split}' to list them, or pass skip_bad=True")
+                                f"--split {split}' to list them, or train with --skip-bad (build_dataset: "
+                                f"skip_bad=True) to leave them out")
         self.files, self.names = kept_files, kept_names
         if not self.files:
             found = f" ({len(self.problems)} missing files, e.g. {self.problems[0]})" if self.problems else ""
@@ -227,7 +230,23 @@ class SegmentationDataset(Dataset):
                                 f"(after EXIF orientation)")
         return image, Image.fromarray(ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def check(self, index: int) -> str | None:
+        """The problem of sample ``index`` as one line (the reads and checks of ``load``), or None."""
+        try:
+            self.load(index)
+        except DataFileError as e:
+            return str(e)
+        return None
+
+    def fetch(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The transformed pair ``index`` and the messages of the bad samples met on the way.
+
+        Without ``skip_bad`` a bad pair raises DataFileError. With it, a bad pair is replaced by the next
+        good one (a batch needs its slot filled) and its message returned, so the caller counts and reports
+        it; ``fcnseg train --skip-bad`` checks every sample first, so this only happens to a file that
+        changed during the run.
+        """
+        problems = []
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
             try:
@@ -235,11 +254,33 @@ class SegmentationDataset(Dataset):
             except DataFileError as e:
                 if not self.skip_bad:
                     raise
-                self.skipped.append(str(e))
-                warnings.warn(f"skipped bad sample: {e}", stacklevel=2)
+                problems.append(str(e))
                 continue
-            return self.transforms(image, mask)
+            image, mask = self.transforms(image, mask)
+            return image, mask, problems
         raise FcnsegError(f"{self.root}: every sample of split {self.split!r} is bad; run 'fcnseg data check'")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask, problems = self.fetch(index)
+        for message in problems:
+            self.skipped.append(message)
+            warnings.warn(f"skipped bad sample: {message}", stacklevel=2)
+        return image, mask
+
+
+def _missing(path: Path, what: str, name: str) -> str | None:
+    """Why ``path`` is not a readable file for sample ``name`` (one line), or None when it is a regular file."""
+    if path.is_file():
+        return None
+    why = ""
+    if path.is_dir():
+        why = " (a directory, not a file)"
+    elif path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            why = " (a symlink loop)" if e.errno == errno.ELOOP else " (a broken symlink)"
+    return f"{path}: missing {what} for sample {name!r}{why}"
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")

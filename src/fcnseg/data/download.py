@@ -10,6 +10,7 @@ import copy
 import glob
 import hashlib
 import http.client
+import logging
 import os
 import shutil
 import tarfile
@@ -125,7 +126,7 @@ def fetch(url: str, dest: Path, checksum: str | None = None, progress: bool = Tr
         raise FcnsegError(f"{dest.name}: {algo} checksum mismatch (expected {expected}, got {got}); the corrupt "
                           f"download was removed, run the command again")
     if expected is None:
-        print(f"{dest.name}: no published checksum; {algo} {got}")
+        logging.getLogger(__name__).info(f"{dest.name}: no published checksum; {algo} {got}")
     os.replace(part, dest)
     return dest
 

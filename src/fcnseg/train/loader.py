@@ -9,6 +9,7 @@ processes sees, step by step, the same global batches as one process with N time
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -69,43 +70,94 @@ class ShardSampler(Sampler):
 
 
 class Seeded(Dataset):
-    """Wraps a dataset: ``ds[(index, seed)]`` seeds torch, random and numpy, then returns
-    ``(image, mask, index)``. Global random states are restored afterwards (so the main process's
-    own streams, e.g. for dropout, are untouched when there are no workers)."""
+    """Wraps a dataset: ``ds[(position, seed)]`` seeds torch, random and numpy, then returns
+    ``(image, mask, index, problems)``. Global random states are restored afterwards (so the main process's
+    own streams, e.g. for dropout, are untouched when there are no workers).
 
-    def __init__(self, dataset):
+    ``indices`` (default: all) are the dataset items that positions refer to, so a run can leave samples
+    out without touching the dataset. ``problems`` holds the messages of bad samples the dataset replaced
+    to fill this slot (its ``fetch``, with ``skip_bad``); they travel with the batch to the main process.
+    """
+
+    def __init__(self, dataset, indices: Sequence[int] | None = None):
         self.dataset = dataset
+        self.indices = list(indices) if indices is not None else None
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.indices) if self.indices is not None else len(self.dataset)
+
+    def _fetch(self, index: int):
+        fetch = getattr(self.dataset, "fetch", None)
+        if fetch is None:  # any map-style dataset of (image, mask) works
+            image, mask = self.dataset[index]
+            return image, mask, []
+        return fetch(index)
 
     def __getitem__(self, key):
-        if isinstance(key, tuple):
-            index, seed = key
+        position, seed = key if isinstance(key, tuple) else (key, None)
+        index = self.indices[position] if self.indices is not None else position
+        if seed is None:
+            image, mask, problems = self._fetch(index)
+        else:
             py, npy = random.getstate(), np.random.get_state()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 random.seed(seed)
                 np.random.seed(seed % 2**32)
                 try:
-                    image, mask = self.dataset[index]
+                    image, mask, problems = self._fetch(index)
                 finally:
                     random.setstate(py)
                     np.random.set_state(npy)
-        else:
-            index = key
-            image, mask = self.dataset[index]
-        return image, mask, index
+        return image, mask, index, tuple(problems)
 
 
 def collate(batch):
-    """Stack ``(image, mask, index)`` samples; different sizes get an error that says what to do."""
-    images, masks, indices = zip(*batch)
+    """Stack ``(image, mask, index[, problems])`` samples into ``(images, masks, indices, replaced)``, where
+    ``replaced`` holds the problems of each slot that a neighbour filled; different sizes get an error that
+    says what to do."""
+    images, masks, indices = ([s[k] for s in batch] for k in range(3))
     if len({tuple(im.shape) for im in images}) > 1:
         sizes = sorted({tuple(im.shape[-2:]) for im in images})
         raise FcnsegError(f"images of different sizes {sizes[:4]} cannot share a batch; pass --crop-size H W "
                           f"(training) or use --batch-size 1")
-    return torch.stack(images), torch.stack(masks), torch.tensor(indices)
+    replaced = [tuple(s[3]) for s in batch if len(s) > 3 and s[3]]  # one entry per slot a neighbour filled
+    return torch.stack(images), torch.stack(masks), torch.tensor(indices), replaced
+
+
+class _Checks(Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str:
+        return self.dataset.check(index) or ""
+
+
+def _as_is(item):
+    return item
+
+
+def scan_samples(dataset, workers: int = 0) -> tuple[list[int], list[str]]:
+    """Check every sample once with ``dataset.check(i)`` (the reads and checks training does), in ``workers``
+    processes; return the indices of the good samples and one message per bad one. A dataset without
+    ``check`` is taken as good."""
+    from torch.utils.data import DataLoader
+
+    if getattr(dataset, "check", None) is None:
+        return list(range(len(dataset))), []
+    # a private generator: the scan must not draw from the global RNG (the model is initialised after it)
+    loader = DataLoader(_Checks(dataset), batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        generator=torch.Generator())
+    good, bad = [], []
+    for i, problem in enumerate(loader):
+        if problem:
+            bad.append(problem)
+        else:
+            good.append(i)
+    return good, bad
 
 
 def make_loader(dataset: Seeded, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool = False):

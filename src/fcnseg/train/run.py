@@ -2,30 +2,38 @@
 
 ``fit(cfg)`` starts a run in ``cfg.out``; ``fit(cfg, resume=True)`` continues the run in
 ``cfg.out`` from its newest good state, exactly (same weights as an uninterrupted run on CPU).
-It is a sequence of plain steps; the per-epoch work is ``engine.train_one_epoch`` and ``engine.evaluate``.
+``setup_run`` builds a ``Run`` (everything one run holds); the loop in ``_fit`` is a few plain steps over
+it: ``train_epoch``, ``epoch_row``, ``validate``, ``report_epoch``, ``save_resume_state``. The per-epoch
+work is ``engine.train_one_epoch`` and ``engine.evaluate``. Messages go to the ``fcnseg`` logger, from
+rank 0 only; the CLI shows them on stderr.
 """
 from __future__ import annotations
 
-import sys
+import contextlib
+import logging
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import engine
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, make_record, save_checkpoint
 from ..config import TrainConfig, save_config
+from ..data.io import DataFileError
 from ..errors import FcnsegError
 from ..metrics import format_table
 from ..outputs import output_dir
 from . import distributed as dst
-from . import report
-from .loader import Seeded, ShardSampler, make_loader
+from . import engine, report
+from .loader import Seeded, ShardSampler, make_loader, scan_samples
 from .optim import build_optimizer, build_scheduler
 from .state import load_state, rng_state, save_state, set_rng_state
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "precision_macro", "recall_macro",
                 "f1_macro", "f1_weighted", "num_pixels")
@@ -41,19 +49,95 @@ class Data:
     ignore_index: int
     mean: tuple
     std: tuple
+    train_indices: list[int] = field(default_factory=list)  # the samples trained on: all, or the good ones
+    val_indices: list[int] = field(default_factory=list)
+    listing_problems: list[str] = field(default_factory=list)  # missing partners etc. (with skip_bad)
+    bad_samples: list[str] = field(default_factory=list)  # samples the start-up check left out (with skip_bad)
 
 
-def log(info: dst.DistInfo, msg: str) -> None:
+@dataclass
+class Position:
+    """Where the run is: the next epoch, the micro-batches of it already done, optimiser steps taken."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    order: list[int] | None = None  # the epoch's sample order while inside it
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; made by ``setup_run``, advanced by the loop in ``_fit``."""
+
+    cfg: TrainConfig
+    info: dst.DistInfo
+    data: Data
+    model: nn.Module  # the bare model: weights, checkpoints, validation
+    net: nn.Module  # what trains: the model or its DistributedDataParallel wrapper
+    loss_fn: engine.SegmentationLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    options: engine.StepOptions
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    names: list[str]  # names[i]: dataset item i, for error messages
+    command: list[str] | None = None
+    code: dict[str, Any] = field(default_factory=dict)
+    pos: Position = field(default_factory=Position)
+    stopped: bool = False  # max_steps or the time budget ended the run before its last epoch
+    history: list[dict] = field(default_factory=list)  # the metrics.jsonl rows
+    best: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0
+    late_bad: list[str] = field(default_factory=list)  # samples that went bad after the start-up check
+    filled_slots: int = 0  # batch slots filled with the next sample because theirs was bad
+    last_scores: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0  # perf_counter() at the run's start, moved back by the time trained before a resume
+    writer: report.Scalars | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.pos.epoch >= self.cfg.epochs
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def sample_counts(self) -> dict[str, int]:
+        return {"skipped_samples": len(self.data.bad_samples) + len(self.late_bad),
+                "listing_problems": len(self.data.listing_problems), "filled_slots": self.filled_slots}
+
+
+def log(info: dst.DistInfo, msg: str, level: int = logging.INFO) -> None:
+    """Log from rank 0 only, so a distributed run says each thing once."""
     if info.main:
-        print(msg, file=sys.stderr, flush=True)
+        logger.log(level, msg)
 
 
-def build_data(cfg: TrainConfig) -> Data:
+# ---- set-up -------------------------------------------------------------------------------------------------
+def dataset_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The build_dataset keywords of this run: ``dataset_kwargs``, and ``skip_bad`` from its own setting."""
+    if "skip_bad" in cfg.dataset_kwargs:
+        raise FcnsegError("dataset_kwargs: skip_bad is a setting of its own; pass --skip-bad (or 'skip_bad: true' "
+                          "in the config)")
+    return dict(cfg.dataset_kwargs, skip_bad=True) if cfg.skip_bad else dict(cfg.dataset_kwargs)
+
+
+def build_data(cfg: TrainConfig, info: dst.DistInfo = dst.DistInfo()) -> Data:
     """The training split with the dataset's training preset (flags override its crop and scales), and the
-    validation split at original resolution."""
+    validation split at original resolution. With ``skip_bad``, bad samples are left out (see ``leave_out_bad``)."""
     from ..data import build_dataset, build_transforms
 
-    train = build_dataset(cfg.dataset, cfg.root, cfg.split, **cfg.dataset_kwargs)
+    kwargs = dataset_kwargs(cfg)
+    train = build_dataset(cfg.dataset, cfg.root, cfg.split, **kwargs)
     kw: dict[str, Any] = {"mean": tuple(getattr(train, "mean", IMAGENET_MEAN)),
                           "std": tuple(getattr(train, "std", IMAGENET_STD))}
     aug: dict[str, Any] = {"flip": cfg.flip}
@@ -65,11 +149,49 @@ def build_data(cfg: TrainConfig) -> Data:
         aug["jitter"] = cfg.jitter
     train.transforms = build_transforms(getattr(train, "preset", cfg.dataset), train=True, **kw, **aug)
     # validation: the evaluation preset (original resolution)
-    val = build_dataset(cfg.dataset, cfg.root, cfg.val_split, **cfg.dataset_kwargs) if cfg.val_split else None
+    val = build_dataset(cfg.dataset, cfg.root, cfg.val_split, **kwargs) if cfg.val_split else None
     if len(train) == 0:
         raise FcnsegError(f"{cfg.root}: the {cfg.split!r} split of {cfg.dataset} is empty")
-    return Data(train, val, list(train.classes), [list(c) for c in train.colors], int(train.num_classes),
-                int(getattr(train, "ignore_index", 255)), kw["mean"], kw["std"])
+    data = Data(train, val, list(train.classes), [list(c) for c in train.colors], int(train.num_classes),
+                int(getattr(train, "ignore_index", 255)), kw["mean"], kw["std"],
+                train_indices=list(range(len(train))), val_indices=list(range(len(val) if val is not None else 0)))
+    if cfg.skip_bad:
+        leave_out_bad(data, cfg, info)
+    return data
+
+
+def leave_out_bad(data: Data, cfg: TrainConfig, info: dst.DistInfo) -> None:
+    """Check every sample once before training (rank 0, in the loader's workers) and train and validate on
+    the good ones only, so no bad slot is ever filled by a neighbour. Each listing problem and each bad
+    sample is logged once, as a warning, and counted (``Run.sample_counts``)."""
+    found: list = [None]
+    if info.main:
+        found = [{}]
+        for split, ds in (("train", data.train), ("val", data.val)):
+            if ds is not None:
+                good, bad = scan_samples(ds, cfg.workers)
+                found[0][split] = (good, bad, list(getattr(ds, "problems", [])))
+    if info.enabled:  # every process must train on the same index
+        torch.distributed.broadcast_object_list(found, 0)
+    by_split = found[0]
+    data.train_indices, train_bad, train_listing = by_split["train"]
+    data.val_indices, val_bad, val_listing = by_split.get("val", ([], [], []))
+    # a file in both splits is one problem: named once, counted once
+    data.listing_problems = list(dict.fromkeys(train_listing + val_listing))
+    data.bad_samples = list(dict.fromkeys(train_bad + val_bad))
+    for message in data.listing_problems:
+        log(info, f"listing problem, sample left out: {message}", logging.WARNING)
+    for message in data.bad_samples:
+        log(info, f"skipped bad sample: {message}", logging.WARNING)
+    if not data.train_indices:
+        raise FcnsegError(f"{cfg.root}: every sample of the {cfg.split!r} split of {cfg.dataset} is bad "
+                          f"({len(train_bad)} bad files); run 'fcnseg data check' for the list")
+    if data.val is not None and not data.val_indices:
+        raise FcnsegError(f"{cfg.root}: every sample of the {cfg.val_split!r} split of {cfg.dataset} is bad; "
+                          f"run 'fcnseg data check', or pass --val-split none")
+    log(info, f"--skip-bad: training on {len(data.train_indices)} of {len(data.train)} samples"
+              + (f", validating on {len(data.val_indices)} of {len(data.val)}" if data.val is not None else "")
+              + f"; {len(data.bad_samples)} bad samples and {len(data.listing_problems)} listing problems left out")
 
 
 def build_net(cfg: TrainConfig, num_classes: int, info: dst.DistInfo) -> nn.Module:
@@ -105,7 +227,7 @@ def resolve_class_weights(spec, data: Data, cfg: TrainConfig) -> torch.Tensor | 
     if spec == "median":
         from ..data import build_dataset
 
-        scan = check_dataset(build_dataset(cfg.dataset, cfg.root, cfg.split, **cfg.dataset_kwargs))
+        scan = check_dataset(build_dataset(cfg.dataset, cfg.root, cfg.split, **dataset_kwargs(cfg)))
         spec = scan.class_weights()
     elif isinstance(spec, str):
         spec = load_class_weights(spec, data.classes)
@@ -125,51 +247,23 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _eval_loader(dataset, info: dst.DistInfo, cfg: TrainConfig, limit: int = 0):
-    n = len(dataset) if not limit else min(limit, len(dataset))
-    indices = list(range(info.rank, n, info.world))  # a plain shard: no padding, so no image counts twice
-    return make_loader(Seeded(dataset), indices, 1, cfg.workers, info.device)
-
-
-def _summary(scores: dict[str, Any]) -> dict[str, Any]:
-    out = {k: scores[k] for k in SUMMARY_KEYS}
-    out["per_class_iou"] = {r["name"]: r["iou"] for r in scores["per_class"]}
-    return out
-
-
-def fit(cfg: TrainConfig, resume: bool = False, command: Sequence[str] | None = None) -> dict[str, Any]:
-    """Train per ``cfg`` into the run directory ``cfg.out``; return the last validation summary."""
-    cfg.validate()
-    output_dir(cfg.out, what="run directory")  # before any data is read
-    info = dst.setup(cfg.device)
-    try:
-        return _fit(cfg, info, resume, list(command) if command is not None else list(sys.argv))
-    finally:
-        dst.teardown()
-
-
-def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str]) -> dict[str, Any]:
-    device = info.device
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
+              command: list[str] | None = None) -> Run:
+    """Data, model, optimiser and position (restored from the newest good state when resuming), and the
+    run directory opened for writing (rank 0)."""
     from ..registry import get_builder
 
     try:
         get_builder(cfg.model)  # a wrong name fails before any data is read
     except KeyError as e:
         raise FcnsegError(str(e).strip("'\"")) from None
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    if not resume and (ckpt_dir / "state-last.pt").exists():
-        raise FcnsegError(f"{out} already holds a run; continue it with 'fcnseg train --resume {out}' "
+    if not resume and (Path(cfg.out) / "checkpoints" / "state-last.pt").exists():
+        raise FcnsegError(f"{cfg.out} already holds a run; continue it with 'fcnseg train --resume {cfg.out}' "
                           f"or choose another --out")
 
-    # data and model (the model is built from the same seed on every process)
-    torch.manual_seed(cfg.seed)
-    data = build_data(cfg)
+    device = info.device
+    torch.manual_seed(cfg.seed)  # the model is built from the same seed on every process
+    data = build_data(cfg, info)
     model = build_net(cfg, data.num_classes, info)
     model.to(device)
     if cfg.channels_last:
@@ -180,180 +274,326 @@ def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str])
     weights = resolve_class_weights(cfg.class_weights, data, cfg)
     loss_fn = engine.SegmentationLoss(weights, cfg.loss_reduction, cfg.loss_sample, data.ignore_index).to(device)
 
-    batch = cfg.batch_size
-    per_rank = -(-len(data.train) // info.world)
-    batches_per_epoch = -(-per_rank // batch)
+    per_rank = -(-len(data.train_indices) // info.world)
+    batches_per_epoch = -(-per_rank // cfg.batch_size)
     steps_per_epoch = -(-batches_per_epoch // cfg.accumulate)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
     dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    # where we are
-    epoch, batch_in_epoch, step, skipped, trained_s = 0, 0, 0, 0, 0.0
-    history: list[dict] = []
-    best: dict[str, Any] = {}
-    order = None
+    files = getattr(data.train, "files", None)
+    names = [str(f[0]) for f in files] if files else [str(n) for n in getattr(data.train, "names",
+                                                                               range(len(data.train)))]
+    run = Run(cfg, info, data, model, net, loss_fn, optimizer, build_scheduler(optimizer, cfg, total_steps),
+              torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              engine.StepOptions(accumulate=cfg.accumulate, amp_dtype=dtype, grad_clip=cfg.grad_clip,
+                                 on_nonfinite=cfg.on_nonfinite, channels_last=cfg.channels_last,
+                                 progress=cfg.progress and info.main),
+              batches_per_epoch, steps_per_epoch, total_steps, names, command=command)
+    trained_s = 0.0
     if resume:
-        state, path = load_state(ckpt_dir)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, batch_in_epoch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
-        skipped, trained_s = int(state.get("skipped", 0)), float(state.get("trained_s", 0.0))
-        history, best = list(state.get("history", [])), dict(state.get("best", {}))
-        order = list(state["order"]) if batch_in_epoch else None
-        rngs = state["rng"]
-        set_rng_state(rngs[info.rank] if isinstance(rngs, list) else rngs)
-        log(info, f"resuming {out} from {path.name}: epoch {epoch + 1}, batch {batch_in_epoch}, step {step}")
+        trained_s = restore(run)
     else:
         torch.manual_seed(cfg.seed + info.rank)  # training-time randomness (dropout, loss sampling) per process
+    run.stopped = run.pos.step >= total_steps
+    open_run_dir(run, resume)
+    run.started = time.perf_counter() - trained_s  # the run's clock (time budget, elapsed_s) goes on across resumes
+    return run
 
-    writer = None
-    code = report.code_version() if info.main else {}
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        report.write_json(out / "version.json", dict(code, command=command))
-        report.write_jsonl(out / "metrics.jsonl", history)  # a resumed run drops lines written after its state
-        writer = report.Scalars(out / "tensorboard", purge_step=step if resume else None)
-        log(info, f"run {out}: {cfg.model} on {cfg.dataset} ({len(data.train)} train images, "
-                  f"{len(data.val) if data.val is not None else 0} val), {info.world} process(es) on {device}, "
-                  f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
-    record_base = dict(classes=data.classes, colors=data.colors, mean=data.mean, std=data.std)
-    files = getattr(data.train, "files", None)
-    names = [str(f[0]) for f in files] if files else [str(n) for n in getattr(data.train, "names", range(len(data.train)))]
-    last_scores: dict[str, Any] = {}
-    start_time = time.perf_counter() - trained_s
+def restore(run: Run) -> float:
+    """Model, optimiser, schedule, position, history and random streams from the newest good state; returns
+    the seconds the run had trained before."""
+    state, path = load_state(run.ckpt_dir)
+    samples = state.get("samples")
+    if samples is not None and int(state["batch"]) and samples != len(run.data.train_indices):
+        raise FcnsegError(f"{run.out}: the state was saved inside an epoch over {samples} training samples, "
+                          f"but there are {len(run.data.train_indices)} now; the data changed since")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    batch = int(state["batch"])
+    run.pos = Position(int(state["epoch"]), batch, int(state["step"]), list(state["order"]) if batch else None)
+    run.skipped_steps = int(state.get("skipped", 0))
+    run.history, run.best = list(state.get("history", [])), dict(state.get("best", {}))
+    run.late_bad, run.filled_slots = list(state.get("late_bad", [])), int(state.get("filled_slots", 0))
+    rngs = state["rng"]
+    set_rng_state(rngs[run.info.rank] if isinstance(rngs, list) else rngs)
+    log(run.info, f"resuming {run.out} from {path.name}: epoch {run.pos.epoch + 1}, batch {run.pos.batch}, "
+                  f"step {run.pos.step}")
+    return float(state.get("trained_s", 0.0))
+
+
+def open_run_dir(run: Run, resume: bool) -> None:
+    """Rank 0: config.yaml, version.json, metrics.jsonl (a resumed run drops lines written after its state),
+    the TensorBoard writer, and the run's first log line."""
+    if not run.info.main:
+        return
+    cfg, data = run.cfg, run.data
+    run.code = report.code_version()
+    run.out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.out / "config.yaml")
+    report.write_json(run.out / "version.json", dict(run.code, command=run.command))
+    report.write_jsonl(run.out / "metrics.jsonl", run.history)
+    run.writer = report.Scalars(run.out / "tensorboard", purge_step=run.pos.step if resume else None)
+    log(run.info, f"run {run.out}: {cfg.model} on {cfg.dataset} ({len(data.train_indices)} train images, "
+                  f"{len(data.val_indices) if data.val is not None else 0} val), {run.info.world} process(es) on "
+                  f"{run.info.device}, {run.steps_per_epoch} steps/epoch, {run.total_steps} steps")
+
+
+# ---- one epoch ------------------------------------------------------------------------------------------------
+def _noting_problems(loader, sink: list) -> Iterator:
+    """The loader's batches as ``(images, masks, indices)``; each slot a neighbour filled (the problems of the
+    samples it stands for) goes to ``sink``."""
+    for images, masks, indices, replaced in loader:
+        sink.extend(replaced)
+        yield images, masks, indices
+
+
+def train_epoch(run: Run) -> engine.EpochStats:
+    """Train from ``run.pos`` to the end of its epoch (or until max_steps / the time budget), saving the
+    resume state every ``checkpoint_every_steps``; ``run.pos.step`` follows the steps taken."""
+    cfg, info, pos = run.cfg, run.info, run.pos
+    sampler = ShardSampler(len(run.data.train_indices), cfg.seed, pos.epoch, info.world, info.rank, shuffle=True,
+                           start=pos.batch * cfg.batch_size, order=pos.order)
+    pos.order = sampler.order
+    loader = make_loader(Seeded(run.data.train, run.data.train_indices), sampler, cfg.batch_size, cfg.workers,
+                         info.device)
     budget_s = cfg.time_budget_min * 60
 
-    def state_dict(epoch_: int, batch_: int, step_: int, order_: list[int]) -> dict[str, Any]:
-        rngs = rng_state()
-        if info.enabled:  # every process's RNG state, gathered on rank 0
-            gathered: list = [None] * info.world
-            torch.distributed.all_gather_object(gathered, rngs)
-            rngs = gathered
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_,
-                "batch": batch_, "step": step_, "order": order_, "rng": rngs, "skipped": skipped,
-                "trained_s": time.perf_counter() - start_time, "history": history, "best": best,
-                "config": cfg.to_dict()}
+    def after_step(global_step: int, b: int, stats: engine.EpochStats) -> bool:
+        pos.step = global_step
+        if run.writer is not None and (global_step % max(cfg.log_every, 1) == 0) and stats.losses:
+            run.writer.add("train/loss", stats.losses[-1], global_step)
+            run.writer.add("train/lr", run.optimizer.param_groups[0]["lr"], global_step)
+        out_of_time = budget_s > 0 and run.elapsed() >= budget_s
+        done = global_step >= run.total_steps or dst.broadcast_flag(out_of_time, info.device)
+        if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0 and not done:
+            save_resume_state(run, Position(pos.epoch, b, global_step, pos.order))
+        return done
 
-    def save_resume_state(epoch_: int, batch_: int, step_: int, order_: list[int]) -> None:
-        st = state_dict(epoch_, batch_, step_, order_)  # collective when distributed: every process calls it
-        if info.main:
-            save_state(st, ckpt_dir)
-
-    def save_weights(name: str, scores: dict[str, Any] | None, epoch_: int) -> None:
-        provenance = {"command": command, "config": cfg.to_dict(), "code": code,
-                      "dataset": cfg.dataset, "split": cfg.split, "epoch": epoch_, "step": step}
-        metrics = dict(_summary(scores), split=cfg.val_split, epoch=epoch_) if scores else {}
-        record = make_record(model, provenance=provenance, metrics=metrics, **record_base)
-        save_checkpoint(model, ckpt_dir / f"{name}.safetensors", record)
-
-    stop = step >= total_steps
-    if resume and (stop or epoch >= cfg.epochs):
-        log(info, f"{out}: the run already finished (epoch {epoch}, step {step}); raise --epochs or --max-steps "
-                  f"to train further")
-    while epoch < cfg.epochs and not stop:
-        sampler = ShardSampler(len(data.train), cfg.seed, epoch, info.world, info.rank, shuffle=True,
-                               start=batch_in_epoch * batch, order=order)
-        epoch_order = sampler.order
-        loader = make_loader(Seeded(data.train), sampler, batch, cfg.workers, device)
-
-        def after_step(global_step: int, b: int, stats: engine.EpochStats) -> bool:
-            nonlocal step
-            step = global_step
-            if writer is not None and (global_step % max(cfg.log_every, 1) == 0) and stats.losses:
-                writer.add("train/loss", stats.losses[-1], global_step)
-                writer.add("train/lr", optimizer.param_groups[0]["lr"], global_step)
-            out_of_time = budget_s > 0 and time.perf_counter() - start_time >= budget_s
-            done = global_step >= total_steps or dst.broadcast_flag(out_of_time, device)
-            if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0 and not done:
-                save_resume_state(epoch, b, global_step, epoch_order)
-            return done
-
+    replaced: list[tuple[str, ...]] = []
+    try:
         stats = engine.train_one_epoch(
-            net, loader, loss_fn, optimizer, scheduler, device=device, epoch=epoch, global_step=step,
-            batches_per_epoch=batches_per_epoch, start_batch=batch_in_epoch, accumulate=cfg.accumulate,
-            scaler=scaler, amp_dtype=dtype, grad_clip=cfg.grad_clip, on_nonfinite=cfg.on_nonfinite, names=names,
-            channels_last=cfg.channels_last, after_step=after_step, progress=cfg.progress and info.main)
-        step_done = step
-        loss_sum, correct, labelled, imgs = dst.all_reduce_sum(
-            [stats.loss_sum, stats.correct, stats.labelled, stats.images], device)
-        steps = stats.steps - stats.skipped  # the same on every process
-        skipped += stats.skipped
-        stop = stats.stopped
-        finished_epoch = not stop or batch_in_epoch + stats.batches >= batches_per_epoch
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step_done,
-            "train_loss": loss_sum / info.world / steps if steps else float("nan"),
-            "train_pixel_accuracy": correct / labelled if labelled else float("nan"),
-            "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
-            "images_per_s": imgs / max(stats.seconds, 1e-9), "seconds": round(stats.seconds, 3),
-            "elapsed_s": round(time.perf_counter() - start_time, 1),  # wall time since the run began, evals included
-        }
-        if not finished_epoch:
-            row["partial"] = True
-        if data.val is not None and (stop or (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            cm = engine.evaluate(net if not info.enabled else model, _eval_loader(data.val, info, cfg, cfg.val_limit),
-                                 data.num_classes, device=device, ignore_index=data.ignore_index, amp_dtype=dtype,
-                                 channels_last=cfg.channels_last, progress=cfg.progress and info.main,
-                                 desc=f"val {epoch + 1}")
-            last_scores = cm.compute(class_names=data.classes)
-            row["val"] = {k: last_scores[k] for k in SUMMARY_KEYS}
-            if info.main:
-                log(info, format_table(last_scores))
-        history.append(row)
-        epoch_next, batch_next = (epoch + 1, 0) if finished_epoch else (epoch, batch_in_epoch + stats.batches)
-
-        if info.main:
-            _report_epoch(out, row, history, writer, last_scores if "val" in row else None, data, model, device, cfg)
-            save_weights("last", last_scores if "val" in row else None, epoch + 1)
-            if "val" in row and row["val"]["mean_iou"] == row["val"]["mean_iou"] and \
-                    row["val"]["mean_iou"] > best.get("mean_iou", -1.0):
-                best = {"mean_iou": row["val"]["mean_iou"], "epoch": epoch + 1, "step": step_done}
-                save_weights("best", last_scores, epoch + 1)
-            msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4g}, {row['images_per_s']:.1f} img/s"
-            if "val" in row:
-                msg += f", val mIU {row['val']['mean_iou']:.4f} (best {best['mean_iou']:.4f} @ {best['epoch']})" \
-                    if best else f", val mIU {row['val']['mean_iou']:.4f}"
-            log(info, msg)
-        if info.enabled:  # `best` lives on rank 0; every process keeps the same copy for the state
-            holder = [best]
-            torch.distributed.broadcast_object_list(holder, 0)
-            best = holder[0]
-        save_resume_state(epoch_next, batch_next, step_done, epoch_order if batch_next else [])
-        epoch, batch_in_epoch, order = epoch_next, batch_next, None
-        stop = stop or step_done >= total_steps
-    if writer is not None:
-        writer.close()
-    dst.barrier()
-    if info.main and stop and epoch < cfg.epochs:
-        log(info, f"stopped at step {step} ({'max_steps' if step >= total_steps else 'time budget'} reached)")
-    return dict(_summary(last_scores), epoch=epoch, step=step, skipped_steps=skipped) if last_scores else \
-        {"epoch": epoch, "step": step, "skipped_steps": skipped}
+            run.net, _noting_problems(loader, replaced), run.loss_fn, run.optimizer, run.scheduler, run.scaler,
+            device=info.device, options=run.options,
+            start=engine.EpochStart(pos.epoch, pos.step, pos.batch, run.batches_per_epoch),
+            names=run.names, after_step=after_step)
+    except DataFileError as e:
+        if cfg.skip_bad:
+            raise
+        raise DataFileError(f"{e}; fix or remove the file, or pass --skip-bad to leave bad samples out") from None
+    note_replaced(run, replaced)
+    return stats
 
 
-def _report_epoch(out: Path, row: dict, history: list[dict], writer, scores, data: Data, model, device, cfg) -> None:
-    report.write_jsonl(out / "metrics.jsonl", history)
-    if writer is not None:
-        writer.add("epoch/train_loss", row["train_loss"], row["step"])
-        writer.add("epoch/train_pixel_accuracy", row["train_pixel_accuracy"], row["step"])
+def note_replaced(run: Run, slots: list[tuple[str, ...]]) -> None:
+    """Count the batch slots filled by a neighbour because their sample went bad during the run (every
+    process's), and log each such sample once per run."""
+    if run.info.enabled and run.cfg.skip_bad:  # without skip_bad a bad sample raises, so there is nothing to gather
+        gathered: list = [None] * run.info.world
+        torch.distributed.all_gather_object(gathered, slots)
+        slots = [slot for part in gathered for slot in part]
+    run.filled_slots += len(slots)
+    for message in dict.fromkeys(m for slot in slots for m in slot):
+        if message not in run.late_bad:
+            run.late_bad.append(message)
+            log(run.info, f"skipped bad sample (it changed during the run; the next sample filled its place in "
+                          f"the batch): {message}", logging.WARNING)
+
+
+def epoch_row(run: Run, stats: engine.EpochStats) -> dict[str, Any]:
+    """The epoch's metrics.jsonl row (training numbers summed over processes); counts skipped steps."""
+    info = run.info
+    loss_sum, correct, labelled, imgs = dst.all_reduce_sum(
+        [stats.loss_sum, stats.correct, stats.labelled, stats.images], info.device)
+    steps = stats.steps - stats.skipped  # the same on every process
+    run.skipped_steps += stats.skipped
+    row: dict[str, Any] = {
+        "epoch": run.pos.epoch + 1, "step": run.pos.step,
+        "train_loss": loss_sum / info.world / steps if steps else float("nan"),
+        "train_pixel_accuracy": correct / labelled if labelled else float("nan"),
+        "lr": run.optimizer.param_groups[0]["lr"], "skipped_steps": run.skipped_steps,
+        **run.sample_counts(),
+        "images_per_s": imgs / max(stats.seconds, 1e-9), "seconds": round(stats.seconds, 3),
+        "elapsed_s": round(run.elapsed(), 1),  # wall time since the run began, evals included
+    }
+    if stats.stopped and run.pos.batch + stats.batches < run.batches_per_epoch:
+        row["partial"] = True
+    return row
+
+
+def validation_due(run: Run, stats: engine.EpochStats) -> bool:
+    epoch = run.pos.epoch + 1
+    return run.data.val is not None and (stats.stopped or epoch % run.cfg.eval_every == 0 or epoch == run.cfg.epochs)
+
+
+def validate(run: Run) -> dict[str, Any]:
+    """Score the model on the validation split (sharded over processes, summed) and keep the scores."""
+    cfg, info, data = run.cfg, run.info, run.data
+    n = len(data.val_indices) if not cfg.val_limit else min(cfg.val_limit, len(data.val_indices))
+    shard = list(range(info.rank, n, info.world))  # a plain shard: no padding, so no image counts twice
+    loader = make_loader(Seeded(data.val, data.val_indices), shard, 1, cfg.workers, info.device)
+    cm = engine.evaluate(run.model, loader, data.num_classes, device=info.device, ignore_index=data.ignore_index,
+                         amp_dtype=run.options.amp_dtype, channels_last=cfg.channels_last,
+                         progress=run.options.progress, desc=f"val {run.pos.epoch + 1}")
+    run.last_scores = cm.compute(class_names=data.classes)
+    return run.last_scores
+
+
+def _summary(scores: dict[str, Any]) -> dict[str, Any]:
+    out = {k: scores[k] for k in SUMMARY_KEYS}
+    out["per_class_iou"] = {r["name"]: r["iou"] for r in scores["per_class"]}
+    return out
+
+
+# ---- saving and reporting ---------------------------------------------------------------------------------------
+def save_weights(run: Run, name: str, scores: dict[str, Any] | None, epoch: int) -> None:
+    """``checkpoints/{name}.safetensors`` with its record: provenance, and the validation scores if any."""
+    cfg, data = run.cfg, run.data
+    provenance = {"command": run.command, "config": cfg.to_dict(), "code": run.code,
+                  "dataset": cfg.dataset, "split": cfg.split, "epoch": epoch, "step": run.pos.step}
+    metrics = dict(_summary(scores), split=cfg.val_split, epoch=epoch) if scores else {}
+    record = make_record(run.model, provenance=provenance, metrics=metrics, classes=data.classes,
+                         colors=data.colors, mean=data.mean, std=data.std)
+    save_checkpoint(run.model, run.ckpt_dir / f"{name}.safetensors", record)
+
+
+def save_resume_state(run: Run, at: Position | None = None) -> None:
+    """The resume state at ``at`` (default: ``run.pos``); collective when distributed, rank 0 writes."""
+    at = at or run.pos
+    rngs = rng_state()
+    if run.info.enabled:  # every process's RNG state, gathered on rank 0
+        gathered: list = [None] * run.info.world
+        torch.distributed.all_gather_object(gathered, rngs)
+        rngs = gathered
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": at.epoch,
+             "batch": at.batch, "step": at.step, "order": list(at.order) if at.batch and at.order else [],
+             "rng": rngs, "skipped": run.skipped_steps, "trained_s": run.elapsed(), "history": run.history,
+             "best": run.best, "config": run.cfg.to_dict(), "samples": len(run.data.train_indices),
+             "late_bad": run.late_bad, "filled_slots": run.filled_slots}
+    if run.info.main:
+        save_state(state, run.ckpt_dir)
+
+
+def report_epoch(run: Run, row: dict[str, Any], scores: dict[str, Any] | None) -> None:
+    """Rank 0: metrics.jsonl, TensorBoard, plots, the last (and a new best) weights, the epoch's log lines."""
+    if not run.info.main:
+        return
+    cfg, data, epoch = run.cfg, run.data, row["epoch"]
+    report.write_jsonl(run.out / "metrics.jsonl", run.history)
+    if run.writer is not None:
+        run.writer.add("epoch/train_loss", row["train_loss"], row["step"])
+        run.writer.add("epoch/train_pixel_accuracy", row["train_pixel_accuracy"], row["step"])
         for k, v in row.get("val", {}).items():
             if k != "num_pixels":
-                writer.add(f"val/{k}", v, row["step"])
-    if not cfg.plots or (scores is None and data.val is not None):  # plots follow the validations
-        return
-    plots = out / "plots"
-    report.plot_curves(history, plots / "curves.png")
+                run.writer.add(f"val/{k}", v, row["step"])
+    if cfg.plots and (scores is not None or data.val is None):  # plots follow the validations
+        plots = run.out / "plots"
+        report.plot_curves(run.history, plots / "curves.png")
+        if scores is not None:
+            report.plot_confusion(scores["confusion_matrix"], data.classes, plots / "confusion.png",
+                                  title=f"validation, epoch {epoch}")
+            n = min(cfg.vis_images, len(data.val_indices))
+            if n:
+                report.prediction_grid(run.model, data.val, data.val_indices[:n], run.info.device, data.colors,
+                                       data.mean, data.std, plots / "val_grid.png", data.ignore_index)
     if scores is not None:
-        report.plot_confusion(scores["confusion_matrix"], data.classes, plots / "confusion.png",
-                              title=f"validation, epoch {row['epoch']}")
-        n = min(cfg.vis_images, len(data.val))
-        if n:
-            report.prediction_grid(model, data.val, list(range(n)), device, data.colors, data.mean, data.std,
-                                   plots / "val_grid.png", data.ignore_index)
+        log(run.info, format_table(scores))
+    save_weights(run, "last", scores, epoch)
+    miou = scores["mean_iou"] if scores is not None else float("nan")
+    if miou == miou and miou > run.best.get("mean_iou", -1.0):
+        run.best = {"mean_iou": miou, "epoch": epoch, "step": row["step"]}
+        save_weights(run, "best", scores, epoch)
+    msg = f"epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4g}, {row['images_per_s']:.1f} img/s"
+    if scores is not None:
+        msg += f", val mIU {miou:.4f} (best {run.best['mean_iou']:.4f} @ {run.best['epoch']})" if run.best \
+            else f", val mIU {miou:.4f}"
+    log(run.info, msg)
+
+
+def advance(run: Run, stats: engine.EpochStats) -> None:
+    """Move ``run.pos`` past this epoch (or inside it, when stopped early) and share rank 0's best."""
+    pos = run.pos
+    finished_epoch = not stats.stopped or pos.batch + stats.batches >= run.batches_per_epoch
+    run.pos = Position(pos.epoch + 1, 0, pos.step) if finished_epoch else \
+        Position(pos.epoch, pos.batch + stats.batches, pos.step, pos.order)
+    run.stopped = stats.stopped or pos.step >= run.total_steps
+    if run.info.enabled:  # `best` lives on rank 0; every process keeps the same copy for the state
+        holder = [run.best]
+        torch.distributed.broadcast_object_list(holder, 0)
+        run.best = holder[0]
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Close the writer, say why the run stopped early, and return its summary."""
+    if run.writer is not None:
+        run.writer.close()
+    dst.barrier()
+    pos = run.pos
+    if run.stopped and pos.epoch < run.cfg.epochs:
+        log(run.info, f"stopped at step {pos.step} "
+                      f"({'max_steps' if pos.step >= run.total_steps else 'time budget'} reached)")
+    counts = run.sample_counts()
+    if run.cfg.skip_bad:
+        log(run.info, f"left out {counts['skipped_samples']} bad samples and {counts['listing_problems']} listing "
+                      f"problems (--skip-bad); {counts['filled_slots']} batch slots filled by the next sample")
+    base = {"epoch": pos.epoch, "step": pos.step, "skipped_steps": run.skipped_steps, **counts}
+    return dict(_summary(run.last_scores), **base) if run.last_scores else base
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _run_settings(cfg: TrainConfig, device: torch.device):
+    """``threads`` and ``deterministic`` hold for the run only, and the global random streams the run seeds
+    are given back afterwards: a library call leaves the caller's process as it found it."""
+    threads, bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    det, det_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            if cfg.deterministic:
+                torch.backends.cudnn.benchmark = False
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            torch.backends.cudnn.benchmark = bench
+            torch.use_deterministic_algorithms(det, warn_only=det_warn)
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def fit(cfg: TrainConfig, resume: bool = False, command: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train per ``cfg`` into the run directory ``cfg.out``; return the summary: the last validation scores
+    (if any), ``epoch``, ``step``, ``skipped_steps``, ``skipped_samples``, ``listing_problems``, ``filled_slots``.
+    ``command`` (the caller's command line) is recorded in version.json and the checkpoints' provenance."""
+    cfg.validate()
+    output_dir(cfg.out, what="run directory")  # before any data is read
+    info = dst.setup(cfg.device)
+    try:
+        with _run_settings(cfg, info.device):
+            return _fit(cfg, info, resume, list(command) if command is not None else None)
+    finally:
+        dst.teardown()
+
+
+def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str] | None) -> dict[str, Any]:
+    run = setup_run(cfg, info, resume, command)
+    if resume and run.done:
+        log(info, f"{run.out}: the run already finished (epoch {run.pos.epoch}, step {run.pos.step}); raise "
+                  f"--epochs or --max-steps to train further")
+    while not run.done:
+        stats = train_epoch(run)
+        row = epoch_row(run, stats)
+        scores = validate(run) if validation_due(run, stats) else None
+        if scores is not None:
+            row["val"] = {k: scores[k] for k in SUMMARY_KEYS}
+        run.history.append(row)
+        report_epoch(run, row, scores)
+        advance(run, stats)
+        save_resume_state(run)
+    return finish(run)

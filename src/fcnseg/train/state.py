@@ -7,9 +7,9 @@ only, checks the hash, and falls back to the previous state when the newest is t
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ import torch
 
 from ..checkpoint import atomic_write, file_digest
 from ..errors import FcnsegError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "fcnseg-train-state/1"
 REQUIRED = ("format", "model", "optimizer", "scheduler", "scaler", "epoch", "batch", "step", "rng", "order")
@@ -89,7 +91,7 @@ def _load_one(path: Path) -> dict[str, Any]:
 
 
 def load_state(folder: str | Path) -> tuple[dict[str, Any], Path]:
-    """The newest good state in ``folder``; a bad newest one is reported on stderr and skipped."""
+    """The newest good state in ``folder``; a bad newest one is logged as a warning and skipped."""
     folder = Path(folder)
     problems = []
     for name in ("state-last.pt", "state-prev.pt"):
@@ -101,7 +103,7 @@ def load_state(folder: str | Path) -> tuple[dict[str, Any], Path]:
             state = _load_one(path)
         except ValueError as e:
             problems.append(f"{name}: {e}")
-            print(f"fcnseg: warning: {path}: {e}; trying the previous state", file=sys.stderr)
+            logger.warning(f"{path}: {e}; trying the previous state")
             continue
         return state, path
     raise FcnsegError(f"{folder}: no usable training state to resume from ({'; '.join(problems)})")

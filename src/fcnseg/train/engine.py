@@ -1,0 +1,256 @@
+"""One epoch of training and one pass of evaluation, as plain functions.
+
+``train_one_epoch`` runs the optimiser over a loader of ``(images, masks, indices)`` batches;
+``evaluate`` returns a ``ConfusionMatrix``. How each step is taken is one ``StepOptions`` value and
+where the epoch starts one ``EpochStart``; run-level work (configs, checkpoints, resume, plots) lives in
+``fcnseg.train.run``.
+
+Loss normalisation, so that the paper's and modern recipes both work and a distributed run
+matches a single process with the same global batch:
+
+- ``reduction="mean"``: the cross-entropy averaged over the labelled (and sampled) pixels of the
+  global batch (all processes), weighted by class weights as ``F.cross_entropy`` does;
+- ``reduction="sum"``: summed over pixels and averaged over the images of the global batch: the
+  paper's unnormalised loss (batch 1, lr 1e-10 for FCN-32s), independent of the batch size.
+
+With gradient accumulation each optimiser step averages its micro-batches (Caffe's ``iter_size``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import FcnsegError
+from ..metrics import ConfusionMatrix
+from ..tta import class_ids
+
+
+class NonFiniteLossError(FcnsegError):
+    """The loss became NaN or infinite; the message names the step and the batch's files."""
+
+
+class SegmentationLoss(nn.Module):
+    """Pixel-wise cross-entropy with an ignore index, optional class weights and loss sampling.
+
+    ``forward`` returns ``(loss_sum, normaliser)``: the weighted sum over kept pixels and, for
+    ``reduction="mean"``, the summed weight of those pixels (their count without class weights), for
+    ``reduction="sum"``, the number of images. The caller divides, after summing the normaliser
+    over processes.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, reduction: str = "mean", sample: float = 1.0,
+                 ignore_index: int = 255):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.reduction = reduction
+        self.sample = float(sample)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.sample < 1.0:
+            # the paper's patch sampling: drop each output cell from the loss with probability 1 - p
+            drop = torch.rand(target.shape, device=target.device) >= self.sample
+            target = target.masked_fill(drop, self.ignore_index)
+        loss_sum = F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index,
+                                   reduction="sum")
+        if self.reduction == "sum":
+            return loss_sum, torch.tensor(float(target.shape[0]), device=logits.device)
+        valid = target != self.ignore_index
+        if self.weight is not None:
+            norm = self.weight[target[valid]].sum()
+        else:
+            norm = valid.sum().to(torch.float32)
+        return loss_sum, norm.detach().float()
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How every optimiser step of a run is taken (the same for each epoch)."""
+
+    accumulate: int = 1  # micro-batches per optimiser step
+    amp_dtype: torch.dtype | None = None  # autocast dtype, None: full precision
+    grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
+    on_nonfinite: str = "stop"  # stop: raise NonFiniteLossError; skip: skip the step and count it
+    channels_last: bool = False
+    progress: bool = True  # a tqdm bar
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where an epoch (or the rest of one, when resuming) begins."""
+
+    epoch: int = 0
+    global_step: int = 0  # optimiser steps taken before this call
+    batch: int = 0  # micro-batches of the epoch already done (the loader must skip them)
+    batches: int | None = None  # micro-batches in the whole epoch; None: ``batch + len(loader)``
+
+
+@dataclass
+class EpochStats:
+    """What one (possibly partial) epoch did."""
+
+    loss_sum: float = 0.0  # sum of the per-step losses
+    steps: int = 0  # optimiser steps taken in this call
+    skipped: int = 0  # steps skipped for a non-finite loss
+    batches: int = 0  # micro-batches consumed in this call
+    images: int = 0
+    correct: int = 0  # training pixel accuracy counts (labelled pixels only)
+    labelled: int = 0
+    seconds: float = 0.0
+    stopped: bool = False  # ``after_step`` asked to stop (time budget, max steps)
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.steps if self.steps else math.nan
+
+    @property
+    def pixel_accuracy(self) -> float:
+        return self.correct / self.labelled if self.labelled else math.nan
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on ``device``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
+                    scheduler=None, scaler: torch.amp.GradScaler | None = None, *, device: torch.device,
+                    options: StepOptions = StepOptions(), start: EpochStart = EpochStart(),
+                    names: Sequence[str] | None = None,
+                    after_step: Callable[[int, int, EpochStats], bool] | None = None) -> EpochStats:
+    """Train over ``loader`` (batches ``(images, masks, indices)``) from ``start``.
+    ``after_step(global_step, batch_in_epoch, stats)`` runs after each optimiser step; returning True ends the
+    epoch early. ``names[i]`` names dataset item ``i`` for error messages.
+    """
+    from tqdm import tqdm
+
+    model.train()
+    stats = EpochStats()
+    world = dist.get_world_size() if _distributed() else 1
+    epoch, global_step, accumulate = start.epoch, start.global_step, options.accumulate
+    total = start.batches if start.batches is not None else start.batch + len(loader)
+    tainted = False
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, initial=start.batch, desc=f"epoch {epoch + 1}", unit="batch",
+               disable=not options.progress, dynamic_ncols=True, leave=False)
+    step_loss = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    b = start.batch
+    for images, masks, indices in loader:
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        if options.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # this micro-batch belongs to the window of micro-batches that make one optimiser step
+        window_start = (b // accumulate) * accumulate
+        window = min(accumulate, total - window_start)
+        last_in_window = b == window_start + window - 1
+        sync = contextlib.nullcontext() if last_in_window or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, options.amp_dtype):
+                logits = model(images)  # (B, K, H, W)
+            loss_sum, norm = loss_fn(logits, masks)
+            bad = not bool(torch.isfinite(loss_sum))
+            shared = torch.stack([norm.float(), torch.tensor(float(bad), device=norm.device)])
+            if world > 1:
+                dist.all_reduce(shared)  # the global normaliser, and whether any process saw a bad loss
+            bad_anywhere = bool(shared[1] > 0)
+            if bad_anywhere:
+                if options.on_nonfinite == "stop":
+                    files = [names[int(i)] for i in indices] if names is not None else [str(int(i)) for i in indices]
+                    where = "this process's batch" if bad else "another process's batch"
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({float(loss_sum.detach())}) at step {global_step + 1} (epoch {epoch + 1}, batch "
+                        f"{b + 1}) in {where}: {', '.join(files)}. Lower the learning rate, check these files, or "
+                        f"pass --on-nonfinite skip to skip such steps")
+                tainted = True
+            else:
+                loss = loss_sum * world / shared[0].clamp_min(1e-12) / window
+                if scaler is not None and scaler.is_enabled():
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                step_loss += float(loss.detach())  # summed over the window: this process's share x world
+        with torch.no_grad():
+            valid = masks != loss_fn.ignore_index
+            stats.correct += int((logits.argmax(1)[valid] == masks[valid]).sum())
+            stats.labelled += int(valid.sum())
+        stats.batches += 1
+        stats.images += images.shape[0]
+        b += 1
+        bar.update(1)
+        if not last_in_window:
+            continue
+
+        # one optimiser step
+        if tainted:
+            stats.skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            if scaler is not None and scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            if options.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            if scaler is not None and scaler.is_enabled():
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.loss_sum += step_loss
+            stats.losses.append(step_loss)
+        if scheduler is not None:
+            scheduler.step()  # the schedule counts steps, skipped or not, so it stays on time
+        global_step += 1
+        stats.steps += 1
+        tainted = False
+        step_loss = 0.0
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{stats.losses[-1]:.4g}" if stats.losses else "-",
+                        lr=f"{optimizer.param_groups[0]['lr']:.3g}", img_s=f"{stats.images / max(elapsed, 1e-9):.1f}")
+        if after_step is not None and after_step(global_step, b, stats):
+            stats.stopped = True
+            break
+    bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_classes: int, *, device: torch.device, ignore_index: int = 255,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False, progress: bool = True,
+             desc: str = "evaluate") -> ConfusionMatrix:
+    """Score ``model`` over ``loader`` (batches ``(images, masks, ...)``, at the images' own resolution)
+    and return the confusion matrix, summed over processes when distributed."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    for batch in tqdm(loader, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False):
+        images, masks = batch[0].to(device), batch[1].to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(images)  # (B, K, H, W)
+        cm.update(target=masks, pred=class_ids(logits))
+    cm.all_reduce()
+    model.train(was_training)
+    return cm
