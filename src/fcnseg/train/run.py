@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -305,7 +305,7 @@ def native_autocast(device: torch.device) -> tuple[bool, str]:
 
 
 def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationLoss, batch, device: torch.device,
-               timer=time_train_step) -> tuple[torch.dtype | None, dict[str, Any]]:
+               timer: Callable | None = None) -> tuple[torch.dtype | None, dict[str, Any]]:
     """The autocast dtype for the run, and the decision as a record ``{"amp", "dtype", "reason", ...}``.
 
     ``amp`` true or false is taken as set. ``auto``: bf16 autocast only where the device runs bf16
@@ -319,6 +319,7 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     native, why = native_autocast(device)
     if not native:
         return None, {"amp": "auto", "dtype": "float32", "reason": why}
+    timer = timer or time_train_step  # looked up now, so that tests can stand in for the clock
     images, masks = batch
     images, masks = images.to(device), masks.to(device)
     if cfg.channels_last:
