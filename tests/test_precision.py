@@ -208,3 +208,18 @@ def test_int8_export_is_gated_by_mean_iu(setup, capsys):
     line = [ln for ln in captured.out.splitlines() if ln.startswith("mean IU on 3 image(s)")]
     assert len(line) == 1 and "float32 100.00" in line[0]
     assert code == 1 and out.is_file() and "more than --max-miou-drop 0.0 (file kept" in captured.err
+
+
+@pytest.mark.slow  # one ONNX export and seven int8 quantizations
+def test_int8_sensitivity_quantizes_one_layer_at_a_time(setup):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    _, ckpt, dataset = setup
+    model = fcnseg.load_checkpoint(ckpt)
+    calibration = [dataset[i][0][None].numpy() for i in range(len(dataset))]
+    rows = layer_sensitivity(model, dataset, "int8", calibration=calibration)
+    assert sorted(r["layer"] for r in rows) == sorted(sensitivity_units(model, "int8"))
+    assert all(0 <= r["miou"] <= 1 for r in rows) and max(r["drop_points"] for r in rows) > 0
+    assert [r["drop_points"] for r in rows] == sorted((r["drop_points"] for r in rows), reverse=True)
+    with pytest.raises(FcnsegError, match="needs calibration images"):
+        layer_sensitivity(model, dataset, "int8")
