@@ -164,6 +164,10 @@ def test_bfloat16_export_prints_the_change_and_refuses_beyond_the_tolerance(setu
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
     assert dtypes["fc.fc6.weight"] == dtypes["backbone.s8.0.weight"] == torch.bfloat16
     assert dtypes["fc.fc7.weight"] == dtypes["score_fr.bias"] == dtypes["final_up.deconv.weight"] == torch.float32
+    # whoever runs the file in bfloat16 (predict, evaluate, Segmenter) keeps the recorded layers float32
+    loaded = optimize(fcnseg.load_checkpoint(out2), "bfloat16")
+    assert loaded.fc.fc7.weight.dtype == torch.float32 and loaded.fc.fc6.weight.dtype == torch.bfloat16
+    assert optimize(fcnseg.load_checkpoint(out2), "bfloat16", keep_float32=[]).fc.fc7.weight.dtype == torch.bfloat16
 
 
 def test_sensitivity_command_prints_the_table_and_writes_nothing(setup, capsys):
@@ -223,3 +227,14 @@ def test_int8_sensitivity_quantizes_one_layer_at_a_time(setup):
     assert [r["drop_points"] for r in rows] == sorted((r["drop_points"] for r in rows), reverse=True)
     with pytest.raises(FcnsegError, match="needs calibration images"):
         layer_sensitivity(model, dataset, "int8")
+
+
+@pytest.mark.parametrize("layers, message", [("fc.fc7", "must be a list of layer names"),
+                                             ([7], "must be a list of layer names"),
+                                             (["fc.nope"], "no layer named 'fc.nope'")])
+def test_a_record_naming_float32_layers_is_checked(setup, layers, message):
+    _, ckpt, _ = setup
+    model = fcnseg.load_checkpoint(ckpt)
+    model.record = {**model.record.to_dict(), "float32_layers": layers}
+    with pytest.raises(FcnsegError, match=message):
+        optimize(model, "bfloat16")

@@ -283,6 +283,16 @@ def _called_layers(part: nn.Module) -> list[nn.Module]:
     return list(part) if isinstance(part, nn.ModuleList) else [part]
 
 
+def _float32_layers(model: nn.Module) -> list[str]:
+    """The layers a checkpoint's record says to run in float32 (``float32_layers``), checked: the record
+    comes from a file."""
+    record = getattr(model, "record", None)
+    layers = record.get("float32_layers", []) if hasattr(record, "get") else []
+    if not (isinstance(layers, list) and len(layers) <= 10_000 and all(isinstance(n, str) for n in layers)):
+        raise FcnsegError("the checkpoint record's float32_layers must be a list of layer names")
+    return list(layers)
+
+
 def _cast_except(model: nn.Module, dtype: torch.dtype, kept: list[nn.Module]) -> None:
     """Cast the floating parameters and buffers of ``model`` to ``dtype``, except those of the ``kept``
     parts: a float32 part keeps its own weights, not their 16-bit rounding (score_fr's bias may be
@@ -349,7 +359,7 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_last: bool = True,
              big_weight_bytes: int = 16 << 20, fold_bn: bool = True, *, inplace: bool = False,
-             keep_float32: Sequence[str] = ()) -> nn.Module:
+             keep_float32: Sequence[str] | None = None) -> nn.Module:
     """A copy of ``model`` prepared for inference (``inplace=True``: ``model`` itself, converted), with
     the same definition and state-dict keys:
 
@@ -361,7 +371,8 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
       the model's entry and at each float32 part, so callers pass float32 tensors as before;
     - ``keep_float32``: names of further parts (``model.get_submodule`` names, e.g. the layers
       ``fcnseg.precision.layer_sensitivity`` finds fragile) that compute in float32 in a 16-bit model;
-      their outputs stay float32 and the 16-bit layers after them cast their inputs back;
+      their outputs stay float32 and the 16-bit layers after them cast their inputs back. None: the
+      ``float32_layers`` of the model's record, if any (``fcnseg export --dtype bfloat16`` writes them);
     - convolutions whose weight exceeds ``big_weight_bytes`` (fc6, fc7 of the VGG nets) are replaced by
       ``BigWeightConv2d``, which avoids oneDNN's per-call copy of the whole weight; 0 disables.
 
@@ -373,6 +384,7 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
     slow = bf16_slowness() if dtype == torch.bfloat16 and on_cpu else None
     if slow:
         warnings.warn(slow, RuntimeWarning, stacklevel=2)
+    keep_float32 = _float32_layers(model) if keep_float32 is None else list(keep_float32)
     for name in keep_float32:  # checked before any work, whatever the dtype
         try:
             model.get_submodule(name)
