@@ -146,7 +146,7 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
         "size; the layers that compute in float32 stay float32) and whose record says \"inference_dtype\": \"bfloat16\" and which layers to keep float32; it is "
         "gated as it will run: the written file loaded back and converted by fcnseg.optimize to bfloat16 (the FCN "
         "score and upsampling layers, and --keep-float32 layers, computing in float32). Run it with "
-        "'--dtype bfloat16'.")
+        "'--dtype bfloat16': fcnseg.optimize keeps the recorded float32 layers wherever the file is loaded.")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: write a bfloat16 checkpoint (needs --format safetensors)")
     g.add_argument("--keep-float32", nargs="+", default=[], metavar="LAYER",
