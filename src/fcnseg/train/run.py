@@ -253,6 +253,10 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 # ---- amp: auto -------------------------------------------------------------------------------------------------
 AMP_PROBE_STEPS = 3  # timed forward/backward passes per precision, after one untimed warm-up each
+# below this many seconds per float32 step the run is overhead-bound: bf16 has too little to win to be worth a
+# change of numerics, and a timing that close to the noise would make runs of one config differ by chance
+AMP_MIN_STEP_S = 0.1
+AMP_MIN_GAIN = 1.1  # bf16 must be at least 10% faster: a near tie is noise, and float32 is the exact path
 
 
 def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor, masks: torch.Tensor,
@@ -310,7 +314,8 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
 
     ``amp`` true or false is taken as set. ``auto``: bf16 autocast only where the device runs bf16
     natively and ``timer`` (a forward and backward pass on ``batch``, ``(images, masks)``, the run's first
-    training batch) finds it faster than full precision; otherwise float32. A decision by measurement,
+    training batch) finds it at least ``AMP_MIN_GAIN`` times faster than full precision, on steps long enough
+    (``AMP_MIN_STEP_S``) for that to be measured and to matter; otherwise float32. A decision by measurement,
     not by flag: bf16 autocast was slower than float32 channels-last on a CPU with native bf16 units.
     """
     if cfg.amp != "auto":
@@ -325,8 +330,12 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     full = timer(model, loss_fn, images, masks, None)
+    if full < AMP_MIN_STEP_S:
+        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(full, 4),
+                      "reason": f"a float32 step takes {full:.3f} s, under {AMP_MIN_STEP_S} s: too short for bf16 "
+                                f"to pay"}
     half = timer(model, loss_fn, images, masks, torch.bfloat16)
-    dtype = torch.bfloat16 if half < full else None
+    dtype = torch.bfloat16 if half * AMP_MIN_GAIN <= full else None
     return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on the first batch",
                    "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4)}
 
