@@ -188,7 +188,7 @@ def main() -> int:
               f"{r['optimizer_step']:<9} {r['images_per_second']:>7.2f} {r['images_per_second'] / base:>9.2f}")
     probe = next((r["amp"] for _, r in rows if "float32_step_s" in r["amp"]), None)
     if probe:
-        print(f"amp auto's probe (forward and backward on the first batch): {probe['float32_step_s']} s float32, "
+        print(f"amp auto's probe (forward and backward on a training-shaped batch): {probe['float32_step_s']} s float32, "
               f"{probe['bfloat16_step_s']} s bf16")
     return 0
 

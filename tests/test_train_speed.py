@@ -97,7 +97,7 @@ def test_the_probe_leaves_no_trace():
 
 
 def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tiny, tmp_path, monkeypatch):
-    """The real probe runs on the first batch (a stand-in only makes bf16 look slower), then the run must be
+    """The real probe runs (a stand-in only makes bf16 look slower), then the run must be
     exactly the amp: false run: same seed, same weights; the decision is in version.json."""
     from fcnseg.cli import main
 

@@ -313,8 +313,8 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     """The autocast dtype for the run, and the decision as a record ``{"amp", "dtype", "reason", ...}``.
 
     ``amp`` true or false is taken as set. ``auto``: bf16 autocast only where the device runs bf16
-    natively and ``timer`` (a forward and backward pass on ``batch``, ``(images, masks)``, the run's first
-    training batch) finds it at least ``AMP_MIN_GAIN`` times faster than full precision, on steps long enough
+    natively and ``timer`` (a forward and backward pass on ``batch``, ``(images, masks)`` of the run's
+    training shape) finds it at least ``AMP_MIN_GAIN`` times faster than full precision, on steps long enough
     (``AMP_MIN_STEP_S``) for that to be measured and to matter; otherwise float32. A decision by measurement,
     not by flag: bf16 autocast was slower than float32 channels-last on a CPU with native bf16 units.
     """
@@ -324,6 +324,8 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     native, why = native_autocast(device)
     if not native:
         return None, {"amp": "auto", "dtype": "float32", "reason": why}
+    if batch is None:
+        return None, {"amp": "auto", "dtype": "float32", "reason": "no fixed training crop (crop_size) to time"}
     timer = timer or time_train_step  # looked up now, so that tests can stand in for the clock
     images, masks = batch
     images, masks = images.to(device), masks.to(device)
@@ -336,7 +338,7 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
                                 f"to pay"}
     half = timer(model, loss_fn, images, masks, torch.bfloat16)
     dtype = torch.bfloat16 if half * AMP_MIN_GAIN <= full else None
-    return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on the first batch",
+    return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on a training-shaped batch",
                    "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4)}
 
 
@@ -344,14 +346,16 @@ def _dtype_name(dtype: torch.dtype | None) -> str:
     return "float32" if dtype is None else str(dtype).replace("torch.", "")
 
 
-def _first_batch(data: Data, cfg: TrainConfig):
-    """The first training batch of epoch 0 (as the loader will make it), for the amp probe."""
-    from .loader import collate
-
-    keys = list(ShardSampler(len(data.train_indices), cfg.seed, 0, shuffle=True))[:cfg.batch_size]
-    ds = Seeded(data.train, data.train_indices)
-    images, masks = collate([ds[k] for k in keys])[:2]
-    return images, masks
+def _probe_batch(data: Data, cfg: TrainConfig):
+    """A batch of the run's training shape for the amp probe, or None when batches have no fixed shape.
+    Random values: the time does not depend on them, and reading real samples here would count as reading
+    them (``--skip-bad`` accounting, loader order)."""
+    if not cfg.crop_size or cfg.crop_size == [0, 0]:
+        return None
+    g = torch.Generator().manual_seed(cfg.seed)
+    h, w = cfg.crop_size
+    return (torch.randn(cfg.batch_size, 3, h, w, generator=g),
+            torch.randint(0, data.num_classes, (cfg.batch_size, h, w), generator=g))
 
 
 def _previous_amp(out: Path) -> dict[str, Any] | None:
@@ -398,7 +402,7 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
     optimizer = build_optimizer(model, cfg)
     decision = _previous_amp(Path(cfg.out)) if resume and cfg.amp == "auto" else None
     if decision is None:
-        dtype, decision = choose_amp(cfg, model, loss_fn, _first_batch(data, cfg) if cfg.amp == "auto" else None,
+        dtype, decision = choose_amp(cfg, model, loss_fn, _probe_batch(data, cfg) if cfg.amp == "auto" else None,
                                      device)
         if info.enabled:  # every process trains in rank 0's precision
             shared = [decision]
