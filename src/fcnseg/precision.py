@@ -156,8 +156,8 @@ def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *,
                       on_unit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """How much mean IU each part costs when it alone runs in ``precision``, worst first.
 
-    Rows ``{"layer", "miou", "drop_points"}`` (mean IU as a fraction; the drop in points against the
-    float32 model on the same images). ``units``: names of the parts to try (default
+    Rows ``{"layer", "miou", "drop_points", "reference_miou", "images"}`` (mean IU as a fraction; the drop
+    in points against the float32 model's ``reference_miou`` on the same images). ``units``: names of the parts to try (default
     ``sensitivity_units(model, precision, depth)``). bfloat16: the part's weights and arithmetic in
     bfloat16, the rest of the (batch-norm-folded) model float32. int8: the model exported to ONNX
     once, then quantized by ``fcnseg.export.quantize_onnx`` with ``only=`` that part (activation ranges
@@ -184,7 +184,8 @@ def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *,
     def measure(name: str, candidate: Any, ready: bool) -> None:
         change = miou_change(base, candidate, dataset, indices=chosen, candidate_ready=ready,
                              reference_miou=reference, batch_size=batch_size, workers=workers)
-        row = {"layer": name, "miou": change.candidate, "drop_points": change.drop_points}
+        row = {"layer": name, "miou": change.candidate, "drop_points": change.drop_points,
+               "reference_miou": reference, "images": len(chosen)}
         rows.append(row)
         if on_unit is not None:
             on_unit(row)

@@ -257,6 +257,7 @@ def _print_sensitivity(args: argparse.Namespace, model, gate, size: tuple[int, i
     batches = calibration_batches(args.calibrate, size, model, args.calibrate_limit) if args.int8 else None
     rows = layer_sensitivity(model, gate, precision, depth=args.sensitivity_depth, limit=args.gate_limit,
                              calibration=batches)
-    print(f"mean IU change with one layer at a time in {precision} (worst first; nothing written):")
+    print(f"mean IU change with one layer at a time in {precision} (worst first; nothing written); float32: "
+          f"{100 * rows[0]['reference_miou']:.2f} on {rows[0]['images']} image(s)")
     print(format_sensitivity(rows))
     return 0
