@@ -238,3 +238,11 @@ def test_a_record_naming_float32_layers_is_checked(setup, layers, message):
     model.record = {**model.record.to_dict(), "float32_layers": layers}
     with pytest.raises(FcnsegError, match=message):
         optimize(model, "bfloat16")
+
+
+def test_a_bfloat16_checkpoint_needs_a_safetensors_name(setup, tmp_path, capsys):
+    _, ckpt, _ = setup
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "safetensors",
+                 "--dtype", "bfloat16"]) == 1
+    assert "NAME.safetensors" in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -175,6 +175,8 @@ def check_precision_arguments(args: argparse.Namespace) -> None:
         raise FcnsegError("--dtype bfloat16 writes a bfloat16 checkpoint: use --format safetensors")
     if args.fmt == "safetensors" and not bf16:
         raise FcnsegError("--format safetensors is for a bfloat16 checkpoint: add --dtype bfloat16")
+    if args.fmt == "safetensors" and Path(args.out).suffix != ".safetensors":
+        raise FcnsegError(f"--out {args.out}: a checkpoint is written as NAME.safetensors (and NAME.json)")
     if bf16 and (args.int8 or args.calibrate):
         raise FcnsegError("--dtype bfloat16 and --int8 are two different exports; choose one")
     if args.keep_float32 and not bf16:
