@@ -81,3 +81,19 @@ def test_resume_reads_the_runs_config(tmp_path):
     assert cfg.model == "fcn8s_resnet18" and cfg.epochs == 6 and cfg.out == str(tmp_path)
     with pytest.raises(FcnsegError, match="config.yaml"):
         resolve_config(build_parser().parse_args(["train", "--resume", str(tmp_path / "nope")]))
+
+
+def test_cli_choices_are_exactly_what_the_config_accepts():
+    """The train flags with choices offer what TrainConfig validates, no more and no less (read back from
+    the config's own refusal message, so the two cannot drift apart unnoticed)."""
+    from fcnseg.cli.train import FLAGS
+
+    with_choices = {key: kw["choices"] for key, kw in FLAGS.values() if "choices" in kw}
+    assert set(with_choices) == {"optimizer", "schedule", "loss_reduction", "on_nonfinite", "amp_dtype"}
+    for key, choices in with_choices.items():
+        for value in choices:
+            assert getattr(from_dict({key: value}).validate(), key) == value
+        with pytest.raises(FcnsegError, match=f"{key} must be one of") as err:
+            from_dict({key: "nonsense"}).validate()
+        valid = str(err.value).split("must be one of ", 1)[1].split(";")[0].split(", ")
+        assert sorted(valid) == sorted(choices), key

@@ -170,7 +170,8 @@ def compare(variant: str, model: nn.Module, ref: nn.Module, x_bgr: torch.Tensor)
 
 # ---------------------------------------------------------------- torchfcn
 
-@pytest.mark.parametrize("variant", list(ARCH_OF))
+# one VGG16-sized conversion in the default run; the other three variants with -m slow
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=[] if v == "FCN8s" else pytest.mark.slow) for v in ARCH_OF])
 def test_torchfcn_state_dict_gives_the_same_logits(variant, weights):
     ref = reference(variant, weights, use_torchfcn=TORCHFCN is not None)
     layers = cv.torchfcn_layers(ref.state_dict())
@@ -181,6 +182,7 @@ def test_torchfcn_state_dict_gives_the_same_logits(variant, weights):
     compare(variant, model, ref, bgr_input())
 
 
+@pytest.mark.slow  # two more VGG16-sized nets
 @pytest.mark.skipif(TORCHFCN is None, reason="torchfcn is not installed (pip install --no-deps torchfcn)")
 def test_the_mirror_is_torchfcn(weights):
     for variant in ARCH_OF:
@@ -295,6 +297,7 @@ def caffe_layer_list(ref: nn.Module, legacy: bool = False, scales: dict[int, tor
     return out
 
 
+@pytest.mark.slow  # Caffe import of VGG16-sized nets
 def test_caffe_at_once_model_with_scale_layers(weights, tmp_path):
     """The at-once net's Scale layers hold per-channel blobs; here they differ from 0.01 / 0.0001,
     so the converter must fold them into the skip scorers; the skips are weighted to matter."""
@@ -319,6 +322,7 @@ def test_caffe_at_once_model_with_scale_layers(weights, tmp_path):
         assert (without - ref(x)).abs().max() > 1e-2 * ref(x).abs().max()
 
 
+@pytest.mark.slow  # Caffe import of a VGG16-sized net
 def test_caffe_legacy_v1_model(weights, tmp_path):
     """Old-style files: V1 'layers', legacy num/channels/height/width blobs, fc6/fc7 as InnerProduct."""
     ref = reference("FCN16s", weights)

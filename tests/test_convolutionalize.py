@@ -116,6 +116,7 @@ def test_fcn_from_a_torchvision_vgg16_file(vgg16, vgg16_file):
         assert not conv.weight.any() and not conv.bias.any()
 
 
+@pytest.mark.slow  # two more VGG16 nets
 def test_keep_fc8_scores_the_1000_imagenet_classes(vgg16, vgg16_file):
     with pytest.raises(ValueError, match="upsample='bilinear'"), torch.device("meta"):
         fcnseg.build_model("fcn32s_vgg16", keep_fc8=True, num_classes=1000)  # learned 1000x1000x64x64: 16 GB

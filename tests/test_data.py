@@ -401,9 +401,12 @@ def test_check_command_clean_and_dirty(tmp_path, data_bad_camvid, capsys, monkey
     out = capsys.readouterr().out
     assert "checked 2 pairs of camvid val: 2 good, 0 problems" in out
     assert "class weights (median frequency): " in out
-    written = json.loads((tmp_path / "camvid_val_class_weights.json").read_text())
+    assert list(tmp_path.glob("*.json")) == []  # nothing written unless asked
+    assert main(["data", "check", "--dataset", "camvid", "--root", str(clean), "--split", "val",
+                 "--weights-json", str(tmp_path / "cw.json")]) == 0
+    written = json.loads((tmp_path / "cw.json").read_text())
     assert written["classes"][0] == "Sky" and len(written["class_weights"]) == 11
-    assert load_class_weights(tmp_path / "camvid_val_class_weights.json", written["classes"]) == written["class_weights"]
+    assert load_class_weights(tmp_path / "cw.json", written["classes"]) == written["class_weights"]
 
     code = main(["data", "check", "--dataset", "camvid", "--root", str(data_bad_camvid), "--split", "train",
                  "--weights-json", str(tmp_path / "w.json")])

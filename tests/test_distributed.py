@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from test_train_helpers import env, make_folder_dataset, read_weights, run_cli, write_launcher
+from tiny_models import env, make_folder_dataset, read_weights, run_cli, write_launcher
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -25,6 +25,7 @@ def _args(data, out, batch):
             "--device", "cpu", "--no-progress", "--no-plots", "--out", str(out)]
 
 
+@pytest.mark.slow  # a torch.distributed launch of two processes beside a single-process run
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_train=8, n_val=3)
     launcher = write_launcher(tmp_path / "bin")
@@ -55,7 +56,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 @pytest.mark.slow
 def test_skip_bad_with_two_processes_checks_once_and_names_each_file_once(tmp_path):
-    from test_skip_bad import BAD_FILES, LISTING, lines_naming, make_damaged_dataset
+    from tiny_models import BAD_FILES, LISTING, lines_naming, make_damaged_dataset
 
     data = make_damaged_dataset(tmp_path / "data")
     launcher = write_launcher(tmp_path / "bin")

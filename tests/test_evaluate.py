@@ -5,13 +5,12 @@ import pytest
 
 from fcnseg.cli import main
 
-from test_train_helpers import make_folder_dataset, register_tiny, unregister_tiny
+from tiny_models import make_folder_dataset
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for one epoch on 3-class data whose images are 33 x 45 (odd sizes on purpose)."""
-    register_tiny()
     tmp = tmp_path_factory.mktemp("eval")
     data = make_folder_dataset(tmp / "data", n_train=4, n_val=3, size=(33, 45))
     run = tmp / "run"
@@ -19,7 +18,6 @@ def trained(tmp_path_factory):
                  "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0", "--no-progress", "--no-plots",
                  "--out", str(run)]) == 0
     yield data, run, tmp
-    unregister_tiny()
 
 
 def _evaluate(data, checkpoint, *extra):

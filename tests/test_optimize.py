@@ -12,7 +12,7 @@ import fcnseg
 from fcnseg.inference import Segmenter
 from fcnseg.optimize import BigWeightConv2d, flush_denormal, fold_batchnorm, optimize
 
-from test_segmenter import random_image, tiny_model
+from tiny_models import random_image, tiny_model
 
 
 @pytest.fixture(autouse=True)

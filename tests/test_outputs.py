@@ -19,7 +19,7 @@ from fcnseg.checkpoint import atomic_write, clean_stale_temps, save_checkpoint
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError, OutputExistsError, OutputWriteError, printable, show_path
 from fcnseg.outputs import output_dir, output_file, write_group
-from test_segmenter import random_image, tiny_checkpoint, tiny_model
+from tiny_models import random_image, tiny_checkpoint, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -121,17 +121,13 @@ def test_cli_output_places_are_checked_before_any_work(tmp_path, monkeypatch, ca
 
 
 def test_train_out_that_is_a_file_fails_before_data_is_read(tmp_path, monkeypatch, capsys):
-    from test_train_helpers import make_folder_dataset, register_tiny, unregister_tiny
+    from tiny_models import make_folder_dataset
 
-    register_tiny()
-    try:
-        data = make_folder_dataset(tmp_path / "data", n_train=2, n_val=1)
-        (tmp_path / "run").write_text("not a folder")
-        monkeypatch.setattr("fcnseg.train.run.build_data", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
-        assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "1",
-                     "--workers", "0", "--no-progress", "--out", str(tmp_path / "run")]) == 1
-    finally:
-        unregister_tiny()
+    data = make_folder_dataset(tmp_path / "data", n_train=2, n_val=1)
+    (tmp_path / "run").write_text("not a folder")
+    monkeypatch.setattr("fcnseg.train.run.build_data", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
+    assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "1",
+                 "--workers", "0", "--no-progress", "--out", str(tmp_path / "run")]) == 1
     assert "run directory" in _one_error_line(capsys)
 
 
@@ -307,13 +303,9 @@ def test_no_legend_without_a_prediction(tmp_path, capsys):
 def test_two_concurrent_runs_never_report_more_than_exists(tmp_path):
     """Two real processes predict A/x1..x6 and B/x1..x6 into one folder at the same time."""
     from fcnseg import build_model
-    from test_train_helpers import env, register_tiny, unregister_tiny, write_launcher
+    from tiny_models import env, write_launcher
 
-    register_tiny()
-    try:
-        ckpt = save_checkpoint(build_model("tiny_fcn8s", num_classes=5), tmp_path / "t.safetensors")
-    finally:
-        unregister_tiny()
+    ckpt = save_checkpoint(build_model("tiny_fcn8s", num_classes=5), tmp_path / "t.safetensors")
     launcher = write_launcher(tmp_path / "launch")
     inputs = []
     for folder, seed in (("A", 100), ("B", 200)):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from fcnseg.cli import main
 from fcnseg.cli.predict import expand_inputs, output_stems, renamed_stems
-from test_segmenter import random_image, tiny_checkpoint
+from tiny_models import random_image
 
 
 @pytest.fixture(autouse=True)
@@ -18,18 +18,13 @@ def _one_thread():
 
 
 @pytest.fixture
-def ckpt(tmp_path):
-    return tiny_checkpoint(tmp_path / "ckpt" / "tiny.safetensors")
+def ckpt(tiny_ckpt):  # conftest's, under the name these tests use
+    return tiny_ckpt
 
 
 @pytest.fixture
-def images(tmp_path):
-    folder = tmp_path / "in"
-    (folder / "more").mkdir(parents=True)
-    random_image(45, 70, 1).save(folder / "a.png")
-    random_image(64, 48, 2).save(folder / "b.jpg", quality=95)
-    random_image(33, 41, 3).save(folder / "more" / "c.png")
-    return folder
+def images(image_folder):
+    return image_folder
 
 
 def test_predict_writes_palette_pngs_overlays_probs_and_legend(tmp_path, ckpt, images, capsys):

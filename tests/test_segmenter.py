@@ -1,7 +1,5 @@
 """Segmenter API: image kinds in and out, batches, normalization from the record, tiling against untiled
 prediction, test-time augmentation, and ``optimize`` (bf16, channels-last, chunked convolutions).
-
-The tiny test network below is shared with test_predict.py and test_export.py.
 """
 from __future__ import annotations
 
@@ -12,68 +10,10 @@ import torch.nn as nn
 from PIL import Image
 
 import fcnseg
-from fcnseg.checkpoint import make_record, save_checkpoint
 from fcnseg.errors import FcnsegError
 from fcnseg.inference import Segmenter, optimize, tile_spans
-from fcnseg.models import FCN, Backbone
 
-TINY = "tiny_fcn_test"
-
-
-class TinyBackbone(Backbone):
-    """Five 3x3 convolutions with 2x2 ceil-mode pooling (strides 8, 16, 32); the first conv is padded like
-    VGG's conv1_1 so that every input size gives an output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-        def block(i: int, o: int) -> list[nn.Module]:
-            return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
-
-        self.s8 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=48), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True),
-                                *block(8, 8), *block(8, 16))
-        self.s16 = nn.Sequential(*block(16, 16))
-        self.s32 = nn.Sequential(*block(16, 32))
-        self._declare([(8, [self.s8], 16), (16, [self.s16], 16), (32, [self.s32], 32)])
-
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        c8 = self.s8(x)  # 1/8
-        c16 = self.s16(c8)  # 1/16
-        return {8: c8, 16: c16, 32: self.s32(c16)}  # 1/32
-
-
-def register_tiny() -> None:
-    """Register the tiny FCN-8s once per process: random non-zero score layers, so argmax means something."""
-    if TINY in fcnseg.list_models():
-        return
-
-    @fcnseg.register_model(TINY)
-    def tiny(num_classes: int = 5, **kwargs) -> FCN:
-        model = FCN(TinyBackbone(), num_classes, skips=(16, 8), fc_channels=32, fc_kernel=1, **kwargs)
-        for conv in [model.score_fr, *model.score_skip.values()]:
-            nn.init.normal_(conv.weight, std=0.3)
-        return model
-
-
-def tiny_model(num_classes: int = 5, seed: int = 0) -> FCN:
-    register_tiny()
-    torch.manual_seed(seed)
-    return fcnseg.build_model(TINY, num_classes=num_classes).eval()
-
-
-def tiny_checkpoint(path, num_classes: int = 5, **record):
-    """A saved tiny checkpoint with named classes and colours; returns its path."""
-    model = tiny_model(num_classes)
-    classes = [f"thing{i}" for i in range(num_classes)]
-    colors = [[40 * i, 255 - 40 * i, (97 * i) % 256] for i in range(num_classes)]
-    return save_checkpoint(model, path, make_record(model, classes=classes, colors=colors, **record))
-
-
-def random_image(h: int, w: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    # smooth blobs rather than pure noise, so classes form regions
-    small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+from tiny_models import random_image, tiny_checkpoint, tiny_model
 
 
 @pytest.fixture(autouse=True)

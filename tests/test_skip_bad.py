@@ -2,58 +2,17 @@
 each named once in the log, counted in metrics.jsonl and the summary; no sample stands in for another."""
 import json
 import logging
-import os
-import shutil
 from collections import Counter
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from fcnseg.config import from_dict
 from fcnseg.data import build_dataset
 from fcnseg.errors import FcnsegError
 
-from test_train_helpers import make_folder_dataset, register_tiny, unregister_tiny
+from tiny_models import BAD_FILES, LISTING, lines_naming, make_damaged_dataset, make_folder_dataset
 
 GOOD = [f"img{i:03d}" for i in range(10) if i not in (1, 2)]
-
-
-@pytest.fixture
-def tiny():
-    register_tiny()
-    yield
-    unregister_tiny()
-
-
-def make_damaged_dataset(root):
-    """img000..img009 without split lists (split 'all'); img001's image is cut in half, img002's mask has the
-    wrong size; listing problems: a mask with no image, an image with no mask, a folder named like an image,
-    and a symlink loop named like an image."""
-    root = make_folder_dataset(root, n_train=8, n_val=2)
-    shutil.rmtree(root / "splits")
-    images, masks = root / "images", root / "masks"
-    data = (images / "img001.png").read_bytes()
-    (images / "img001.png").write_bytes(data[: len(data) // 2])
-    Image.fromarray(np.zeros((20, 20), np.uint8)).save(masks / "img002.png")
-    shutil.copy(masks / "img000.png", masks / "orphan.png")
-    shutil.copy(images / "img000.png", images / "nomask.png")
-    (images / "folder.png").mkdir()
-    shutil.copy(masks / "img000.png", masks / "folder.png")
-    os.symlink("loop.png", images / "loop.png")
-    shutil.copy(masks / "img000.png", masks / "loop.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory):
-    return make_damaged_dataset(tmp_path_factory.mktemp("damaged"))
-
-
-BAD_FILES = {"img001.png": "truncated image", "img002.png": "but its mask"}
-LISTING = {"orphan.png": "mask has no image", "nomask.png": "missing mask for sample 'nomask'",
-           "folder.png": "missing image for sample 'folder' (a directory, not a file)",
-           "loop.png": "missing image for sample 'loop' (a symlink loop)"}
 
 
 def _cfg(root, out, **over):
@@ -63,8 +22,9 @@ def _cfg(root, out, **over):
     return from_dict({**values, **over})
 
 
-def lines_naming(text, name):
-    return [ln for ln in text.splitlines() if f"/{name}" in ln]
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    return make_damaged_dataset(tmp_path_factory.mktemp("damaged"))
 
 
 def test_listing_problems_say_what_is_wrong(damaged):

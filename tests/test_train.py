@@ -10,14 +10,7 @@ from fcnseg.train.engine import NonFiniteLossError, SegmentationLoss, StepOption
 from fcnseg.train.loader import Seeded, ShardSampler, collate, sample_seed
 from fcnseg.train.optim import build_optimizer, lr_factor, param_groups
 
-from test_train_helpers import make_folder_dataset, read_weights, register_tiny, unregister_tiny
-
-
-@pytest.fixture
-def tiny():
-    register_tiny()
-    yield
-    unregister_tiny()
+from tiny_models import make_folder_dataset, read_weights
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from fcnseg.errors import FcnsegError
 from fcnseg.train.state import load_state, save_state
 
-from test_train_helpers import env, make_folder_dataset, read_weights, run_cli, tiny_train_args, write_launcher
+from tiny_models import env, make_folder_dataset, read_weights, run_cli, tiny_train_args, write_launcher
 
 
 def _minimal_state(step):
@@ -47,6 +47,7 @@ def _step_of(ckpt):
         return -1
 
 
+@pytest.mark.slow  # three training runs in child processes
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n_train=8, n_val=2)
     launcher = write_launcher(tmp_path / "bin")

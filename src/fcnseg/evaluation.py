@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .engine import evaluate
+from .train.engine import evaluate
 from .errors import FcnsegError
 from .metrics import ConfusionMatrix
 from .optimize import optimize

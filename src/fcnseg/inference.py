@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import open_model
@@ -81,6 +82,9 @@ class Segmenter:
     instead, saving a copy when the caller has no further use for it. Images larger than
     ``tile`` on a side are cut into tiles sharing ``overlap`` pixels. ``flip`` and ``scales`` add
     test-time augmentation: probabilities are averaged over horizontal flips and input rescalings.
+    Photos larger than the model's working scale are shrunk to it first (``max_side="auto"``: the long
+    side of the record's ``working_size``, or of the built-in family's training images; a number of
+    pixels; 0 or None: never), or resized by a fixed ``scale``; masks come back at the photo's size.
     """
 
     def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor], classes: Sequence[str] | None = None,
@@ -88,7 +92,7 @@ class Segmenter:
                  std: Sequence[float] | None = None, *, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype | None = None, channels_last: bool = True, tile: int = 1024,
                  overlap: int = 256, flip: bool = False, scales: Sequence[float] = (1.0,), batch_size: int = 4,
-                 inplace: bool = False):
+                 inplace: bool = False, max_side: int | str | None = "auto", scale: float | None = None):
         record: Mapping[str, Any] = getattr(model, "record", None) or {}
         self.num_classes = int(getattr(model, "num_classes", 0) or record.get("num_classes", 0))
         if not self.num_classes:
@@ -114,6 +118,13 @@ class Segmenter:
         self.scales = check_scales(scales)
         self.batch_size = max(1, int(batch_size))
         self.mask_dtype = torch.uint8 if self.num_classes <= 256 else torch.int32
+        if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale <= 16):
+            raise FcnsegError(f"scale must be a number in (0, 16], got {scale!r}")
+        if max_side == "auto":
+            max_side = working_long_side(record)
+        elif max_side is not None and (isinstance(max_side, str) or int(max_side) < 0):
+            raise FcnsegError(f"max_side must be 'auto', a pixel count or 0 (never shrink), got {max_side!r}")
+        self.scale, self.max_side = scale, (int(max_side) if max_side else None)
 
     @classmethod
     def from_checkpoint(cls, path_or_name: str | Path, *, backend: str | None = None, device: str = "cpu",
@@ -148,6 +159,11 @@ class Segmenter:
         out: list[Prediction | None] = [None] * len(chws)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(chws):
+            size = self._working_size(*t.shape[-2:])
+            if size is not None:  # photos away from the training scale: one at a time, resized as a whole
+                mask, proba = self._predict_resized(t[None], size, probs)
+                out[i] = Prediction(mask[0], proba[0] if proba is not None else None)
+                continue
             groups.setdefault(tuple(t.shape[-2:]), []).append(i)
         for (h, w), idx in groups.items():
             step = self.batch_size if (h <= self.tile and w <= self.tile) else 1
@@ -196,3 +212,61 @@ class Segmenter:
                 if probas is not None:
                     probas[:, :, y0:y1, x0:x1] = core.half().cpu()
         return masks, probas
+
+    # -- working scale: photos of any size ------------------------------------------------------------
+
+    def _working_size(self, h: int, w: int) -> tuple[int, int] | None:
+        """The (h, w) to segment an h x w image at, or None to keep it: ``scale`` if given, else the long
+        side shrunk to ``max_side`` (never enlarged: a small photo may be a crop at the right scale)."""
+        if self.scale is not None:
+            s = float(self.scale)
+        elif self.max_side and max(h, w) > self.max_side:
+            s = self.max_side / max(h, w)
+        else:
+            return None
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        return None if size == (h, w) else size
+
+    def _predict_resized(self, raw: torch.Tensor, size: tuple[int, int], probs: bool,
+                         band_bytes: int = 64 << 20) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Segment raw (1, 3, H, W) at ``size``: the whole image is resized before tiling (so tiles see one
+        scale and leave no seams), and the class probabilities are resampled bilinearly to H x W in bands
+        of rows before the argmax (smoother edges than enlarging the mask; memory bounded by the band)."""
+        b, _, h, w = raw.shape
+        x = raw.float() / 255 if raw.dtype == torch.uint8 else raw.float()
+        small = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                              antialias=size[0] < h)  # antialias when shrinking, or fine detail aliases
+        _, p = self._predict_batch(small, probs=True)  # (B, K, h', w') float16
+        p = p.float()
+        masks = torch.empty(b, h, w, dtype=self.mask_dtype)
+        probas = torch.empty(b, self.num_classes, h, w, dtype=torch.float16) if probs else None
+        # output pixel X samples source x = (X + 0.5) * w'/W - 0.5: normalised to (2X + 1)/W - 1 for any w'
+        gx = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
+        rows = max(1, band_bytes // (4 * w * self.num_classes))
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            gy = (torch.arange(r0, r1, dtype=torch.float32) * 2 + 1) / h - 1
+            grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1).expand(b, -1, -1, -1)
+            band = F.grid_sample(p, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            masks[:, r0:r1] = class_ids(band).to(self.mask_dtype)
+            if probas is not None:
+                probas[:, :, r0:r1] = band.half()
+        return masks, probas
+
+
+# The image size each built-in family's models were trained at (their provenance names the dataset):
+# CamVid frames 360 x 480, SIFT Flow images 256 x 256. A record may carry its own "working_size": [H, W].
+TRAINING_SIZES = {"camvid": (360, 480), "siftflow": (256, 256)}
+
+
+def working_long_side(record: Mapping[str, Any]) -> int | None:
+    """The long side, in pixels, of the images a checkpoint was trained on (None when the record cannot say)."""
+    size = record.get("working_size")
+    if not size:
+        prov = record.get("provenance") or {}
+        dataset = prov.get("dataset") or (prov.get("config") or {}).get("dataset")
+        size = TRAINING_SIZES.get(dataset)
+    try:
+        return int(max(size)) if size else None
+    except (TypeError, ValueError):
+        return None

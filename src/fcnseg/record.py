@@ -18,7 +18,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from .errors import FcnsegError
 
@@ -123,6 +123,8 @@ class CheckpointRecord(Mapping):
         if len(colors) != k:
             raise bad("colors", f"{len(colors)} colours for {k} classes")
 
+        heads = _parse_heads(data, kwargs, classes, colors, bad)
+
         norm = data.get("normalization", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
         if not isinstance(norm, dict):
             raise bad("normalization", "must be an object with 'mean' and 'std'")
@@ -138,13 +140,17 @@ class CheckpointRecord(Mapping):
         top = data.get("top_stride")
         if top is not None and (not _is_int(top) or not 1 <= top <= 1024):
             raise bad("top_stride", f"must be a whole number from 1 to 1024, got {str(top)[:40]!r}")
+        size = data.get("working_size")
+        if size is not None and not (isinstance(size, list) and len(size) == 2
+                                     and all(_is_int(v) and 1 <= v <= 100000 for v in size)):
+            raise bad("working_size", "must be [height, width] in pixels, whole numbers from 1 to 100000")
         for field in ("metrics", "provenance", "quantization"):
             if field in data and not isinstance(data[field], dict):
                 raise bad(field, f"must be an object, got {type(data[field]).__name__}")
 
         out = dict(data)
         out.update(format=FORMAT, arch=arch, num_classes=k, model_kwargs=dict(kwargs), classes=list(classes),
-                   colors=[list(c) for c in colors], normalization={"mean": [float(v) for v in mean],
+                   colors=[list(c) for c in colors], **({"heads": heads} if heads else {}), normalization={"mean": [float(v) for v in mean],
                                                                     "std": [float(v) for v in std]})
         return cls(out, src)
 
@@ -181,6 +187,13 @@ class CheckpointRecord(Mapping):
     @property
     def colors(self) -> list[list[int]]:
         return [list(c) for c in self._data["colors"]]
+
+    @property
+    def heads(self) -> dict[str, dict[str, list]] | None:
+        """A multi-head net's heads in order, ``{name: {"classes": [...], "colors": [[r, g, b], ...]}}``; None
+        for a single-head net."""
+        heads = self._data.get("heads")
+        return json.loads(json.dumps(heads)) if heads else None
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -246,6 +259,37 @@ class CheckpointRecord(Mapping):
 
     def __repr__(self) -> str:
         return f"CheckpointRecord(arch={self.arch!r}, num_classes={self.num_classes}, source={self.source!r})"
+
+
+def _parse_heads(data: dict, kwargs: dict, classes: list, colors: list, bad) -> dict[str, Any] | None:
+    """The ``heads`` field of a multi-head net: ``{name: {"classes": [...], "colors": [...]}}`` in the order of
+    ``model_kwargs["heads"]`` (names and class counts must agree with it). ``num_classes``, ``classes`` and
+    ``colors`` are the first head's, so single-head readers of the record see one consistent head."""
+    heads = data.get("heads")
+    if heads is None:
+        return None
+    counts = kwargs.get("heads")
+    if not isinstance(heads, dict) or not isinstance(counts, dict):
+        raise bad("heads", "must be an object {head: {classes, colors}}, for a net built with model_kwargs heads")
+    if list(heads) != list(counts):
+        raise bad("heads", f"names {list(heads)[:8]} differ from model_kwargs heads {list(counts)}")
+    out = {}
+    for name, head in heads.items():
+        if not isinstance(head, dict):
+            raise bad("heads", f"{name}: must be an object with 'classes' and 'colors'")
+        names, cols = head.get("classes"), head.get("colors", default_palette(counts[name]))
+        if not isinstance(names, list) or not all(isinstance(c, str) and 0 < len(c) <= 200 and c.isprintable()
+                                                  for c in names) or len(names) != counts[name]:
+            raise bad("heads", f"{name}: 'classes' must list {counts[name]} class names (printable, 1 to 200 "
+                               f"characters)")
+        if not isinstance(cols, list) or len(cols) != counts[name] or not all(
+                isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c) for c in cols):
+            raise bad("heads", f"{name}: 'colors' must be {counts[name]} [r, g, b] triples of whole numbers 0..255")
+        out[name] = {"classes": list(names), "colors": [list(c) for c in cols]}
+    first = next(iter(out.values()))
+    if first["classes"] != list(classes) or first["colors"] != [list(c) for c in colors]:
+        raise bad("heads", "the first head's classes and colours must be the record's 'classes' and 'colors'")
+    return out
 
 
 def normalization_of(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -74,11 +74,32 @@ class Registry(Generic[T]):
 #: name a file, a URL or ImageNet weights: a record rebuilds an architecture, its weights come from
 #: the checkpoint file itself.
 FCN_RECORD_KWARGS: dict[str, Callable[[Any], bool]] = {
-    "upsample": lambda v: v in ("deconv", "bilinear", "resize_conv"),
+    "upsample": lambda v: v in ("deconv", "bilinear", "resize_conv", "unpool"),
+    "in_channels": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16,  # RGB-D: 4
     "learnable_upsample": lambda v: isinstance(v, bool),
     "dropout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
     "fc_channels": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16384,
     "fc_kernel": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 15,
+}
+
+
+HEAD_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz_")
+MAX_HEADS = 8
+
+
+def valid_heads(value: Any) -> bool:
+    """A multi-head net's ``heads``: 1..8 entries, names of 1..32 characters from [a-z_], class counts 1..65535."""
+    return (isinstance(value, dict) and 1 <= len(value) <= MAX_HEADS
+            and all(isinstance(n, str) and 1 <= len(n) <= 32 and set(n) <= HEAD_NAME_CHARS for n in value)
+            and all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 65535 for k in value.values()))
+
+
+#: build arguments a record may carry for a multi-head FCN (``fcnseg.models.multihead``): its heads, and
+#: how every head upsamples
+MULTIHEAD_RECORD_KWARGS: dict[str, Callable[[Any], bool]] = {
+    "heads": valid_heads,
+    "upsample": lambda v: v in ("deconv", "bilinear", "resize_conv"),  # unpool has no skips; the heads have one
+    **{k: FCN_RECORD_KWARGS[k] for k in ("learnable_upsample", "dropout")},
 }
 
 _MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -94,7 +115,8 @@ def register_model(name: str, record_kwargs: Mapping[str, Callable[[Any], bool]]
 
 
 def unregister_model(name: str) -> None:
-    """Remove a registered model (tests, plug-ins)."""
+    """Take ``name`` out of the registry again (a plug-in or a test that registered a model for a while);
+    an unknown name is the same one-line ``FcnsegError``, listing the valid names, as ``build_model`` raises."""
     _MODELS.unregister(name)
 
 

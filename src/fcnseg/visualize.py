@@ -34,9 +34,18 @@ def palette_image(mask: np.ndarray, colors: np.ndarray) -> Image.Image:
     return im
 
 
-def colorize(mask: np.ndarray, colors: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB picture of a class-id mask."""
-    return colors[np.asarray(mask)]
+def colorize(mask: np.ndarray, colors: Sequence[Sequence[int]] | np.ndarray,
+             ignore_index: int | None = 255) -> np.ndarray:
+    """(H, W, 3) uint8 RGB picture of a class-id mask; ``ignore_index`` pixels are black (``None``: no
+    ignored id, for predictions of up to 256 classes), as are ids without a colour."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    if len(colors) > 256:
+        raise ValueError("colorize draws at most 256 classes")
+    lut[: len(colors)] = colors
+    if ignore_index is not None:
+        lut[ignore_index] = 0
+    return lut[np.clip(np.asarray(mask), 0, 255).astype(np.uint8)]
 
 
 def overlay(image: Image.Image | np.ndarray, mask: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -44,7 +53,7 @@ def overlay(image: Image.Image | np.ndarray, mask: np.ndarray, colors: np.ndarra
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if rgb.shape[:2] != np.asarray(mask).shape:
         raise ValueError(f"image {rgb.shape[:2]} and mask {np.asarray(mask).shape} differ in size")
-    blend = (1 - alpha) * rgb + alpha * colorize(mask, colors).astype(np.float32)
+    blend = (1 - alpha) * rgb + alpha * colorize(mask, colors, ignore_index=None).astype(np.float32)
     return Image.fromarray(np.clip(blend + 0.5, 0, 255).astype(np.uint8))
 
 

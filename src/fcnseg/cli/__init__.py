@@ -24,6 +24,7 @@ COMMANDS = {
     "predict": "predict",
     "export": "export",
     "benchmark": "benchmark",
+    "serve": "serve",
 }
 
 # commands that run a model opt in to flushing subnormal floats, a process-wide switch that belongs to

@@ -1,4 +1,5 @@
-"""``fcnseg data``: ``check`` a dataset's files and class statistics, ``download`` a public dataset."""
+"""``fcnseg data``: ``check`` a dataset, ``import`` a labelling tool's export, ``rank`` images by uncertainty,
+``download`` a public dataset."""
 from __future__ import annotations
 
 import argparse
@@ -10,18 +11,50 @@ from ..errors import show_path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("data", help="check datasets (bad files, class weights) and download public ones")
+    p = sub.add_parser("data", help="check, import (labelme, COCO, CVAT), rank by uncertainty, download datasets")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     c = dsub.add_parser("check", help="read every image/mask pair, print one line per problem, then class weights")
     c.add_argument("--dataset", required=True, help="dataset family (camvid, camvid32, siftflow, voc, nyudv2, folder)")
     c.add_argument("--root", required=True, type=Path, help="dataset root directory")
     c.add_argument("--split", required=True, help="split to scan, e.g. train, val, trainval")
-    c.add_argument("--weights-json", type=Path, default=None,
-                   help="where to write class statistics and weights (default: ./DATASET_SPLIT_class_weights.json)")
-    c.add_argument("--no-weights-json", action="store_true", help="print only, write no JSON")
+    c.add_argument("--weights-json", type=Path, default=None, metavar="PATH",
+                   help="also write class statistics and median-frequency weights to PATH (for train --class-weights)")
+    c.add_argument("--no-weights-json", action="store_true", help=argparse.SUPPRESS)  # old scripts: now the default
+    c.add_argument("--ignore-value", type=int, default=None, metavar="V",
+                   help="folder datasets: mask value V means 'not labelled' (e.g. 11 for CamVid-style void)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(_data=run_check)
+
+    i = dsub.add_parser("import", help="turn a labelme, COCO or CVAT export into a folder dataset",
+                        description="Convert polygon/box/RLE annotations into OUT/images, OUT/masks (palette PNGs of "
+                                    "class ids), OUT/classes.txt (name R G B; line 0 is the background) and "
+                                    "OUT/splits/{train,val,all}.txt. Shapes that cannot be converted are listed, one "
+                                    "line each. Later shapes are drawn over earlier ones (CVAT: by z_order).")
+    i.add_argument("src", type=Path, metavar="SRC",
+                   help="labelme: a .json file or a folder of them; coco: the instances .json; cvat: annotations.xml")
+    i.add_argument("--from", dest="fmt", required=True, choices=("labelme", "coco", "cvat"), help="the tool's format")
+    i.add_argument("--out", required=True, type=Path, help="new (or empty) folder for the dataset")
+    i.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="where the export's images are (default: beside SRC, or its images/ folder)")
+    i.add_argument("--classes", default=None, metavar="A,B,...",
+                   help="class order after the background (default: the labels sorted); other labels are left out")
+    i.add_argument("--background", default="background", help="name of class 0, for unlabelled pixels")
+    i.add_argument("--unlabelled", choices=("background", "ignore"), default="background",
+                   help="what pixels outside every shape are (default background; ignore: left out of training)")
+    i.add_argument("--val-fraction", type=float, default=0.1, help="share of images listed in splits/val.txt")
+    i.add_argument("--seed", type=int, default=0, help="seed of the train/val partition")
+    i.set_defaults(_data=run_import)
+
+    r = dsub.add_parser("rank", help="rank unlabelled images by the model's mean uncertainty (label the top ones next)")
+    r.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    r.add_argument("--checkpoint", required=True, help="built-in name, .safetensors checkpoint or run directory")
+    r.add_argument("--out", required=True, type=Path, metavar="CSV", help="ranking as CSV, most uncertain first")
+    r.add_argument("--measure", choices=("entropy", "margin"), default="entropy",
+                   help="normalised entropy or 1 - (p1 - p2) (default entropy)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(_data=run_rank)
 
     d = dsub.add_parser("download", help="download, verify and extract a public dataset (resumable)")
     d.add_argument("name", help="what to fetch: voc2012, voc2011, sbd, voc (= voc2012 + sbd), camvid, siftflow")
@@ -48,11 +81,16 @@ def run_check(args: argparse.Namespace) -> int:
     from ..data.checks import check_dataset, write_weights_json
     from ..outputs import output_file
 
-    json_path = None
-    if not args.no_weights_json:  # checked before the scan, which can take minutes
-        json_path = output_file(args.weights_json or Path(f"{args.dataset}_{args.split}_class_weights.json"),
-                                what="--weights-json")
-    dataset = build_dataset(args.dataset, args.root, args.split, skip_bad=True, transforms=_identity)
+    if args.ignore_value is not None and args.dataset != "folder":
+        from ..errors import FcnsegError
+
+        raise FcnsegError(f"--ignore-value is for folder datasets; {args.dataset} maps its own void label")
+    kwargs = {} if args.ignore_value is None else {"ignore_value": args.ignore_value}
+    # checked before the scan, which can take minutes; nothing is written unless asked
+    json_path = output_file(args.weights_json, what="--weights-json") if args.weights_json is not None else None
+    dataset = build_dataset(args.dataset, args.root, args.split, skip_bad=True, transforms=_identity, **kwargs)
+    source = getattr(dataset, "split_source", None)
+    print(f"scanning split {dataset.split!r} of {args.dataset}" + (f" ({source})" if source else ""))
     progress = None
     if not args.no_progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -72,6 +110,10 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"{i:>3} {name:<{width}} {int(px):>13,} {f:>9.4f} {w:>8.4f}")
     print("class weights (median frequency): " + ", ".join(f"{w:.4f}" for w in weights))
     if json_path is not None:
+        if not report.good or not any(weights):
+            print(f"fcnseg: no class weights written to {show_path(json_path)}: no readable labelled pixels",
+                  file=sys.stderr)
+            return 1
         write_weights_json(report, json_path, dataset=args.dataset, root=str(args.root), split=args.split)
         print(f"wrote {show_path(json_path)}")
     return 0 if report.ok else 1
@@ -79,6 +121,43 @@ def run_check(args: argparse.Namespace) -> int:
 
 def _identity(image, mask):
     return image, mask
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from ..data.importers import import_annotations
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    report = import_annotations(args.fmt, args.src, args.out, images=args.images, background=args.background,
+                                unlabelled=args.unlabelled, classes=classes, val_fraction=args.val_fraction,
+                                seed=args.seed)
+    for msg in report.problems:
+        print(f"fcnseg: {msg}", file=sys.stderr)
+    print(f"imported {report.images} images, {report.shapes} shapes, {len(report.classes)} classes "
+          f"({', '.join(report.classes)}) into {report.out}; splits: {report.train} train, {report.val} val"
+          + (f"; {len(report.problems)} left out (listed above)" if report.problems else ""))
+    return 1 if report.problems else 0
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    from ..errors import FcnsegError
+    from ..outputs import output_file
+    from ..uncertainty import rank_images
+    from .predict import expand_inputs, load_segmenter
+
+    output_file(args.out, what="--out", overwrite=False)  # before the images are read and the model loads
+    files, problems = expand_inputs([str(i) for i in args.inputs])
+    for msg in problems:
+        print(f"fcnseg: {msg}", file=sys.stderr)
+    if not files:
+        raise FcnsegError("no images to rank")
+    seg = load_segmenter(args.checkpoint, device=args.device)
+    rows, failed = rank_images(seg, files, args.out, measure=args.measure, progress=not args.no_progress,
+                               on_problem=lambda m: print(f"fcnseg: {m}", file=sys.stderr))
+    print(f"ranked {len(rows)} images by mean {args.measure} uncertainty into {show_path(args.out)}"
+          + (f"; {failed} failed" if failed else ""))
+    for row in rows[:5]:
+        print(f"  {row['mean_uncertainty']:.4f}  {row['image']}")
+    return 1 if failed or problems else 0
 
 
 def run_download(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .predict import add_dense_arguments
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a checkpoint: pixel acc., mean acc., mean IU, f.w. IU, per class",
@@ -13,11 +15,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a .safetensors checkpoint, a run directory, a built-in name, or an exported .onnx file "
                         "(run by ONNX Runtime on the CPU, e.g. to score an int8 model)")
-    p.add_argument("--dataset", required=True, help="dataset family: camvid, siftflow, voc, folder, ...")
-    p.add_argument("--root", required=True, metavar="DIR", help="dataset folder")
-    p.add_argument("--split", default="val", help="split to score (default val)")
+    p.add_argument("--dataset", help="dataset family: camvid, siftflow, voc, folder, ... (default: the run's)")
+    p.add_argument("--root", metavar="DIR", help="dataset folder (default: the run's, for a run directory)")
+    p.add_argument("--split", default=None, help="split to score (default: the run's val split, else val)")
     p.add_argument("--json", metavar="FILE", help="write the scores (fractions in [0, 1]) as JSON")
-    p.add_argument("--confusion-png", metavar="FILE", help="write a row-normalised confusion-matrix plot")
+    p.add_argument("--confusion-png", metavar="FILE",
+                   help="write a row-normalised confusion-matrix plot (a multi-head net: its first head's)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="CLASS",
                    help="leave these classes (names or indices) out of the class-averaged means")
     p.add_argument("--exclude-absent", action="store_true",
@@ -35,25 +38,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="the same as --dtype bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
+                   help="progress bar (default: when stderr is a terminal); --no-progress: none")
+    add_dense_arguments(p)  # --dense shift-and-stitch|rarefaction, --dense-stride (see cli/predict.py)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import open_model
-    from ..export import OnnxRuntimeModule
-    from ..record import normalization_of
-    from ..data import build_dataset, build_transforms
-    from ..errors import FcnsegError
-    from ..evaluation import evaluate_model
-    from ..tta import check_scales
-    from ..metrics import absent_classes, format_table
-    from ..train.distributed import pick_device
+    from ..evaluate_api import evaluate_checkpoint
+    from ..metrics import format_table
     from ..outputs import output_file
     from ..train.report import plot_confusion, write_json
 
+    from ..errors import FcnsegError
+
+    if args.dense is None and args.dense_stride is not None:  # named as the flags are
+        raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
     # before the model loads: a bad --json place must not cost a whole evaluation
     if args.json:
         output_file(args.json, what="--json")
@@ -61,55 +62,26 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.confusion_png, what="--confusion-png")
     if args.threads:
         torch.set_num_threads(args.threads)
-    onnx = str(args.checkpoint).endswith(".onnx")
-    device = torch.device("cpu") if onnx else pick_device(args.device)
-    model = open_model(args.checkpoint, device=device, threads=args.threads or None)
-    if not isinstance(model, torch.nn.Module):  # ONNX Runtime: in the nn.Module form evaluation expects
-        if args.amp or args.dtype != "float32":
-            raise FcnsegError("--amp/--dtype are for PyTorch checkpoints; an ONNX model runs in its own precision")
-        model = OnnxRuntimeModule(model)
-    record = model.record
-    dataset = build_dataset(args.dataset, args.root, args.split)
-    mean, std = normalization_of(model)  # the checkpoint's own preprocessing, at original resolution
-    dataset.transforms = build_transforms(getattr(dataset, "preset", args.dataset), train=False, mean=mean, std=std)
-    if dataset.num_classes != model.num_classes:
-        raise FcnsegError(f"{args.checkpoint} predicts {model.num_classes} classes but {args.dataset} has "
-                          f"{dataset.num_classes}; evaluate on the dataset it was trained for")
-    if list(record.get("classes", dataset.classes)) != list(dataset.classes):
-        print(f"fcnseg: warning: the checkpoint's class names differ from {args.dataset}'s; scoring by index",
-              file=sys.stderr)
-    classes = list(dataset.classes)
-    exclude = []
-    for c in args.exclude:
-        if c in classes:
-            exclude.append(classes.index(c))
-        elif c.isdigit() and int(c) < len(classes):
-            exclude.append(int(c))
-        else:
-            raise FcnsegError(f"--exclude {c!r}: not a class of {args.dataset} ({', '.join(classes)})")
-    scales = check_scales(args.scales)
-    tta = {"flip": args.flip, "scales": list(scales)}
-    augmented = scales != (1.0,) or args.flip
-    n = min(args.limit, len(dataset)) if args.limit else len(dataset)
-    # the freshly loaded model is ours: optimized in place (an ONNX model runs as exported)
-    cm = evaluate_model(model, dataset, indices=list(range(n)), num_classes=model.num_classes,
-                        ignore_index=dataset.ignore_index, device=device,
-                        dtype="bfloat16" if args.amp else args.dtype, optimize_model=not onnx, inplace=True,
-                        batch_size=args.batch_size, workers=args.workers, flip=args.flip, scales=scales,
-                        desc=f"{args.dataset} {args.split}",
-                        progress=sys.stderr.isatty() if args.progress is None else args.progress)
-    if args.exclude_absent:
-        exclude += [i for i in absent_classes(cm) if i not in exclude]
-    scores = cm.compute(exclude=exclude, class_names=classes)
-    scores = {"checkpoint": str(args.checkpoint), "arch": record.get("arch"), "dataset": args.dataset,
-              "split": args.split, "images": n, "tta": tta,
-              "excluded": [classes[i] for i in sorted(exclude)], **scores}
-    aug = "" if not augmented else f", test-time flip={args.flip} scales={tta['scales']}"
-    print(f"{record.get('arch')} on {args.dataset} {args.split} ({n} images{aug})")
-    print(format_table(scores))
+    scores = evaluate_checkpoint(
+        args.checkpoint, args.dataset, args.root, args.split, flip=args.flip, scales=args.scales,
+        exclude=args.exclude, exclude_absent=args.exclude_absent, limit=args.limit, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, dtype="bfloat16" if args.amp else args.dtype,
+        onnx_threads=args.threads or None, dense=args.dense, dense_stride=args.dense_stride,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    tta = scores["tta"]
+    aug = "" if tta == {"flip": False, "scales": [1.0]} else f", test-time flip={tta['flip']} scales={tta['scales']}"
+    source = f", split from {scores['split_source']}" if scores.get("split_source") else ""
+    what = f"{scores['dataset']} {scores['split']}"
+    print(f"{scores['arch']} on {what} ({scores['images']} images{aug}{source})")
+    if "heads" in scores:  # a multi-head net: one table per head, with where its labels came from
+        for name, head in scores["heads"].items():
+            print(f"\nhead {name} (labels: {head.get('label_source') or 'the dataset'})")
+            print(format_table(head))
+    else:
+        print(format_table(scores))
     if args.json:
         write_json(args.json, scores)
     if args.confusion_png:
-        plot_confusion(scores["confusion_matrix"], classes, args.confusion_png,
-                       title=f"{record.get('arch')} on {args.dataset} {args.split}")
+        plot_confusion(scores["confusion_matrix"], [r["name"] for r in scores["per_class"]], args.confusion_png,
+                       title=f"{scores['arch']} on {what}")
     return 0

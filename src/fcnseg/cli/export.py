@@ -39,6 +39,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def second_check_size(h: int, w: int) -> tuple[int, int]:
+    """The size of the second parity check: about half the export size, shifted by 17 and 29 pixels so that
+    it matches neither the export size nor its aspect ratio -- a graph with a size baked in fails there."""
+    return h // 2 + 17, w // 2 + 29
+
+
 def calibration_batches(patterns: list[str], size: tuple[int, int], model, limit: int) -> list:
     """Normalised (1, 3, H, W) float32 arrays of up to ``limit`` images spread over ``patterns``."""
     from ..data.io import read_image
@@ -88,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     exported = load_exported(path)
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
-    for shape in [(1, 3, h, w), (2, 3, h // 2 + 17, w // 2 + 29)]:
+    for shape in [(1, 3, h, w), (2, 3, *second_check_size(h, w))]:
         r = parity(model, exported, torch.randn(*shape, generator=gen))
         worst = max(worst, r["max_abs_logit_diff"])
         print(f"parity at {shape[2]}x{shape[3]} (batch {shape[0]}): max |logit difference| "
@@ -116,8 +122,8 @@ def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
         path = quantize_onnx(fp32, args.out, batches, only=args.int8_layers)
     runtime = OnnxRuntimeModel(path)
     shown = batches[:4]
-    odd = torch.nn.functional.interpolate(torch.from_numpy(batches[0]), size=(size[0] // 2 + 17, size[1] // 2 + 29),
-                                          mode="bilinear", align_corners=False)
+    odd = torch.nn.functional.interpolate(torch.from_numpy(batches[0]), size=second_check_size(*size), mode="bilinear",
+                                          align_corners=False)
     worst = 1.0
     for x in [torch.from_numpy(np.concatenate(shown)), odd]:
         r = parity(model, runtime, x)

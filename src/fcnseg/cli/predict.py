@@ -6,15 +6,15 @@ import glob
 import sys
 from pathlib import Path
 
+from ..data.io import IMAGE_SUFFIXES
 from ..errors import printable, show_path
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment images: palette PNG of class ids per image, optional overlay and probabilities",
                        description="Segment images. For each INPUT writes OUT/<stem>.png (palette PNG of class ids at "
-                                   "the input's size), and OUT/legend.png once. Existing files are never replaced "
+                                   "the input's size), and OUT/legend.png once; a multi-head checkpoint writes "
+                                   "OUT/<stem>_<head>.png per head and OUT/legend_<head>.png. Existing files are never replaced "
                                    "unless --overwrite: they are reported and skipped (exit 1).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (their images) or glob patterns")
     p.add_argument("--checkpoint", default="camvid",
@@ -35,8 +35,46 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="test-time augmentation: average with the mirrored image")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="test-time augmentation: average over these input scales, e.g. 0.75 1 1.25")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <stem>_uncertainty.png: 8-bit normalised entropy (255 = most uncertain)")
+    p.add_argument("--max-side", type=int, default=None, metavar="PX",
+                   help="shrink photos whose long side exceeds PX before segmenting (default: the scale the model "
+                        "was trained at, from its record; 0: never shrink)")
+    p.add_argument("--scale", type=float, default=None, metavar="S",
+                   help="resize every photo by S before segmenting (instead of --max-side); the mask is resampled "
+                        "back to the photo's size")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
+    add_dense_arguments(p)
     return p
+
+
+# -- dense scores by shift-and-stitch or rarefaction (paper section 3.2; shared with evaluate) ---------
+DENSE_METHODS = ("shift-and-stitch", "rarefaction")  # as fcnseg.models.dense.DENSE_METHODS, without importing torch
+
+
+def add_dense_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dense", choices=DENSE_METHODS, default=None,
+                   help="score the net densely at --dense-stride instead of upsampling its coarse scores: "
+                        "shift-and-stitch ((stride/dense-stride)^2 passes) or rarefaction (one pass of a dilated copy; "
+                        "FCN-32s nets only); then fixed bilinear upsampling by --dense-stride")
+    p.add_argument("--dense-stride", type=int, default=None, metavar="T",
+                   help="output stride of the dense scores, dividing the model's (default 8)")
+
+
+def dense_model(args: argparse.Namespace, load):
+    """``load()``'s model densified as the flags ask, or ``None`` without ``--dense``; flags that do not
+    fit get a one-line error before anything is loaded."""
+    from ..errors import FcnsegError
+
+    if args.dense is None:
+        if args.dense_stride is not None:
+            raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
+        return None
+    if str(args.checkpoint).endswith(".onnx"):
+        raise FcnsegError("--dense needs a PyTorch checkpoint; an exported .onnx model has its upsampling built in")
+    from ..models.dense import densify
+
+    return densify(load(), args.dense, args.dense_stride or 8)
 
 
 def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
@@ -95,18 +133,33 @@ def renamed_stems(files: list[Path], stems: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
+    from PIL import Image
     from tqdm import tqdm
 
-    from ..checkpoint import atomic_write, clean_stale_temps
+    from ..checkpoint import atomic_write, clean_stale_temps, load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError, OutputExistsError, OutputWriteError
+    from ..inference import Segmenter
+    from ..models.multihead import checkpoint_heads
     from ..outputs import output_dir, write_group
+    from ..uncertainty import to_png_array, uncertainty
     from ..visualize import legend, overlay, palette_image
 
     out: Path = output_dir(args.out, what="--out")  # before the model loads
     files, problems = expand_inputs(args.inputs)
-    seg = load_segmenter(args.checkpoint, backend=args.backend, device=args.device, dtype=args.dtype,
-                         tile=args.tile, overlap=args.overlap, flip=args.flip, scales=args.scales)
+    if not any(f.is_file() for f in files):  # inputs too are checked before the model loads
+        for msg in problems:
+            say(msg)
+        raise FcnsegError(f"{show_path(files[0])}: no such image file" if files else "no images to segment")
+    options = dict(device=args.device, dtype=args.dtype, tile=args.tile, overlap=args.overlap, flip=args.flip,
+                   scales=args.scales, max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
+    check_checkpoint_name(args.checkpoint)
+    heads = checkpoint_heads(args.checkpoint)
+    if heads is not None:
+        return run_heads(args, out, files, problems, heads)
+    dense = dense_model(args, lambda: load_checkpoint(args.checkpoint, device=args.device))
+    seg = Segmenter(dense, inplace=True, **options) if dense is not None else \
+        load_segmenter(args.checkpoint, backend=args.backend, **options)
     clean_stale_temps(out)
     for msg in problems:
         say(msg)
@@ -120,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(todo, unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
     for i, (path, stem) in enumerate(bar):
         names = [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if args.overlay else []) + \
-                ([f"{stem}_probs.npy"] if args.probs else [])
+                ([f"{stem}_probs.npy"] if args.probs else []) + \
+                ([f"{stem}_uncertainty.png"] if args.uncertainty else [])
         there = [n for n in names if (out / n).exists()] if not args.overwrite else []
         if there:  # checked before the work; the exclusive write below still catches a name taken meanwhile
             skipped += 1
@@ -128,13 +182,16 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             image = read_image(path)
-            pred = seg.segment(image, probs=args.probs)
+            pred = seg.segment(image, probs=args.probs or args.uncertainty)
             mask = pred.mask.numpy()
             group = [(out / names[0], lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))]
             if args.overlay:
                 pic = overlay(image, mask, seg.colors, args.alpha)
                 group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
-            if pred.probs is not None:
+            if args.uncertainty:
+                u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
+                group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
+            if args.probs:
                 probs = pred.probs.numpy()
 
                 def save_npy(tmp: str) -> None:
@@ -171,6 +228,77 @@ def run(args: argparse.Namespace) -> int:
         parts.append(f"{failed + len(problems)} failed")
     if stopped:
         parts.append(f"stopped with {stopped} image(s) not attempted")
+    print("; ".join(parts))
+    return 1 if failed or problems or skipped else 0
+
+
+def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: list[str],
+              heads: dict[str, dict]) -> int:
+    """``predict`` for a multi-head checkpoint: ``OUT/<stem>_<head>.png`` for every head of every input, one
+    image's files written all-or-nothing (``write_head_masks`` through ``write_group``), and ``legend_<head>.png``.
+    The net runs on the whole image in float32: the single-head options below are refused, not ignored."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+    from tqdm import tqdm
+
+    from ..checkpoint import atomic_write, clean_stale_temps, load_checkpoint
+    from ..data.io import read_image
+    from ..errors import FcnsegError, OutputExistsError, OutputWriteError
+    from ..models.multihead import write_head_masks
+    from ..visualize import legend
+
+    unsupported = [flag for flag, used in (
+        ("--overlay", args.overlay), ("--probs", args.probs), ("--uncertainty", args.uncertainty),
+        ("--flip", args.flip), ("--scales", list(args.scales) != [1.0]), ("--dense", args.dense is not None),
+        ("--backend onnxruntime", args.backend == "onnxruntime"), ("--dtype bfloat16", args.dtype != "float32"),
+        ("--scale", args.scale is not None), ("--max-side", bool(args.max_side))) if used]
+    if unsupported:
+        raise FcnsegError(f"{show_path(args.checkpoint)} is a multi-head net ({', '.join(heads)}); predict writes "
+                          f"one mask per head only, without {', '.join(unsupported)}")
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    record = model.record
+    colors = {name: h["colors"] for name, h in heads.items()}
+    clean_stale_temps(out)
+    for msg in problems:
+        say(msg)
+    stems = output_stems(files)
+    for line in renamed_stems(files, stems):
+        say(line)
+    written = skipped = failed = 0
+    bar = tqdm(list(zip(files, stems)), unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
+    for path, stem in bar:
+        there = [f"{stem}_{h}.png" for h in heads if (out / f"{stem}_{h}.png").exists()] if not args.overwrite else []
+        if there:
+            skipped += 1
+            say(f"{show_path(out / there[0])}: exists already, not replaced (--overwrite replaces it)", bar)
+            continue
+        try:
+            x = TF.to_dtype(TF.pil_to_tensor(read_image(path)), torch.float32, scale=True)[None]  # (1, 3, H, W)
+            with torch.no_grad():
+                logits = model(record.normalize(x).to(args.device))  # {head: (1, K, H, W)}
+            write_head_masks(logits, colors, out, stem, overwrite=args.overwrite)
+            written += 1
+        except OutputExistsError as e:
+            skipped += 1
+            say(f"{e} (another run wrote it meanwhile; --overwrite replaces it)", bar)
+        except OutputWriteError as e:
+            failed += 1
+            say(str(e), bar)
+            break
+        except (FcnsegError, OSError, ValueError, RuntimeError) as e:
+            failed += 1
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            say(msg if str(path) in msg else f"{show_path(path)}: {msg}", bar)
+    bar.close()
+    if written:
+        for name, head in heads.items():
+            atomic_write(out / f"legend_{name}.png",
+                         lambda tmp, head=head: legend(head["classes"], head["colors"]).save(tmp, format="PNG"))
+    parts = [f"wrote {written} prediction(s) ({len(heads)} masks each: {', '.join(heads)}) to {show_path(out)}"]
+    if skipped:
+        parts.append(f"{skipped} skipped because they exist (--overwrite replaces them)")
+    if failed or problems:
+        parts.append(f"{failed + len(problems)} failed")
     print("; ".join(parts))
     return 1 if failed or problems or skipped else 0
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import FcnsegError
 from ..registry import Registry
-from .io import DataFileError, image_size, read_image, read_mask
+from .io import IMAGE_SUFFIXES, DataFileError, image_size, read_image, read_mask
 
 IGNORE_INDEX = 255
 
@@ -115,8 +115,6 @@ class SegmentationDataset(Dataset):
         self.mean, self.std = tuple(mean), tuple(std)
         self.skip_bad = skip_bad
         self.skipped: list[str] = []  # messages of samples skipped in this process
-        self.value_map = value_map
-        self.color_map = color_map
         self._lut, self._valid = self._make_lut(value_map)
         self._color_codes, self._color_ids = self._make_color_lookup(color_map)
         # missing partners: the listing itself is checked up front (a stat per file)
@@ -281,9 +279,6 @@ def _missing(path: Path, what: str, name: str) -> str | None:
         except OSError as e:
             why = " (a symlink loop)" if e.errno == errno.ELOOP else " (a broken symlink)"
     return f"{path}: missing {what} for sample {name!r}{why}"
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def pair_folders(image_dir: Path, mask_dir: Path, mask_name=lambda stem: f"{stem}.png",

@@ -11,6 +11,9 @@ from ..errors import FcnsegError
 
 _EXIF_ORIENTATION = 0x0112
 
+# file suffixes taken for images wherever a folder is listed (datasets, ``fcnseg predict`` inputs)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+
 
 class DataFileError(FcnsegError):
     """A bad data file: the message is ``"{path}: <problem>"`` on one line.
@@ -53,6 +56,11 @@ def _open(path: Path, what: str) -> Image.Image:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         kind = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "unreadable"
         raise DataFileError(f"{path}: {kind} {what} ({msg})") from None
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        # using the first frame silently would segment (or train on) a fraction of what the file holds
+        raise DataFileError(f"{path}: {what} has {frames} frames (multi-page TIFF or animated GIF/PNG/WebP); fcnseg "
+                            f"reads single-frame images: save each frame as its own file")
     return im
 
 
@@ -72,7 +80,8 @@ def read_image(path: str | Path) -> Image.Image:
     im = _apply_exif(_open(path, "image"))
     if im.mode != "RGB":
         if im.mode in ("I;16", "I;16B", "I", "F"):
-            raise DataFileError(f"{path}: image has mode {im.mode} (16-bit/float single channel); expected 8-bit RGB")
+            raise DataFileError(f"{path}: image has mode {im.mode} (16-bit or float); fcnseg reads 8-bit images "
+                                f"(RGB, RGBA, grey or palette): convert it to 8 bits per channel first")
         im = im.convert("RGB")
     return im
 
@@ -114,3 +123,23 @@ def image_size(image) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.size
     return int(image.shape[-1]), int(image.shape[-2])
+
+
+def median_image_size(paths, limit: int = 64) -> list[int] | None:
+    """[H, W], the median size (upright by EXIF) of up to ``limit`` images, read from their headers only:
+    the scale a model trained on them works at (a checkpoint record's ``working_size``). None for no images."""
+    sizes = []
+    step = max(1, len(paths) // limit) if limit else 1
+    for path in list(paths)[::step][:limit or None]:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways
+                    w, h = h, w
+        except (OSError, ValueError, SyntaxError):
+            continue  # the training checks report bad files; a size estimate can do without them
+        sizes.append((h, w))
+    if not sizes:
+        return None
+    arr = np.array(sizes)
+    return [int(np.median(arr[:, 0])), int(np.median(arr[:, 1]))]

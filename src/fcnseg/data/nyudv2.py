@@ -9,6 +9,10 @@ On-disk layout (numbers as in the 1,449 labelled frames; 795 train / 654 test)::
 
 ``modality="rgbd"`` gives a 4-channel image: RGB in [0, 1] and depth in metres, normalised with
 ``DEPTH_MEAN``/``DEPTH_STD`` as the fourth channel (``dataset.mean``/``dataset.std`` hold all four).
+``modality="hha"`` gives the 3-channel HHA encoding of the depth (data/hha.py) in [0, 1], normalised
+like an ImageNet image (the paper's HHA stream starts from ImageNet weights); ``"rgbhha"`` gives RGB and
+HHA stacked (6 channels) for late fusion (models/fusion.py). HHA is computed once per depth file and
+cached under ``hha_cache`` (default ``~/.cache/fcnseg/hha``), keyed by the file's content.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torchvision.transforms.v2 import functional as F
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD, default_palette
 from ..errors import FcnsegError
 from .base import IGNORE_INDEX, SegmentationDataset, check_split, read_list, register_dataset
+from .hha import NYUDV2_INTRINSICS, cached_hha
 from .io import DataFileError, read_depth, read_image
 
 NYUDV2_CLASSES = ["wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
@@ -30,15 +35,19 @@ NYUDV2_CLASSES = ["wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "
                   "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop"]
 # typical indoor Kinect depth (metres): centres the fourth channel roughly like the ImageNet-normalised RGB
 DEPTH_MEAN, DEPTH_STD = 2.8, 1.4
+MODALITIES = ("rgb", "rgbd", "hha", "rgbhha")
+DEFAULT_HHA_CACHE = Path.home() / ".cache" / "fcnseg" / "hha"
 
 
 class NYUDv2(SegmentationDataset):
     """Adds the depth file per sample (``.depth_files``) and the 4-channel RGB-D image."""
 
-    def __init__(self, *, modality: str, depth_files: list[Path], **kwargs) -> None:
+    def __init__(self, *, modality: str, depth_files: list[Path], hha_cache: Path = DEFAULT_HHA_CACHE,
+                 intrinsics=NYUDV2_INTRINSICS, **kwargs) -> None:
         self.modality = modality
+        self.hha_cache, self.intrinsics = Path(hha_cache), tuple(intrinsics)
         self._depth_by_image = {f[0]: d for f, d in zip(kwargs["files"], depth_files)}
-        if modality == "rgbd":
+        if modality != "rgb":
             missing = [f"{d}: missing depth map for sample {n!r}" for d, n in zip(depth_files, kwargs["names"])
                        if not d.is_file()]
             kwargs["problems"] = list(kwargs.get("problems") or []) + missing
@@ -54,20 +63,29 @@ class NYUDv2(SegmentationDataset):
         if self.modality == "rgb":
             return image
         path = self.depth_files[index]
-        depth = read_depth(path)
-        if depth.shape != (image.height, image.width):
-            raise DataFileError(f"{path}: depth map is {depth.shape[1]}x{depth.shape[0]} but its image "
+        if self.modality == "rgbd":
+            extra = torch.from_numpy(np.ascontiguousarray(read_depth(path)))[None]  # (1, H, W) metres
+        else:
+            hha = cached_hha(path, self.hha_cache, self.intrinsics)  # (H, W, 3) uint8
+            # a copy: an array read from the cache is read-only
+            extra = torch.from_numpy(np.array(hha)).permute(2, 0, 1).float() / 255
+        if tuple(extra.shape[-2:]) != (image.height, image.width):
+            raise DataFileError(f"{path}: depth map is {extra.shape[-1]}x{extra.shape[-2]} but its image "
                                 f"{self.files[index][0]} is {image.width}x{image.height}")
+        if self.modality == "hha":
+            return extra
         rgb = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
-        return torch.cat([rgb, torch.from_numpy(np.ascontiguousarray(depth))[None]])
+        return torch.cat([rgb, extra])
 
 
 @register_dataset("nyudv2")
-def nyudv2(root: Path, split: str, transforms=None, skip_bad: bool = False, modality: str = "rgb") -> SegmentationDataset:
-    """Splits ``train`` (795) and ``test`` (654) from ``root/{split}.txt``; ``modality`` 'rgb' or 'rgbd'."""
+def nyudv2(root: Path, split: str, transforms=None, skip_bad: bool = False, modality: str = "rgb",
+           hha_cache: str | Path = DEFAULT_HHA_CACHE, intrinsics=NYUDV2_INTRINSICS) -> SegmentationDataset:
+    """Splits ``train`` (795) and ``test`` (654) from ``root/{split}.txt``; ``modality`` one of ``MODALITIES``;
+    ``intrinsics`` (fx, fy, cx, cy) of the depth camera for HHA (default: the NYU toolbox's)."""
     check_split("nyudv2", split, ("train", "test"))
-    if modality not in ("rgb", "rgbd"):
-        raise FcnsegError(f"unknown modality {modality!r} for nyudv2; valid: rgb, rgbd")
+    if modality not in MODALITIES:
+        raise FcnsegError(f"unknown modality {modality!r} for nyudv2; valid: {', '.join(MODALITIES)}")
     names = read_list(root / f"{split}.txt")
     files = [(root / "image" / f"{n}.png", root / "label40" / f"{n}.png") for n in names]
     depth_files = [root / "depth" / f"{n}.png" for n in names]
@@ -75,6 +93,9 @@ def nyudv2(root: Path, split: str, transforms=None, skip_bad: bool = False, moda
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if modality == "rgbd":
         mean, std = (*IMAGENET_MEAN, DEPTH_MEAN), (*IMAGENET_STD, DEPTH_STD)
+    elif modality == "rgbhha":
+        mean, std = (*IMAGENET_MEAN, *IMAGENET_MEAN), (*IMAGENET_STD, *IMAGENET_STD)
     return NYUDv2(name="nyudv2", root=root, split=split, files=files, names=names, classes=NYUDV2_CLASSES,
                   colors=default_palette(len(NYUDV2_CLASSES) + 1)[1:], transforms=transforms, value_map=value_map,
-                  skip_bad=skip_bad, mean=mean, std=std, modality=modality, depth_files=depth_files)
+                  skip_bad=skip_bad, mean=mean, std=std, modality=modality, depth_files=depth_files,
+                  hha_cache=Path(hha_cache).expanduser(), intrinsics=intrinsics)

@@ -1,5 +1,5 @@
 """Networks: backbones keyed by stride, the FCN head, upsampling, and the registered models."""
-from . import light, paper, resnet  # noqa: F401  (register the paper's nets and the light backbones)
+from . import light, multihead, paper, resnet  # noqa: F401  (register the paper's nets and the light backbones)
 from .backbones import Backbone
 from .convolutionalize import convolutionalize, fc_to_conv
 from .fcn import FCN

@@ -73,6 +73,43 @@ class SegmentationLoss(nn.Module):
         return loss_sum, norm.detach().float()
 
 
+class HeadsLoss(nn.Module):
+    """The loss of a multi-head net (``models.multihead``): ``forward(outputs {head: logits}, masks (B, n_heads,
+    H, W))``, mask channel i belonging to ``heads[i]``. Each head's ``SegmentationLoss`` is normalised on its own
+    (its labelled pixels, or images for ``reduction="sum"``) and the heads' losses are summed
+    (``multihead_loss``); the normaliser returned is 1, so a distributed run averages the processes' sums."""
+
+    def __init__(self, loss: SegmentationLoss, heads: Sequence[str]) -> None:
+        super().__init__()
+        self.loss, self.heads = loss, list(heads)
+        self.ignore_index = loss.ignore_index
+
+    def forward(self, outputs: dict[str, torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..models.multihead import multihead_loss
+
+        def per_head(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            loss_sum, norm = self.loss(logits, target)
+            return loss_sum / norm.clamp_min(1e-12)
+
+        total, _ = multihead_loss(outputs, head_targets(masks, self.heads), per_head)
+        return total, torch.ones((), device=masks.device)
+
+
+def head_targets(masks: torch.Tensor, heads: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A (B, n_heads, H, W) mask stack as ``{head: (B, H, W)}``, channel i for ``heads[i]``."""
+    if masks.dim() != 4 or masks.shape[1] != len(heads):
+        raise FcnsegError(f"the masks have shape {tuple(masks.shape)}; a net with heads {list(heads)} needs "
+                          f"(B, {len(heads)}, H, W): one label map per head (e.g. siftflow labels='both')")
+    return {name: masks[:, i] for i, name in enumerate(heads)}
+
+
+def _first_head(logits, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and masks the training pixel accuracy counts: a multi-head net's first head."""
+    if isinstance(logits, dict):
+        return next(iter(logits.values())), masks[:, 0]
+    return logits, masks
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """How every optimiser step of a run is taken (the same for each epoch)."""
@@ -189,6 +226,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
                     loss.backward()
                 step_loss += float(loss.detach())  # summed over the window: this process's share x world
         with torch.no_grad():
+            logits, masks = _first_head(logits, masks)
             valid = masks != loss_fn.ignore_index
             stats.correct += int((logits.argmax(1)[valid] == masks[valid]).sum())
             stats.labelled += int(valid.sum())

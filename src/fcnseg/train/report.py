@@ -12,6 +12,7 @@ import torch
 
 from ..checkpoint import atomic_write
 from ..metrics import json_safe
+from ..visualize import colorize
 
 
 def code_version() -> dict[str, Any]:
@@ -81,14 +82,6 @@ def plot_curves(history: Sequence[dict], path: str | Path, stage_starts: Sequenc
         for ax in (ax1, ax2):
             ax.axvline(start - 0.5, color="gray", linestyle="--", linewidth=1)
     _save_fig(fig, Path(path))
-
-
-def colorize(mask: np.ndarray, colors: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
-    """(H, W) labels -> (H, W, 3) uint8; ignored pixels are black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(colors)] = np.asarray(colors, dtype=np.uint8)
-    lut[ignore_index] = 0
-    return lut[np.clip(mask, 0, 255).astype(np.uint8)]
 
 
 def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

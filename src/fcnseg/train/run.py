@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, make_record, save_checkpoint
 from ..config import TrainConfig, save_config
-from ..data.io import DataFileError
+from ..data.io import DataFileError, median_image_size
 from ..errors import FcnsegError
 from ..metrics import format_table
 from ..outputs import output_dir
@@ -54,6 +54,8 @@ class Data:
     val_indices: list[int] = field(default_factory=list)
     listing_problems: list[str] = field(default_factory=list)  # missing partners etc. (with skip_bad)
     bad_samples: list[str] = field(default_factory=list)  # samples the start-up check left out (with skip_bad)
+    # a multi-head run (the dataset yields one mask channel per head): {head: {classes, colors, label_source}}
+    heads: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Run:
     late_bad: list[str] = field(default_factory=list)  # samples that went bad after the start-up check
     filled_slots: int = 0  # batch slots filled with the next sample because theirs was bad
     last_scores: dict[str, Any] = field(default_factory=dict)
+    last_head_scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # multi-head runs: every head's
     started: float = 0.0  # perf_counter() at the run's start, moved back by the time trained before a resume
     writer: report.Scalars | None = None
     amp: dict[str, Any] = field(default_factory=dict)  # choose_amp's decision (version.json, the summary)
@@ -156,7 +159,8 @@ def build_data(cfg: TrainConfig, info: dst.DistInfo = dst.DistInfo()) -> Data:
         raise FcnsegError(f"{cfg.root}: the {cfg.split!r} split of {cfg.dataset} is empty")
     data = Data(train, val, list(train.classes), [list(c) for c in train.colors], int(train.num_classes),
                 int(getattr(train, "ignore_index", 255)), kw["mean"], kw["std"],
-                train_indices=list(range(len(train))), val_indices=list(range(len(val) if val is not None else 0)))
+                train_indices=list(range(len(train))), val_indices=list(range(len(val) if val is not None else 0)),
+                heads=getattr(train, "heads", None))
     if cfg.skip_bad:
         leave_out_bad(data, cfg, info)
     return data
@@ -203,10 +207,7 @@ def build_net(cfg: TrainConfig, num_classes: int, info: dst.DistInfo) -> nn.Modu
     kwargs = dict(cfg.model_kwargs)
     if cfg.pretrained:
         kwargs["pretrained"] = True
-    try:
-        model = build_model(cfg.model, num_classes=num_classes, **kwargs)
-    except KeyError as e:
-        raise FcnsegError(str(e).strip("'\"")) from None
+    model = build_model(cfg.model, num_classes=num_classes, **kwargs)  # an unknown name: FcnsegError
     if cfg.init_from:
         src = load_checkpoint(cfg.init_from)
         copied = transfer_weights(model, src)
@@ -325,7 +326,8 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     if not native:
         return None, {"amp": "auto", "dtype": "float32", "reason": why}
     if batch is None:
-        return None, {"amp": "auto", "dtype": "float32", "reason": "no fixed training crop (crop_size) to time"}
+        return None, {"amp": "auto", "dtype": "float32",
+                      "reason": "no training-shaped batch to time (no fixed crop_size, or several heads)"}
     timer = timer or time_train_step  # looked up now, so that tests can stand in for the clock
     images, masks = batch
     images, masks = images.to(device), masks.to(device)
@@ -350,8 +352,8 @@ def _probe_batch(data: Data, cfg: TrainConfig):
     """A batch of the run's training shape for the amp probe, or None when batches have no fixed shape.
     Random values: the time does not depend on them, and reading real samples here would count as reading
     them (``--skip-bad`` accounting, loader order)."""
-    if not cfg.crop_size or cfg.crop_size == [0, 0]:
-        return None
+    if not cfg.crop_size or cfg.crop_size == [0, 0] or getattr(data, "heads", None):
+        return None  # whole images have no one shape; a multi-head run's masks are one map per head
     g = torch.Generator().manual_seed(cfg.seed)
     h, w = cfg.crop_size
     return (torch.randn(cfg.batch_size, 3, h, w, generator=g),
@@ -374,10 +376,7 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
     run directory opened for writing (rank 0)."""
     from ..registry import get_builder
 
-    try:
-        get_builder(cfg.model)  # a wrong name fails before any data is read
-    except KeyError as e:
-        raise FcnsegError(str(e).strip("'\"")) from None
+    get_builder(cfg.model)  # a wrong name fails before any data is read
     if not resume and (Path(cfg.out) / "checkpoints" / "state-last.pt").exists():
         raise FcnsegError(f"{cfg.out} already holds a run; continue it with 'fcnseg train --resume {cfg.out}' "
                           f"or choose another --out")
@@ -394,6 +393,7 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     weights = resolve_class_weights(cfg.class_weights, data, cfg)
     loss_fn = engine.SegmentationLoss(weights, cfg.loss_reduction, cfg.loss_sample, data.ignore_index).to(device)
+    loss_fn = check_heads(cfg, data, model, loss_fn)
 
     per_rank = -(-len(data.train_indices) // info.world)
     batches_per_epoch = -(-per_rank // cfg.batch_size)
@@ -430,6 +430,25 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
     open_run_dir(run, resume)
     run.started = time.perf_counter() - trained_s  # the run's clock (time budget, elapsed_s) goes on across resumes
     return run
+
+
+def check_heads(cfg: TrainConfig, data: Data, model: nn.Module,
+                loss_fn: engine.SegmentationLoss) -> nn.Module:
+    """A multi-head net trains on a dataset with one label map per head, of the same names and class counts
+    in the same order; then the loss is summed over heads (``engine.HeadsLoss``). Single-head runs: unchanged."""
+    model_heads = getattr(model, "head_classes", None)
+    if model_heads is None and data.heads is None:
+        return loss_fn
+    data_heads = {name: len(h["classes"]) for name, h in (data.heads or {}).items()}
+    if model_heads is None or data.heads is None or dict(model_heads) != data_heads \
+            or list(model_heads) != list(data_heads):
+        what = f"heads {dict(model_heads)}" if model_heads else "one head"
+        has = f"label maps {data_heads}" if data.heads else f"one label map ({data.num_classes} classes)"
+        raise FcnsegError(f"{cfg.model} has {what} but {cfg.dataset} gives {has}; a multi-head net needs "
+                          f"one label map per head (siftflow: dataset_kwargs labels: both; model_kwargs heads)")
+    if cfg.class_weights is not None:
+        raise FcnsegError("class_weights are for single-head runs; a multi-head net has one class list per head")
+    return engine.HeadsLoss(loss_fn, list(model_heads))
 
 
 def restore(run: Run) -> float:
@@ -566,11 +585,34 @@ def validate(run: Run) -> dict[str, Any]:
     n = len(data.val_indices) if not cfg.val_limit else min(cfg.val_limit, len(data.val_indices))
     shard = list(range(info.rank, n, info.world))  # a plain shard: no padding, so no image counts twice
     loader = make_loader(Seeded(data.val, data.val_indices), shard, 1, cfg.workers, info.device)
+    if data.heads is not None:
+        return validate_heads(run, loader)
     cm = engine.evaluate(run.model, loader, data.num_classes, device=info.device, ignore_index=data.ignore_index,
                          amp_dtype=run.options.amp_dtype, channels_last=cfg.channels_last,
                          progress=run.options.progress, desc=f"val {run.pos.epoch + 1}")
     run.last_scores = cm.compute(class_names=data.classes)
     return run.last_scores
+
+
+def validate_heads(run: Run, loader) -> dict[str, Any]:
+    """A multi-head net's validation: one confusion matrix per head (``run.last_head_scores``); the first
+    head's scores are the run's (``val`` in metrics.jsonl, mean IU for the best checkpoint)."""
+    from ..models.multihead import evaluate_heads
+
+    heads = run.data.heads
+    cms = evaluate_heads(run.model, loader, run.data.ignore_index, run.info.device,
+                         amp_dtype=run.options.amp_dtype, channels_last=run.cfg.channels_last)
+    run.last_head_scores = {name: cm.compute(class_names=heads[name]["classes"]) for name, cm in cms.items()}
+    run.last_scores = next(iter(run.last_head_scores.values()))
+    return run.last_scores
+
+
+def head_rows(run: Run) -> dict[str, Any]:
+    """A multi-head run's per-head validation numbers for metrics.jsonl (``val_heads``), with each head's
+    label source (a derived label map is never reported as the dataset's own)."""
+    heads = run.data.heads or {}
+    return {name: dict({k: scores[k] for k in SUMMARY_KEYS}, label_source=heads[name].get("label_source"))
+            for name, scores in run.last_head_scores.items()}
 
 
 def _summary(scores: dict[str, Any]) -> dict[str, Any]:
@@ -586,9 +628,22 @@ def save_weights(run: Run, name: str, scores: dict[str, Any] | None, epoch: int)
     provenance = {"command": run.command, "config": cfg.to_dict(), "code": run.code,
                   "dataset": cfg.dataset, "split": cfg.split, "epoch": epoch, "step": run.pos.step}
     metrics = dict(_summary(scores), split=cfg.val_split, epoch=epoch) if scores else {}
+    files = getattr(data.train, "files", None)
+    extra = {"working_size": median_image_size([f[0] for f in files])} if files else {}
+    if data.heads is not None:
+        extra.update(head_record(run, scores))
+        if scores:
+            metrics["heads"] = {name: dict(_summary(s), label_source=data.heads[name].get("label_source"))
+                                for name, s in run.last_head_scores.items()}
     record = make_record(run.model, provenance=provenance, metrics=metrics, classes=data.classes,
-                         colors=data.colors, mean=data.mean, std=data.std)
+                         colors=data.colors, mean=data.mean, std=data.std, **{k: v for k, v in extra.items() if v})
     save_checkpoint(run.model, run.ckpt_dir / f"{name}.safetensors", record)
+
+
+def head_record(run: Run, scores: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's ``heads`` field of a multi-head run: every head's classes and colours, in order."""
+    return {"heads": {name: {"classes": list(h["classes"]), "colors": [list(c) for c in h["colors"]]}
+                      for name, h in run.data.heads.items()}}
 
 
 def save_resume_state(run: Run, at: Position | None = None) -> None:
@@ -627,11 +682,14 @@ def report_epoch(run: Run, row: dict[str, Any], scores: dict[str, Any] | None) -
         if scores is not None:
             report.plot_confusion(scores["confusion_matrix"], data.classes, plots / "confusion.png",
                                   title=f"validation, epoch {epoch}")
-            n = min(cfg.vis_images, len(data.val_indices))
+            n = min(cfg.vis_images, len(data.val_indices)) if data.heads is None else 0  # the grid draws one head
             if n:
                 report.prediction_grid(run.model, data.val, data.val_indices[:n], run.info.device, data.colors,
                                        data.mean, data.std, plots / "val_grid.png", data.ignore_index)
-    if scores is not None:
+    if scores is not None and data.heads is not None:
+        for name, head_scores in run.last_head_scores.items():
+            log(run.info, f"head {name} (labels: {data.heads[name].get('label_source')}):\n{format_table(head_scores)}")
+    elif scores is not None:
         log(run.info, format_table(scores))
     save_weights(run, "last", scores, epoch)
     miou = scores["mean_iou"] if scores is not None else float("nan")
@@ -672,6 +730,8 @@ def finish(run: Run) -> dict[str, Any]:
         log(run.info, f"left out {counts['skipped_samples']} bad samples and {counts['listing_problems']} listing "
                       f"problems (--skip-bad); {counts['filled_slots']} batch slots filled by the next sample")
     base = {"epoch": pos.epoch, "step": pos.step, "skipped_steps": run.skipped_steps, "amp": run.amp, **counts}
+    if run.last_head_scores:  # a multi-head run: every head's scores, the first head's also at the top
+        base["heads"] = {name: _summary(scores) for name, scores in run.last_head_scores.items()}
     return dict(_summary(run.last_scores), **base) if run.last_scores else base
 
 
@@ -724,6 +784,8 @@ def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str] 
         scores = validate(run) if validation_due(run, stats) else None
         if scores is not None:
             row["val"] = {k: scores[k] for k in SUMMARY_KEYS}
+            if run.data.heads is not None:
+                row["val_heads"] = head_rows(run)
         run.history.append(row)
         report_epoch(run, row, scores)
         advance(run, stats)

@@ -1,0 +1,333 @@
+"""The ASGI app: parses HTTP requests into typed values, hands images to the same ``Segmenter`` the
+CLI uses (through the micro-batcher, off the event loop), and serves the web page in ``static/``."""
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import anyio
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.datastructures import UploadFile
+
+from ..inference import Prediction, Segmenter
+from ..uncertainty import normalized_entropy, to_png_array
+from ..visualize import overlay, palette_image
+from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
+from .decode import UploadError, decode_image, limited_stream, read_limited
+from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+# what a multipart envelope may add around the file itself (boundaries, part headers, small fields)
+MULTIPART_SLACK = 64 << 10
+# the page loads only its own files; images it draws come from blob: URLs it makes
+PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; object-src 'none'"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and switches of one app (``fcnseg serve`` fills them from its flags)."""
+
+    max_batch: int = 8
+    batch_window_ms: float = 5.0
+    workers: int = 1
+    max_queue: int = 64
+    timeout_s: float = 30.0
+    max_upload_bytes: int = 20 << 20
+    max_pixels: int = 40_000_000
+    retry_after_s: int = 1
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "workers", "max_queue", "max_upload_bytes", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.timeout_s <= 0 or self.batch_window_ms < 0:
+            raise ValueError("timeout_s must be positive and batch_window_ms non-negative")
+
+
+class OutputFormat(str, Enum):
+    mask = "mask"        # palette PNG of class ids, the file ``fcnseg predict`` writes
+    overlay = "overlay"  # JPEG of class colours blended over the photo
+    json = "json"        # class names, pixel shares, optionally the mask and the uncertainty map
+
+
+# Accept media types -> format, for clients that negotiate instead of passing ?format=
+_ACCEPT = {"application/json": OutputFormat.json, "image/png": OutputFormat.mask, "image/jpeg": OutputFormat.overlay}
+
+
+class ServeError(Exception):
+    """An HTTP error with a JSON body ``{"error": {"status", "code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def choose_format(requested: OutputFormat | None, accept: str | None) -> OutputFormat:
+    """``?format=`` wins; else the first known type in Accept (quality factors ignored); else JSON."""
+    if requested is not None:
+        return requested
+    for part in (accept or "").split(","):
+        kind = part.split(";")[0].strip().lower()
+        if kind in _ACCEPT:
+            return _ACCEPT[kind]
+    return OutputFormat.json
+
+
+def model_info(name: str, seg: Segmenter) -> dict[str, Any]:
+    """What ``GET /v1/models`` says about one loaded model: its classes, colours and recorded metrics."""
+    record = seg.record or {}
+    return {"name": name, "arch": record.get("arch"), "num_classes": seg.num_classes, "classes": list(seg.classes),
+            "colors": seg.colors.tolist(), "metrics": record.get("metrics"), "sha256": record.get("sha256")}
+
+
+def _png_bytes(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def class_shares(mask: np.ndarray, seg: Segmenter) -> list[dict[str, Any]]:
+    counts = np.bincount(mask.reshape(-1).astype(np.int64), minlength=seg.num_classes)[:seg.num_classes]
+    total = max(1, int(mask.size))
+    return [{"id": i, "name": name, "color": seg.colors[i].tolist(), "pixels": int(c), "share": float(c) / total}
+            for i, (name, c) in enumerate(zip(seg.classes, counts))]
+
+
+def render(fmt: OutputFormat, name: str, seg: Segmenter, image, pred: Prediction, alpha: float,
+           include_mask: bool) -> Response:
+    """The response body for one prediction (runs in a worker thread: PNG/JPEG encoding is CPU work)."""
+    mask = pred.mask.numpy()
+    if fmt is OutputFormat.mask:
+        return Response(_png_bytes(palette_image(mask, seg.colors)), media_type="image/png")
+    if fmt is OutputFormat.overlay:
+        buf = io.BytesIO()
+        overlay(image, mask, seg.colors, alpha).save(buf, format="JPEG", quality=90)
+        return Response(buf.getvalue(), media_type="image/jpeg")
+    body: dict[str, Any] = {"model": name, "width": int(mask.shape[1]), "height": int(mask.shape[0]),
+                            "classes": class_shares(mask, seg)}
+    if include_mask:
+        body["mask_png"] = _b64(_png_bytes(palette_image(mask, seg.colors)))
+        body["mask_ids"] = _b64(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())  # row-major class ids
+    if pred.probs is not None:
+        from PIL import Image
+
+        body["uncertainty_png"] = _b64(_png_bytes(Image.fromarray(to_png_array(normalized_entropy(pred.probs)), mode="L")))
+    return JSONResponse(body)
+
+
+def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = None) -> FastAPI:
+    """An ASGI app serving ``models`` (name -> Segmenter; the first is the default) and the web page."""
+    if not models:
+        raise ValueError("create_app needs at least one model")
+    settings = settings or ServeSettings()
+    models = dict(models)  # the caller's dict stays theirs
+    default_model = next(iter(models))
+    metrics = ServeMetrics()
+
+    def run_batch(key: Hashable, images: list) -> Sequence[Prediction]:
+        name, _size, probs = key
+        return models[name].predict(images, probs=probs)
+
+    batcher = MicroBatcher(run_batch, max_batch=settings.max_batch, window_s=settings.batch_window_ms / 1000,
+                           workers=settings.workers, max_queue=settings.max_queue,
+                           on_batch=metrics.batch_size.observe)
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    # decoding and encoding images is CPU work too: a few threads at a time, so that a burst of uploads
+    # neither starves the inference threads nor holds many decoded images at once
+    codec_slots: list[anyio.CapacityLimiter] = []  # made in the lifespan, inside the server's event loop
+
+    async def in_codec_thread(fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=codec_slots[0])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        codec_slots[:] = [anyio.CapacityLimiter(settings.workers + 2)]
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.close()  # uvicorn has already let in-flight requests finish; this drains the rest
+
+    app = FastAPI(title="fcnseg", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings, app.state.batcher, app.state.metrics, app.state.models = settings, batcher, metrics, models
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or ("/static" if request.url.path.startswith("/static/") else "other")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        if request.url.path == "/" or request.url.path.startswith("/static/"):
+            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        return response
+
+    # -- errors: one JSON shape for all ------------------------------------------------------------
+
+    @app.exception_handler(ServeError)
+    async def on_serve_error(request: Request, exc: ServeError):
+        metrics.rejects.labels(exc.code).inc()
+        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(UploadError)
+    async def on_upload_error(request: Request, exc: UploadError):
+        metrics.rejects.labels(exc.code).inc()
+        return _error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(QueueFull)
+    async def on_queue_full(request: Request, exc: QueueFull):
+        metrics.rejects.labels("queue_full").inc()
+        return _error_response(503, "queue_full", f"server busy: {exc}; retry later",
+                               {"Retry-After": str(settings.retry_after_s)})
+
+    @app.exception_handler(ShuttingDown)
+    async def on_shutting_down(request: Request, exc: ShuttingDown):
+        metrics.rejects.labels("shutting_down").inc()
+        return _error_response(503, "shutting_down", str(exc), {"Retry-After": str(settings.retry_after_s)})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def on_deadline(request: Request, exc: DeadlineExceeded):
+        metrics.rejects.labels("deadline").inc()
+        return _error_response(504, "deadline_exceeded", f"segmentation took too long: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        metrics.rejects.labels("invalid_request").inc()
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        metrics.rejects.labels("internal_error").inc()
+        return _error_response(500, "internal_error", f"the server failed on this request ({type(exc).__name__})")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        return _error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
+
+    # -- auth ----------------------------------------------------------------------------------------
+
+    def require_key(request: Request) -> None:
+        if not settings.api_key:
+            return
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization") or ""
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise ServeError(401, "unauthorized", "missing or wrong API key (send it as X-API-Key or "
+                                                  "Authorization: Bearer)", {"WWW-Authenticate": "Bearer"})
+
+    # -- endpoints ---------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "models": list(models), "queue_depth": batcher.depth}
+
+    @app.get("/metrics", dependencies=[Depends(require_key)])
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models() -> dict[str, Any]:
+        return {"default": default_model, "models": [model_info(n, s) for n, s in models.items()]}
+
+    @app.post("/v1/segment", dependencies=[Depends(require_key)])
+    async def segment(request: Request,
+                      model: str | None = Query(None, description="a loaded model's name (default: the first)"),
+                      format: OutputFormat | None = Query(None, description="mask, overlay or json (default: by Accept)"),  # noqa: A002
+                      uncertainty: bool = Query(False, description="JSON: add the normalised-entropy map as a PNG"),
+                      include_mask: bool = Query(False, description="JSON: add the mask (palette PNG and raw ids)"),
+                      alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay colour weight")) -> Response:
+        deadline = time.monotonic() + settings.timeout_s  # the whole request, upload and decoding included
+        name = model or default_model
+        if name not in models:
+            raise ServeError(404, "unknown_model", f"no model {name!r}; loaded: {', '.join(models)}")
+        fmt = choose_format(format, request.headers.get("accept"))
+        batcher.check_capacity()  # refuse overload before reading and decoding the upload
+        data = await read_upload(request, settings.max_upload_bytes)
+        image = await in_codec_thread(decode_image, data, settings.max_pixels)
+        want_probs = fmt is OutputFormat.json and uncertainty
+        key = (name, image.size, want_probs)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"the upload alone took longer than {settings.timeout_s:g} s")
+        pred = await batcher.submit(key, image, left)
+        return await in_codec_thread(render, fmt, name, models[name], image, pred, alpha, include_mask)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The image bytes of a multipart upload (its first file) or of a raw body, never more than ``limit``."""
+    declared = request.headers.get("content-length")
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    envelope = limit + (MULTIPART_SLACK if ctype == "multipart/form-data" else 0)
+    if declared is not None:
+        try:
+            too_big = int(declared) > envelope
+        except ValueError:
+            raise UploadError(400, "bad_request", "Content-Length is not a number") from None
+        if too_big:  # refuse before reading a byte
+            raise UploadError(413, "upload_too_large", f"upload of {declared} bytes is larger than the limit "
+                                                       f"of {limit} bytes")
+    if ctype != "multipart/form-data":
+        return await read_limited(request.stream(), limit)
+    parser = MultiPartParser(request.headers, limited_stream(request.stream(), envelope), max_files=1, max_fields=8,
+                             max_part_size=64 << 10)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise UploadError(400, "bad_multipart", f"malformed multipart upload ({e.message})") from None
+    try:
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise UploadError(400, "missing_image", "the multipart upload holds no file; send the image as a file "
+                                                    "field (e.g. -F image=@photo.jpg)")
+        data = await files[0].read(limit + 1)
+        if len(data) > limit:
+            raise UploadError(413, "upload_too_large", f"upload is larger than the limit of {limit} bytes")
+        return data
+    finally:
+        await form.close()

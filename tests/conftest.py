@@ -1,0 +1,48 @@
+"""Fixtures shared by the test modules: the tiny models registered, a tiny checkpoint, tiny image folders,
+a tiny folder dataset and a fresh run directory (the helpers behind them live in tiny_models.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tiny_models import make_folder_dataset, random_image, tiny_checkpoint, tiny_models_registered
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny() -> Iterator[list[str]]:
+    """The tiny test models (tiny_models.TINY_BUILDERS) are registered for the whole session: checkpoints of
+    them are loaded by name in many modules. This runs after collection, so the registry contract
+    (parametrised over ``fcnseg.list_models()`` when collected) covers only the package's models."""
+    with tiny_models_registered() as names:
+        yield names
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path: Path) -> Path:
+    """A saved 5-class ``tiny_fcn_test`` checkpoint (classes thing0..thing4)."""
+    return tiny_checkpoint(tmp_path / "ckpt" / "tiny.safetensors")
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """``in/a.png`` (45x70), ``in/b.jpg`` (64x48) and ``in/more/c.png`` (33x41): smooth random images."""
+    folder = tmp_path / "in"
+    (folder / "more").mkdir(parents=True)
+    random_image(45, 70, 1).save(folder / "a.png")
+    random_image(64, 48, 2).save(folder / "b.jpg", quality=95)
+    random_image(33, 41, 3).save(folder / "more" / "c.png")
+    return folder
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path) -> Path:
+    """A 3-class ``folder`` dataset of 8 training and 2 validation images of 32x40 pixels."""
+    return make_folder_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run directory that does not exist yet (``fcnseg train`` refuses to reuse one)."""
+    return tmp_path / "run"
