@@ -21,7 +21,7 @@ from fcnseg.errors import FcnsegError
 from fcnseg.optimize import optimize
 from fcnseg.precision import labelled_dataset, layer_sensitivity, miou_change, sensitivity_units
 from fcnseg.checkpoint import make_record, save_checkpoint
-from test_segmenter import random_image, tiny_model
+from tiny_models import random_image, tiny_model
 
 FRAGILE_OFFSET = 1024.0
 

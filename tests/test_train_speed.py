@@ -12,16 +12,9 @@ from fcnseg.errors import FcnsegError
 from fcnseg.train import run as run_mod
 from fcnseg.train.engine import SegmentationLoss
 
-from test_train_helpers import make_folder_dataset, read_weights, register_tiny, unregister_tiny
+from tiny_models import make_folder_dataset, read_weights
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def tiny():
-    register_tiny()
-    yield
-    unregister_tiny()
 
 
 def _batch():
@@ -96,7 +89,7 @@ def test_the_probe_leaves_no_trace():
     assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight)) and model[4].weight.grad is None
 
 
-def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tiny, tmp_path, monkeypatch):
+def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tmp_path, monkeypatch):
     """The real probe runs (a stand-in only makes bf16 look slower), then the run must be
     exactly the amp: false run: same seed, same weights; the decision is in version.json."""
     from fcnseg.cli import main
