@@ -1,8 +1,8 @@
 """Training throughput of the CamVid recipe, side by side in one run: "before" (NCHW float32 activations, no
 autocast, the optimiser's plain per-tensor loop: the recipe as it ran before issue 16) and "now" (what
 ``fcnseg train`` does by default: channels-last, ``amp: auto`` decided by its timed probe, the fused
-optimiser step). Optional extra configurations: "channels_last" (fp32, plain optimiser) and "bf16" (autocast
-forced on).
+optimiser step). Optional extra configurations: "channels_last" (fp32, plain optimiser), "bf16" (autocast
+forced on) and "compile" ("now" under ``torch.compile``, to see whether it wins on this CPU).
 
 Each configuration runs in a fresh Python process (imports, oneDNN's kernel cache and the allocator start
 cold alike) and builds the run as ``fcnseg train`` does (``fcnseg.train.run.setup_run``: same seed, same
@@ -32,6 +32,7 @@ CONFIGS = {
     "now": {},  # fcnseg train's defaults
     "channels_last": {"channels_last": True, "amp": False, "optimizer_step": "plain"},
     "bf16": {"channels_last": True, "amp": True, "optimizer_step": "default"},
+    "compile": {"compile": True},  # "now" with the model under torch.compile (inductor; needs a C++ compiler)
 }
 
 
@@ -89,6 +90,7 @@ def worker(spec: dict) -> dict:
             cfg.threads = spec["threads"]
         settings = dict(spec["settings"])
         step = settings.pop("optimizer_step", "default")
+        compiled = settings.pop("compile", False)
         if "amp" not in settings:
             cfg.amp = type(cfg).amp  # the recipe says amp: false (written before auto existed); "now" is the default
         if "channels_last" not in settings:
@@ -100,6 +102,7 @@ def worker(spec: dict) -> dict:
             torch.set_num_threads(cfg.threads)
         run = setup_run(cfg, dst.setup("cpu"), command=None)
         optimizer = _plain_step(run.optimizer) if step == "plain" else run.optimizer
+        net = torch.compile(run.net) if compiled else run.net  # compiles on the first (warm-up) step
         n = len(run.data.train_indices)
         needed = (spec["warmup"] + spec["steps"]) * cfg.batch_size
         keys = [(i % n, i) for i in range(needed)]  # (position, sample seed), as ShardSampler yields them
@@ -112,7 +115,7 @@ def worker(spec: dict) -> dict:
             return global_step >= spec["warmup"] + spec["steps"]
 
         batches = ((images, masks, indices) for images, masks, indices, _ in loader)
-        engine.train_one_epoch(run.net, batches, run.loss_fn, optimizer, None, run.scaler, device=run.info.device,
+        engine.train_one_epoch(net, batches, run.loss_fn, optimizer, None, run.scaler, device=run.info.device,
                                options=run.options, start=engine.EpochStart(batches=len(keys) // cfg.batch_size),
                                after_step=after_step)
         timed = stamps[spec["warmup"]:]
@@ -120,7 +123,7 @@ def worker(spec: dict) -> dict:
         if start is None or not timed:
             raise SystemExit("train_speed: needs --warmup 1 or more and --steps 1 or more")
         seconds = timed[-1] - start
-        return {"images_per_second": len(timed) * cfg.batch_size / seconds, "seconds": seconds,
+        return {"images_per_second": len(timed) * cfg.batch_size / seconds, "seconds": seconds, "compiled": compiled,
                 "steps": len(timed), "batch_size": cfg.batch_size, "channels_last": cfg.channels_last,
                 "amp": run.amp, "optimizer_step": "plain" if step == "plain" else
                 ("fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach")
@@ -184,7 +187,8 @@ def main() -> int:
     print("-" * len(head))
     base = rows[0][1]["images_per_second"]
     for name, r in rows:
-        print(f"{name:<14} {'channels-last' if r['channels_last'] else 'NCHW':<14} {autocast(r['amp']):<{width}} "
+        layout = ("channels-last" if r["channels_last"] else "NCHW") + (" compiled" if r.get("compiled") else "")
+        print(f"{name:<14} {layout:<14} {autocast(r['amp']):<{width}} "
               f"{r['optimizer_step']:<9} {r['images_per_second']:>7.2f} {r['images_per_second'] / base:>9.2f}")
     probe = next((r["amp"] for _, r in rows if "float32_step_s" in r["amp"]), None)
     if probe:
