@@ -181,14 +181,14 @@ def main() -> int:
         return amp["dtype"] + (f" (auto: {amp['reason']})" if amp.get("amp") == "auto" else "")
 
     width = max(8, *(len(autocast(r["amp"])) for _, r in rows))
-    head = (f"{'configuration':<14} {'layout':<14} {'autocast':<{width}} {'optimizer':<9} {'img/s':>7} "
+    head = (f"{'configuration':<14} {'layout':<22} {'autocast':<{width}} {'optimizer':<9} {'img/s':>7} "
             f"{'x ' + rows[0][0]:>9}")
     print(head)
     print("-" * len(head))
     base = rows[0][1]["images_per_second"]
     for name, r in rows:
         layout = ("channels-last" if r["channels_last"] else "NCHW") + (" compiled" if r.get("compiled") else "")
-        print(f"{name:<14} {layout:<14} {autocast(r['amp']):<{width}} "
+        print(f"{name:<14} {layout:<22} {autocast(r['amp']):<{width}} "
               f"{r['optimizer_step']:<9} {r['images_per_second']:>7.2f} {r['images_per_second'] / base:>9.2f}")
     probe = next((r["amp"] for _, r in rows if "float32_step_s" in r["amp"]), None)
     if probe:
