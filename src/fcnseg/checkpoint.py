@@ -17,7 +17,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -194,9 +194,10 @@ def make_record(model: nn.Module, classes: list[str] | None = None, colors: list
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, keep_float32: Sequence[str] = ()) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` record atomically. ``dtype`` (e.g. float16)
-    stores floating tensors compactly; they are cast back to float32 on load."""
+    stores floating tensors compactly; they are cast back to float32 on load. Tensors whose names
+    start with one of ``keep_float32`` (e.g. ``"score_fr."``) are stored in float32 all the same."""
     from safetensors.torch import save_file
 
     from .outputs import output_file
@@ -213,7 +214,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] |
     state = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
-        if dtype is not None and v.is_floating_point():
+        if dtype is not None and v.is_floating_point() and not k.startswith(tuple(keep_float32)):
             v = v.to(dtype)
         state[k] = v.contiguous()
     meta = {"fcnseg": json.dumps(record)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -276,6 +276,57 @@ def _remove_cast_hooks(model: nn.Module) -> None:
             del m._forward_pre_hooks[key]
 
 
+def _called_layers(part: nn.Module) -> list[nn.Module]:
+    # containers are never called themselves: hook the layers they hold
+    if isinstance(part, nn.ModuleDict):
+        return list(part.values())
+    return list(part) if isinstance(part, nn.ModuleList) else [part]
+
+
+def _float32_layers(model: nn.Module) -> list[str]:
+    """The layers a checkpoint's record says to run in float32 (``float32_layers``), checked: the record
+    comes from a file."""
+    record = getattr(model, "record", None)
+    layers = record.get("float32_layers", []) if hasattr(record, "get") else []
+    if not (isinstance(layers, list) and len(layers) <= 10_000 and all(isinstance(n, str) for n in layers)):
+        raise FcnsegError("the checkpoint record's float32_layers must be a list of layer names")
+    return list(layers)
+
+
+def _cast_except(model: nn.Module, dtype: torch.dtype, kept: list[nn.Module]) -> None:
+    """Cast the floating parameters and buffers of ``model`` to ``dtype``, except those of the ``kept``
+    parts: a float32 part keeps its own weights, not their 16-bit rounding (score_fr's bias may be
+    large and cancel a large activation)."""
+    skip = {id(m) for part in kept for m in part.modules()}
+    for m in model.modules():
+        if id(m) in skip:
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b.is_floating_point():
+                setattr(m, name, b.to(dtype))
+
+
+def _keep_in_float32(model: nn.Module, names: list[str], dtype: torch.dtype, channels_last: bool) -> None:
+    """Run the named parts of a ``dtype`` model in float32: each part computes in float32 and hands
+    float32 on; every other layer with parameters casts its inputs to ``dtype`` itself, so that a
+    16-bit layer after a float32 part still gets 16-bit inputs."""
+    parts = [model.get_submodule(name) for name in names]  # the names were checked by optimize
+    kept = {id(m) for part in parts for m in part.modules()}
+    for part in parts:
+        part.float()
+        for m in _called_layers(part):
+            m.register_forward_pre_hook(_CastInputs(torch.float32, False))
+    fcn_float32 = {id(m) for name in _FCN_FLOAT32_PARTS if isinstance(getattr(model, name, None), nn.Module)
+                   for m in getattr(model, name).modules()}
+    for m in model.modules():
+        if (id(m) not in kept and id(m) not in fcn_float32 and m is not model
+                and any(True for _ in m.parameters(recurse=False))):
+            m.register_forward_pre_hook(_CastInputs(dtype, channels_last))
+
+
 def native_bf16_cpu() -> bool:
     """Whether oneDNN runs bfloat16 on this CPU's own units (AVX512-BF16, AMX, or AVX512 at least);
     elsewhere bfloat16 is converted element by element and is slower than float32."""
@@ -307,7 +358,8 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_last: bool = True,
-             big_weight_bytes: int = 16 << 20, fold_bn: bool = True, *, inplace: bool = False) -> nn.Module:
+             big_weight_bytes: int = 16 << 20, fold_bn: bool = True, *, inplace: bool = False,
+             keep_float32: Sequence[str] | None = None) -> nn.Module:
     """A copy of ``model`` prepared for inference (``inplace=True``: ``model`` itself, converted), with
     the same definition and state-dict keys:
 
@@ -317,6 +369,10 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
       convolutions run on the CPU's bf16 units and the weights take half the memory. An FCN's
       scoring and upsampling layers stay float32 (see ``_FCN_FLOAT32_PARTS``); inputs are cast at
       the model's entry and at each float32 part, so callers pass float32 tensors as before;
+    - ``keep_float32``: names of further parts (``model.get_submodule`` names, e.g. the layers
+      ``fcnseg.precision.layer_sensitivity`` finds fragile) that compute in float32 in a 16-bit model;
+      their outputs stay float32 and the 16-bit layers after them cast their inputs back. None: the
+      ``float32_layers`` of the model's record, if any (``fcnseg export --dtype bfloat16`` writes them);
     - convolutions whose weight exceeds ``big_weight_bytes`` (fc6, fc7 of the VGG nets) are replaced by
       ``BigWeightConv2d``, which avoids oneDNN's per-call copy of the whole weight; 0 disables.
 
@@ -328,6 +384,12 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
     slow = bf16_slowness() if dtype == torch.bfloat16 and on_cpu else None
     if slow:
         warnings.warn(slow, RuntimeWarning, stacklevel=2)
+    keep_float32 = _float32_layers(model) if keep_float32 is None else list(keep_float32)
+    for name in keep_float32:  # checked before any work, whatever the dtype
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise FcnsegError(f"keep_float32: the model has no layer named {name!r}") from None
     if not inplace:
         model = copy_model(model)
     _remove_cast_hooks(model)  # optimizing an optimized model replaces its casts
@@ -335,16 +397,11 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
     if fold_bn:
         fold_batchnorm(model)
     if dtype != torch.float32:
-        model.to(dtype)
-        for name in _FCN_FLOAT32_PARTS:
-            part = getattr(model, name, None)
-            if not isinstance(part, nn.Module):
-                continue
+        heads = [getattr(model, n) for n in _FCN_FLOAT32_PARTS if isinstance(getattr(model, n, None), nn.Module)]
+        _cast_except(model, dtype, heads + [model.get_submodule(n) for n in keep_float32])
+        for part in heads:
             part.float()
-            # containers are never called themselves: hook the layers they hold
-            called = part.values() if isinstance(part, nn.ModuleDict) else (
-                part if isinstance(part, nn.ModuleList) else [part])
-            for m in called:
+            for m in _called_layers(part):
                 m.register_forward_pre_hook(_CastInputs(torch.float32, False))
     elif any(p.dtype != torch.float32 for p in model.parameters()):
         model.float()
@@ -353,4 +410,6 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
     model.register_forward_pre_hook(_CastInputs(dtype, channels_last))
     if big_weight_bytes:
         _replace_big_convs(model, big_weight_bytes)
+    if keep_float32 and dtype != torch.float32:  # after the swaps, so the hooks sit on the layers that run
+        _keep_in_float32(model, list(keep_float32), dtype, channels_last)
     return model

@@ -12,7 +12,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "absolute logit difference and the share of pixels whose class agrees. With "
                                    "--int8 --calibrate IMAGES, quantize the ONNX model to int8 for ONNX Runtime.")
     p.add_argument("--checkpoint", default="camvid", help="built-in name, .safetensors checkpoint or run directory")
-    p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript", "safetensors"), required=True,
+                   help="safetensors: a bfloat16 checkpoint, with --dtype bfloat16 (see the precision gate)")
     p.add_argument("--out", required=True, type=Path, help="output file (.onnx or .pt)")
     p.add_argument("--size", type=int, nargs=2, default=(360, 480), metavar=("H", "W"),
                    help="input size for tracing and the first parity check (default 360 480); the second check "
@@ -34,6 +35,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "VGG nets' fc6 and fc7 (90%% of their weights); the rest stays float32")
     q.add_argument("--min-agreement", type=float, default=0.95, metavar="SHARE",
                    help="fail (exit 1) if fewer pixels than this share keep their class (default 0.95)")
+    add_precision_arguments(p)
     return p
 
 
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     output_file(args.out, what="--out")
     check_checkpoint_name(args.checkpoint)
+    check_precision_arguments(args)
     if args.int8 or args.calibrate or args.int8_layers:
         if args.fmt != "onnx":
             raise FcnsegError("--int8 quantizes ONNX models only; use --format onnx")
@@ -83,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             raise FcnsegError("--int8 and --calibrate go together: int8 needs images to calibrate on")
     model = load_checkpoint(args.checkpoint)
     h, w = args.size
+    if args.gate_dataset or args.dtype != "float32":  # the gate's own path (precision block below)
+        return run_precision(args, model, (h, w))
     if args.int8:
         return _export_int8(args, model, (h, w))
     path = export(model, args.out, args.fmt, example_size=(h, w))
@@ -129,4 +134,138 @@ def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
     if worst < args.min_agreement:
         raise FcnsegError(f"{path}: only {100 * worst:.2f}% of pixels keep their class after int8 quantization, "
                           f"less than --min-agreement {args.min_agreement} (file kept for inspection)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# precision gate by mean IU (issue 16): --dtype bfloat16, --gate-*, --max-miou-drop, --sensitivity
+
+def add_precision_arguments(p: argparse.ArgumentParser) -> None:
+    from ..precision import DEFAULT_MAX_MIOU_DROP
+
+    g = p.add_argument_group(
+        "precision gate (mean IU on labelled data)",
+        "Score the float32 checkpoint and the lower-precision result (the --int8 ONNX model, or the bfloat16 "
+        "checkpoint) on a labelled split, the way 'fcnseg evaluate' does, print both mean IUs and the change, and "
+        "fail (exit 1, file kept for inspection) when mean IU drops by more than --max-miou-drop points. "
+        "--dtype bfloat16 --format safetensors writes a checkpoint whose weights are stored in bfloat16 (half the "
+        "size; the layers that compute in float32 stay float32) and whose record says \"inference_dtype\": \"bfloat16\" and which layers to keep float32; it is "
+        "gated as it will run: the written file loaded back and converted by fcnseg.optimize to bfloat16 (the FCN "
+        "score and upsampling layers, and --keep-float32 layers, computing in float32). Run it with "
+        "'--dtype bfloat16': fcnseg.optimize keeps the recorded float32 layers wherever the file is loaded.")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: write a bfloat16 checkpoint (needs --format safetensors)")
+    g.add_argument("--keep-float32", nargs="+", default=[], metavar="LAYER",
+                   help="with --dtype bfloat16: layers (module names, e.g. fc.fc7) that compute in float32; "
+                        "--sensitivity shows which cost mean IU")
+    g.add_argument("--gate-dataset", metavar="NAME", help="dataset family of the labelled split (camvid, ...)")
+    g.add_argument("--gate-root", type=Path, metavar="DIR", help="its folder")
+    g.add_argument("--gate-split", default="val", help="split to score (default val)")
+    g.add_argument("--gate-limit", type=int, metavar="N", help="score only the first N images of the split")
+    g.add_argument("--max-miou-drop", type=float, default=DEFAULT_MAX_MIOU_DROP, metavar="POINTS",
+                   help=f"fail (exit 1, file kept) if mean IU drops by more than this many points "
+                        f"(default {DEFAULT_MAX_MIOU_DROP})")
+    g.add_argument("--sensitivity", action="store_true",
+                   help="instead of exporting, convert one layer at a time (--int8 or --dtype bfloat16) and print "
+                        "the mean IU each costs, worst first; writes nothing")
+    g.add_argument("--sensitivity-depth", type=int, default=0, metavar="D",
+                   help="group layers into blocks by the first D parts of their names (default 0: every layer)")
+
+
+def check_precision_arguments(args: argparse.Namespace) -> None:
+    """The gate's flags, checked before the model loads."""
+    from ..errors import FcnsegError
+
+    bf16 = args.dtype == "bfloat16"
+    if bf16 and args.fmt != "safetensors":
+        raise FcnsegError("--dtype bfloat16 writes a bfloat16 checkpoint: use --format safetensors")
+    if args.fmt == "safetensors" and not bf16:
+        raise FcnsegError("--format safetensors is for a bfloat16 checkpoint: add --dtype bfloat16")
+    if args.fmt == "safetensors" and Path(args.out).suffix != ".safetensors":
+        raise FcnsegError(f"--out {args.out}: a checkpoint is written as NAME.safetensors (and NAME.json)")
+    if bf16 and (args.int8 or args.calibrate):
+        raise FcnsegError("--dtype bfloat16 and --int8 are two different exports; choose one")
+    if args.keep_float32 and not bf16:
+        raise FcnsegError("--keep-float32 chooses what stays float32 in a bfloat16 export; add --dtype bfloat16")
+    if bool(args.gate_dataset) != bool(args.gate_root):
+        raise FcnsegError("--gate-dataset and --gate-root go together: the gate scores a labelled split")
+    if args.gate_dataset and not (args.int8 or bf16):
+        raise FcnsegError("the mean IU gate compares a lower precision with float32: add --int8 or --dtype bfloat16")
+    if args.sensitivity and not args.gate_dataset:
+        raise FcnsegError("--sensitivity measures mean IU: add --gate-dataset and --gate-root")
+    if args.gate_limit is not None and args.gate_limit < 1:
+        raise FcnsegError(f"--gate-limit must be at least 1, got {args.gate_limit}")
+    if not args.max_miou_drop >= 0:
+        raise FcnsegError(f"--max-miou-drop must be 0 or more points, got {args.max_miou_drop}")
+    if args.sensitivity_depth < 0:
+        raise FcnsegError(f"--sensitivity-depth must be 0 or more, got {args.sensitivity_depth}")
+
+
+def run_precision(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
+    """--dtype bfloat16, or --int8 with the mean IU gate, or --sensitivity."""
+    from ..precision import labelled_dataset
+
+    # the labelled split is read before the long work: a wrong path fails in a second
+    gate = labelled_dataset(args.gate_dataset, args.gate_root, args.gate_split, model) if args.gate_dataset else None
+    for name in args.keep_float32:
+        _check_layer(model, name)
+    if args.sensitivity:
+        return _print_sensitivity(args, model, gate, size)
+    if args.int8:
+        code = _export_int8(args, model, size)
+        from ..export import OnnxRuntimeModel
+
+        return code or _gate(args, model, OnnxRuntimeModel(args.out), gate, ready=True)
+    return _export_bfloat16(args, model, gate)
+
+
+def _check_layer(model, name: str) -> None:
+    from ..errors import FcnsegError
+
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        raise FcnsegError(f"--keep-float32 {name}: the model has no layer of that name") from None
+
+
+def _gate(args: argparse.Namespace, model, candidate, gate, ready: bool) -> int:
+    from ..errors import FcnsegError
+    from ..precision import miou_change
+
+    if gate is None:
+        return 0
+    change = miou_change(model, candidate, gate, limit=args.gate_limit, candidate_ready=ready)
+    print(change.describe())
+    if change.exceeds(args.max_miou_drop):
+        raise FcnsegError(f"{args.out}: mean IU drops by {change.drop_points:.2f} points, more than "
+                          f"--max-miou-drop {args.max_miou_drop} (file kept for inspection)")
+    return 0
+
+
+def _export_bfloat16(args: argparse.Namespace, model, gate) -> int:
+    import torch
+
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..optimize import _FCN_FLOAT32_PARTS, optimize
+
+    record = {**model.record.to_dict(), "inference_dtype": "bfloat16", "float32_layers": list(args.keep_float32)}
+    # the parts that compute in float32 keep their float32 weights in the file too
+    float32 = [f"{name}." for name in (*_FCN_FLOAT32_PARTS, *args.keep_float32)]
+    path = save_checkpoint(model, args.out, record, dtype=torch.bfloat16, keep_float32=float32)
+    print(f"wrote {path} (bfloat16 weights, {path.stat().st_size / 2**20:.1f} MB)")
+    # gated as it will run: the file itself, loaded back and converted
+    written = optimize(load_checkpoint(path), "bfloat16", keep_float32=args.keep_float32, inplace=True)
+    return _gate(args, model, written, gate, ready=True)
+
+
+def _print_sensitivity(args: argparse.Namespace, model, gate, size: tuple[int, int]) -> int:
+    from ..precision import format_sensitivity, layer_sensitivity
+
+    precision = "int8" if args.int8 else "bfloat16"
+    batches = calibration_batches(args.calibrate, size, model, args.calibrate_limit) if args.int8 else None
+    rows = layer_sensitivity(model, gate, precision, depth=args.sensitivity_depth, limit=args.gate_limit,
+                             calibration=batches)
+    print(f"mean IU change with one layer at a time in {precision} (worst first; nothing written); float32: "
+          f"{100 * rows[0]['reference_miou']:.2f} on {rows[0]['images']} image(s)")
+    print(format_sensitivity(rows))
     return 0

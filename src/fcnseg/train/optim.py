@@ -28,13 +28,22 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_mult:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimiser, with torch's fused step where it has one for these parameters (one kernel
+    over all tensors instead of a loop of small ones), else its multi-tensor (foreach) step."""
     groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.bias_lr_mult, cfg.bias_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
+        cls, kwargs = torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
         # torch's Adam adds weight decay to the gradient (L2); AdamW decouples it
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        cls, kwargs = torch.optim.Adam, dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    else:
+        cls, kwargs = torch.optim.AdamW, dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    for fast in ({"fused": True}, {"foreach": True}):
+        try:
+            return cls(groups, **kwargs, **fast)
+        except (RuntimeError, TypeError, ValueError):  # not for this device, dtype or torch version
+            continue
+    return cls(groups, **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, schedule: str = "poly", warmup_steps: int = 0,

@@ -10,12 +10,13 @@ rank 0 only; the CLI shows them on stderr.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -98,6 +99,7 @@ class Run:
     last_head_scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # multi-head runs: every head's
     started: float = 0.0  # perf_counter() at the run's start, moved back by the time trained before a resume
     writer: report.Scalars | None = None
+    amp: dict[str, Any] = field(default_factory=dict)  # choose_amp's decision (version.json, the summary)
 
     @property
     def out(self) -> Path:
@@ -239,13 +241,133 @@ def resolve_class_weights(spec, data: Data, cfg: TrainConfig) -> torch.Tensor | 
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if not cfg.amp:
+    """The autocast dtype that ``amp`` true asks for on ``device``; None for false (``auto`` is decided by
+    ``choose_amp``, and means this dtype where that finds it worth it)."""
+    if cfg.amp is False:
         return None
     if cfg.amp_dtype == "fp16":
         return torch.float16
     if cfg.amp_dtype == "bf16" or device.type != "cuda":
         return torch.bfloat16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ---- amp: auto -------------------------------------------------------------------------------------------------
+AMP_PROBE_STEPS = 3  # timed forward/backward passes per precision, after one untimed warm-up each
+# below this many seconds per float32 step the run is overhead-bound: bf16 has too little to win to be worth a
+# change of numerics, and a timing that close to the noise would make runs of one config differ by chance
+AMP_MIN_STEP_S = 0.1
+AMP_MIN_GAIN = 1.1  # bf16 must be at least 10% faster: a near tie is noise, and float32 is the exact path
+
+
+def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor, masks: torch.Tensor,
+                    dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS) -> float:
+    """Median seconds of a forward and backward pass on ``images`` with autocast ``dtype`` (None: full
+    precision), leaving no trace: gradients, batch-norm statistics and random streams are as they were."""
+    device = images.device
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    was_training = model.training
+    times = []
+    try:
+        model.train()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for i in range(steps + 1):
+                for p in model.parameters():
+                    p.grad = None
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                with engine.autocast(device, dtype):
+                    logits = model(images)
+                loss_sum, norm = loss_fn(logits, masks)
+                (loss_sum / norm.clamp_min(1)).backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:  # the first pass pays for oneDNN's kernel choices and allocations
+                    times.append(time.perf_counter() - t0)
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        model.train(was_training)
+    return float(np.median(times))
+
+
+def native_autocast(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` runs bf16 natively, and if not, why (for the log)."""
+    from ..optimize import native_bf16_cpu
+
+    if device.type == "cuda":
+        return (True, "") if torch.cuda.is_bf16_supported() else (False, "this GPU has no bf16 support")
+    if device.type == "cpu":
+        if native_bf16_cpu():
+            return True, ""
+        return False, f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16"
+    return False, f"no bf16 probe for {device.type}"
+
+
+def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationLoss, batch, device: torch.device,
+               timer: Callable | None = None) -> tuple[torch.dtype | None, dict[str, Any]]:
+    """The autocast dtype for the run, and the decision as a record ``{"amp", "dtype", "reason", ...}``.
+
+    ``amp`` true or false is taken as set. ``auto``: bf16 autocast only where the device runs bf16
+    natively and ``timer`` (a forward and backward pass on ``batch``, ``(images, masks)`` of the run's
+    training shape) finds it at least ``AMP_MIN_GAIN`` times faster than full precision, on steps long enough
+    (``AMP_MIN_STEP_S``) for that to be measured and to matter; otherwise float32. A decision by measurement,
+    not by flag: bf16 autocast was slower than float32 channels-last on a CPU with native bf16 units.
+    """
+    if cfg.amp != "auto":
+        dtype = amp_dtype(cfg, device)
+        return dtype, {"amp": cfg.amp, "dtype": _dtype_name(dtype), "reason": "set by amp"}
+    native, why = native_autocast(device)
+    if not native:
+        return None, {"amp": "auto", "dtype": "float32", "reason": why}
+    if batch is None:
+        return None, {"amp": "auto", "dtype": "float32",
+                      "reason": "no training-shaped batch to time (no fixed crop_size, or several heads)"}
+    timer = timer or time_train_step  # looked up now, so that tests can stand in for the clock
+    images, masks = batch
+    images, masks = images.to(device), masks.to(device)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    full = timer(model, loss_fn, images, masks, None)
+    if full < AMP_MIN_STEP_S:
+        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(full, 4),
+                      "reason": f"a float32 step takes {full:.3f} s, under {AMP_MIN_STEP_S} s: too short for bf16 "
+                                f"to pay"}
+    half = timer(model, loss_fn, images, masks, torch.bfloat16)
+    dtype = torch.bfloat16 if half * AMP_MIN_GAIN <= full else None
+    return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on a training-shaped batch",
+                   "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4)}
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "float32" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _probe_batch(data: Data, cfg: TrainConfig):
+    """A batch of the run's training shape for the amp probe, or None when batches have no fixed shape.
+    Random values: the time does not depend on them, and reading real samples here would count as reading
+    them (``--skip-bad`` accounting, loader order)."""
+    if not cfg.crop_size or cfg.crop_size == [0, 0] or getattr(data, "heads", None):
+        return None  # whole images have no one shape; a multi-head run's masks are one map per head
+    g = torch.Generator().manual_seed(cfg.seed)
+    h, w = cfg.crop_size
+    return (torch.randn(cfg.batch_size, 3, h, w, generator=g),
+            torch.randint(0, data.num_classes, (cfg.batch_size, h, w), generator=g))
+
+
+def _previous_amp(out: Path) -> dict[str, Any] | None:
+    """The amp decision a run directory recorded when it started (a resumed run keeps its numerics)."""
+    try:
+        recorded = json.loads((out / "version.json").read_text()).get("amp")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) and recorded.get("dtype") in ("float32", "bfloat16", "float16") \
+        else None
 
 
 def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
@@ -278,7 +400,18 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
     steps_per_epoch = -(-batches_per_epoch // cfg.accumulate)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(model, cfg)
-    dtype = amp_dtype(cfg, device)
+    decision = _previous_amp(Path(cfg.out)) if resume and cfg.amp == "auto" else None
+    if decision is None:
+        dtype, decision = choose_amp(cfg, model, loss_fn, _probe_batch(data, cfg) if cfg.amp == "auto" else None,
+                                     device)
+        if info.enabled:  # every process trains in rank 0's precision
+            shared = [decision]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            decision = shared[0]
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[decision["dtype"]]
+    log(info, f"amp {decision['amp']}: {decision['dtype']} ({decision['reason']}"
+              + (f": {decision['float32_step_s']} s/step float32, {decision['bfloat16_step_s']} s/step bf16)"
+                 if "bfloat16_step_s" in decision else ")"))
     files = getattr(data.train, "files", None)
     names = [str(f[0]) for f in files] if files else [str(n) for n in getattr(data.train, "names",
                                                                                range(len(data.train)))]
@@ -287,7 +420,7 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
               engine.StepOptions(accumulate=cfg.accumulate, amp_dtype=dtype, grad_clip=cfg.grad_clip,
                                  on_nonfinite=cfg.on_nonfinite, channels_last=cfg.channels_last,
                                  progress=cfg.progress and info.main),
-              batches_per_epoch, steps_per_epoch, total_steps, names, command=command)
+              batches_per_epoch, steps_per_epoch, total_steps, names, command=command, amp=decision)
     trained_s = 0.0
     if resume:
         trained_s = restore(run)
@@ -351,7 +484,7 @@ def open_run_dir(run: Run, resume: bool) -> None:
     run.code = report.code_version()
     run.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run.out / "config.yaml")
-    report.write_json(run.out / "version.json", dict(run.code, command=run.command))
+    report.write_json(run.out / "version.json", dict(run.code, command=run.command, amp=run.amp))
     report.write_jsonl(run.out / "metrics.jsonl", run.history)
     run.writer = report.Scalars(run.out / "tensorboard", purge_step=run.pos.step if resume else None)
     log(run.info, f"run {run.out}: {cfg.model} on {cfg.dataset} ({len(data.train_indices)} train images, "
@@ -596,7 +729,7 @@ def finish(run: Run) -> dict[str, Any]:
     if run.cfg.skip_bad:
         log(run.info, f"left out {counts['skipped_samples']} bad samples and {counts['listing_problems']} listing "
                       f"problems (--skip-bad); {counts['filled_slots']} batch slots filled by the next sample")
-    base = {"epoch": pos.epoch, "step": pos.step, "skipped_steps": run.skipped_steps, **counts}
+    base = {"epoch": pos.epoch, "step": pos.step, "skipped_steps": run.skipped_steps, "amp": run.amp, **counts}
     if run.last_head_scores:  # a multi-head run: every head's scores, the first head's also at the top
         base["heads"] = {name: _summary(scores) for name, scores in run.last_head_scores.items()}
     return dict(_summary(run.last_scores), **base) if run.last_scores else base

@@ -1,0 +1,120 @@
+"""Training speed defaults: ``amp: auto`` decides by a timed probe (here: a stand-in clock) only where bf16 is
+native, the probe leaves no trace, and a run whose probe chose float32 trains exactly like ``amp: false``."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fcnseg.optimize
+from fcnseg.config import TrainConfig, from_dict
+from fcnseg.errors import FcnsegError
+from fcnseg.train import run as run_mod
+from fcnseg.train.engine import SegmentationLoss
+
+from tiny_models import make_folder_dataset, read_weights
+
+CPU = torch.device("cpu")
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 16, 16, generator=g), torch.randint(0, 3, (2, 16, 16), generator=g)
+
+
+class _Clock:
+    """Stands in for ``time_train_step``: given seconds per precision, and a record of the calls."""
+
+    def __init__(self, fp32: float, bf16: float):
+        self.seconds = {None: fp32, torch.bfloat16: bf16}
+        self.calls = []
+
+    def __call__(self, model, loss_fn, images, masks, dtype):
+        self.calls.append(dtype)
+        return self.seconds[dtype]
+
+
+@pytest.mark.parametrize("native, fp32, bf16, want", [
+    (True, 0.2, 0.1, torch.bfloat16),  # native and faster: bf16
+    (True, 0.1, 0.2, None),  # native but slower (it happens): float32
+    (True, 0.2, 0.19, None),  # a near tie is noise: float32, the exact path
+    (True, 0.01, 0.005, None),  # overhead-bound steps: not worth a change of numerics
+    (False, 0.2, 0.1, None),  # not native: no probe at all
+])
+def test_amp_auto_decides_by_the_probe_where_bf16_is_native(monkeypatch, native, fp32, bf16, want):
+    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: native)
+    clock = _Clock(fp32, bf16)
+    model = nn.Conv2d(3, 3, 1)
+    dtype, decision = run_mod.choose_amp(TrainConfig(amp="auto"), model, SegmentationLoss(), _batch(), CPU,
+                                         timer=clock)
+    assert dtype is want and decision["amp"] == "auto"
+    assert decision["dtype"] == ("bfloat16" if want else "float32")
+    if native and fp32 < run_mod.AMP_MIN_STEP_S:
+        assert clock.calls == [None] and "too short" in decision["reason"]
+    elif native:
+        assert clock.calls == [None, torch.bfloat16] and decision["bfloat16_step_s"] == bf16
+    else:
+        assert clock.calls == [] and "no native bf16" in decision["reason"]
+
+
+def test_amp_true_or_false_is_taken_as_set(monkeypatch):
+    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: False)
+    clock = _Clock(0.1, 0.2)
+    for amp, want in ((True, torch.bfloat16), (False, None)):
+        dtype, decision = run_mod.choose_amp(TrainConfig(amp=amp), nn.Conv2d(3, 3, 1), SegmentationLoss(), None, CPU,
+                                             timer=clock)
+        assert dtype is want and decision["reason"] == "set by amp"
+    assert clock.calls == []
+
+
+def test_config_defaults_and_amp_values():
+    cfg = TrainConfig()
+    assert cfg.amp == "auto" and cfg.channels_last is True
+    assert from_dict({"amp": "auto"}).amp == "auto" and from_dict({"amp": "false"}).amp is False
+    with pytest.raises(FcnsegError, match="amp must be true, false or auto"):
+        from_dict({"amp": "sometimes"}).validate()
+
+
+def test_the_probe_leaves_no_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout2d(0.5),
+                          nn.Conv2d(8, 3, 1)).eval()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    seconds = run_mod.time_train_step(model, SegmentationLoss(), *_batch(), None, steps=2)
+    assert seconds > 0 and not model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN statistics too
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight)) and model[4].weight.grad is None
+
+
+def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tmp_path, monkeypatch):
+    """The real probe runs (a stand-in only makes bf16 look slower), then the run must be
+    exactly the amp: false run: same seed, same weights; the decision is in version.json."""
+    from fcnseg.cli import main
+
+    data = make_folder_dataset(tmp_path / "data", n_train=6, n_val=0)
+    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: True)
+    real = run_mod.time_train_step
+    probed = []
+
+    def slower_bf16(model, loss_fn, images, masks, dtype, steps=run_mod.AMP_PROBE_STEPS):
+        probed.append(dtype)
+        seconds = real(model, loss_fn, images, masks, dtype, steps=1)
+        return seconds + 1 if dtype is None else seconds + 1e3  # long steps, so that the bf16 probe runs too
+
+    monkeypatch.setattr(run_mod, "time_train_step", slower_bf16)
+
+    def train(out, *amp):
+        assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "2",
+                     "--batch-size", "3", "--lr", "0.01", "--crop-size", "24", "24", "--workers", "0",
+                     "--val-split", "none", "--no-progress", "--no-plots", *amp, "--out", str(out)]) == 0
+        return read_weights(out / "checkpoints" / "last.safetensors")
+
+    auto, off = train(tmp_path / "auto"), train(tmp_path / "off", "--no-amp")
+    assert probed == [None, torch.bfloat16]  # the probe ran once, for the auto run only
+    assert all(torch.equal(auto[k], off[k]) for k in off)
+    recorded = json.loads((tmp_path / "auto" / "version.json").read_text())["amp"]
+    assert recorded["amp"] == "auto" and recorded["dtype"] == "float32" and recorded["bfloat16_step_s"] > 1e3
+    assert json.loads((tmp_path / "off" / "version.json").read_text())["amp"]["reason"] == "set by amp"
