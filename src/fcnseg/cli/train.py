@@ -40,7 +40,9 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                         help="raise the class weights to P (0.5: softened balancing)")),
     "--loss-sample": ("loss_sample", dict(type=float, metavar="P", help="keep each output cell with probability P")),
     "--on-nonfinite": ("on_nonfinite", dict(choices=ON_NONFINITE, help="on a NaN/inf loss (default stop)")),
-    "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="mixed precision (bf16 on CPU)")),
+    "--amp": ("amp", dict(action=argparse.BooleanOptionalAction,
+                           help="mixed precision (bf16 on CPU); without --amp/--no-amp: auto, bf16 only where this "
+                                "CPU runs it natively and a timed probe finds it faster (the choice is in version.json)")),
     "--amp-dtype": ("amp_dtype", dict(choices=AMP_DTYPES)),
     "--channels-last": ("channels_last", dict(action=argparse.BooleanOptionalAction)),
     "--threads": ("threads", dict(type=int, help="torch CPU threads")),
