@@ -5,6 +5,7 @@ import argparse
 import glob
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ..data.io import IMAGE_SUFFIXES
 from ..errors import printable, show_path
@@ -134,16 +135,15 @@ def renamed_stems(files: list[Path], stems: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
-    from tqdm import tqdm
 
-    from ..checkpoint import atomic_write, clean_stale_temps, load_checkpoint
+    from ..checkpoint import load_checkpoint
     from ..data.io import read_image
-    from ..errors import FcnsegError, OutputExistsError, OutputWriteError
+    from ..errors import FcnsegError
     from ..inference import Segmenter
     from ..models.multihead import checkpoint_heads
     from ..outputs import output_dir, write_group
     from ..uncertainty import to_png_array, uncertainty
-    from ..visualize import legend, overlay, palette_image
+    from ..visualize import overlay, palette_image
 
     out: Path = output_dir(args.out, what="--out")  # before the model loads
     files, problems = expand_inputs(args.inputs)
@@ -160,76 +160,34 @@ def run(args: argparse.Namespace) -> int:
     dense = dense_model(args, lambda: load_checkpoint(args.checkpoint, device=args.device))
     seg = Segmenter(dense, inplace=True, **options) if dense is not None else \
         load_segmenter(args.checkpoint, backend=args.backend, **options)
-    clean_stale_temps(out)
-    for msg in problems:
-        say(msg)
-    stems = output_stems(files)
-    for line in renamed_stems(files, stems):
-        say(line)
 
-    written = skipped = failed = 0
-    stopped = None
-    todo = list(zip(files, stems))
-    bar = tqdm(todo, unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
-    for i, (path, stem) in enumerate(bar):
-        names = [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if args.overlay else []) + \
-                ([f"{stem}_probs.npy"] if args.probs else []) + \
-                ([f"{stem}_uncertainty.png"] if args.uncertainty else [])
-        there = [n for n in names if (out / n).exists()] if not args.overwrite else []
-        if there:  # checked before the work; the exclusive write below still catches a name taken meanwhile
-            skipped += 1
-            say(f"{show_path(out / there[0])}: exists already, not replaced (--overwrite replaces it)", bar)
-            continue
-        try:
-            image = read_image(path)
-            pred = seg.segment(image, probs=args.probs or args.uncertainty)
-            mask = pred.mask.numpy()
-            group = [(out / names[0], lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))]
-            if args.overlay:
-                pic = overlay(image, mask, seg.colors, args.alpha)
-                group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
-            if args.uncertainty:
-                u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
-                group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
-            if args.probs:
-                probs = pred.probs.numpy()
+    def names_of(stem: str) -> list[str]:
+        return [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if args.overlay else []) + \
+            ([f"{stem}_probs.npy"] if args.probs else []) + ([f"{stem}_uncertainty.png"] if args.uncertainty else [])
 
-                def save_npy(tmp: str) -> None:
-                    with open(tmp, "wb") as f:
-                        np.save(f, probs)
+    def write_one(path: Path, stem: str) -> None:
+        image = read_image(path)
+        pred = seg.segment(image, probs=args.probs or args.uncertainty)
+        mask = pred.mask.numpy()
+        group = [(out / f"{stem}.png", lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))]
+        if args.overlay:
+            pic = overlay(image, mask, seg.colors, args.alpha)
+            group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
+        if args.uncertainty:
+            u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
+            group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
+        if args.probs:
+            probs = pred.probs.numpy()
 
-                group.append((out / f"{stem}_probs.npy", save_npy))
-            write_group(group, overwrite=args.overwrite)
-            written += 1
-        except OutputExistsError as e:
-            skipped += 1
-            say(f"{e} (another run wrote it meanwhile; --overwrite replaces it)", bar)
-        except OutputWriteError as e:
-            # a full disk or a read-only folder fails every later image too: stop here
-            failed += 1
-            stopped = len(todo) - i - 1
-            say(str(e), bar)
-            break
-        except (FcnsegError, OSError, ValueError, RuntimeError) as e:
-            failed += 1
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            say(msg if str(path) in msg else f"{show_path(path)}: {msg}", bar)
-    bar.close()
-    if written:
-        try:
-            atomic_write(out / "legend.png", lambda tmp: legend(seg.classes, seg.colors).save(tmp, format="PNG"))
-        except OutputWriteError as e:
-            failed += 1
-            say(str(e))
-    parts = [f"wrote {written} prediction(s) to {show_path(out)}"]
-    if skipped:
-        parts.append(f"{skipped} skipped because they exist (--overwrite replaces them)")
-    if failed or problems:
-        parts.append(f"{failed + len(problems)} failed")
-    if stopped:
-        parts.append(f"stopped with {stopped} image(s) not attempted")
-    print("; ".join(parts))
-    return 1 if failed or problems or skipped else 0
+            def save_npy(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    np.save(f, probs)
+
+            group.append((out / f"{stem}_probs.npy", save_npy))
+        write_group(group, overwrite=args.overwrite)
+
+    legends = {"legend.png": (seg.classes, seg.colors)}
+    return write_each(args, out, files, problems, names_of, write_one, legends)
 
 
 def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: list[str],
@@ -239,13 +197,11 @@ def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: 
     The net runs on the whole image in float32: the single-head options below are refused, not ignored."""
     import torch
     from torchvision.transforms.v2 import functional as TF
-    from tqdm import tqdm
 
-    from ..checkpoint import atomic_write, clean_stale_temps, load_checkpoint
+    from ..checkpoint import load_checkpoint
     from ..data.io import read_image
-    from ..errors import FcnsegError, OutputExistsError, OutputWriteError
+    from ..errors import FcnsegError
     from ..models.multihead import write_head_masks
-    from ..visualize import legend
 
     unsupported = [flag for flag, used in (
         ("--overlay", args.overlay), ("--probs", args.probs), ("--uncertainty", args.uncertainty),
@@ -258,31 +214,54 @@ def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: 
     model = load_checkpoint(args.checkpoint, device=args.device)
     record = model.record
     colors = {name: h["colors"] for name, h in heads.items()}
+
+    def write_one(path: Path, stem: str) -> None:
+        x = TF.to_dtype(TF.pil_to_tensor(read_image(path)), torch.float32, scale=True)[None]  # (1, 3, H, W)
+        with torch.no_grad():
+            logits = model(record.normalize(x).to(args.device))  # {head: (1, K, H, W)}
+        write_head_masks(logits, colors, out, stem, overwrite=args.overwrite)
+
+    legends = {f"legend_{name}.png": (head["classes"], head["colors"]) for name, head in heads.items()}
+    return write_each(args, out, files, problems, lambda stem: [f"{stem}_{h}.png" for h in heads], write_one,
+                      legends, what=f" ({len(heads)} masks each: {', '.join(heads)})")
+
+
+def write_each(args: argparse.Namespace, out: Path, files: list[Path], problems: list[str],
+               names_of: Callable[[str], list[str]], write_one: Callable[[Path, str], None],
+               legends: dict[str, tuple[list[str], list[list[int]]]], what: str = "") -> int:
+    """The writing loop both kinds of net share: each input's files (``names_of(stem)``) are skipped with a line
+    when one exists (unless --overwrite), else ``write_one`` writes them all-or-nothing; a full disk or an
+    unwritable folder stops the run; the legends follow once something was written; one summary line."""
+    from tqdm import tqdm
+
+    from ..checkpoint import atomic_write, clean_stale_temps
+    from ..errors import FcnsegError, OutputExistsError, OutputWriteError
+    from ..visualize import legend
+
     clean_stale_temps(out)
     for msg in problems:
         say(msg)
     stems = output_stems(files)
     for line in renamed_stems(files, stems):
         say(line)
-    written = skipped = failed = 0
-    bar = tqdm(list(zip(files, stems)), unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
-    for path, stem in bar:
-        there = [f"{stem}_{h}.png" for h in heads if (out / f"{stem}_{h}.png").exists()] if not args.overwrite else []
-        if there:
+    written = skipped = failed = stopped = 0
+    todo = list(zip(files, stems))
+    bar = tqdm(todo, unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
+    for i, (path, stem) in enumerate(bar):
+        there = [n for n in names_of(stem) if (out / n).exists()] if not args.overwrite else []
+        if there:  # checked before the work; the exclusive write still catches a name taken meanwhile
             skipped += 1
             say(f"{show_path(out / there[0])}: exists already, not replaced (--overwrite replaces it)", bar)
             continue
         try:
-            x = TF.to_dtype(TF.pil_to_tensor(read_image(path)), torch.float32, scale=True)[None]  # (1, 3, H, W)
-            with torch.no_grad():
-                logits = model(record.normalize(x).to(args.device))  # {head: (1, K, H, W)}
-            write_head_masks(logits, colors, out, stem, overwrite=args.overwrite)
+            write_one(path, stem)
             written += 1
         except OutputExistsError as e:
             skipped += 1
             say(f"{e} (another run wrote it meanwhile; --overwrite replaces it)", bar)
-        except OutputWriteError as e:
+        except OutputWriteError as e:  # a full disk or a read-only folder fails every later image too
             failed += 1
+            stopped = len(todo) - i - 1
             say(str(e), bar)
             break
         except (FcnsegError, OSError, ValueError, RuntimeError) as e:
@@ -291,14 +270,19 @@ def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: 
             say(msg if str(path) in msg else f"{show_path(path)}: {msg}", bar)
     bar.close()
     if written:
-        for name, head in heads.items():
-            atomic_write(out / f"legend_{name}.png",
-                         lambda tmp, head=head: legend(head["classes"], head["colors"]).save(tmp, format="PNG"))
-    parts = [f"wrote {written} prediction(s) ({len(heads)} masks each: {', '.join(heads)}) to {show_path(out)}"]
+        for name, (classes, colors) in legends.items():
+            try:
+                atomic_write(out / name, lambda tmp, c=classes, k=colors: legend(c, k).save(tmp, format="PNG"))
+            except OutputWriteError as e:
+                failed += 1
+                say(str(e))
+    parts = [f"wrote {written} prediction(s){what} to {show_path(out)}"]
     if skipped:
         parts.append(f"{skipped} skipped because they exist (--overwrite replaces them)")
     if failed or problems:
         parts.append(f"{failed + len(problems)} failed")
+    if stopped:
+        parts.append(f"stopped with {stopped} image(s) not attempted")
     print("; ".join(parts))
     return 1 if failed or problems or skipped else 0
 
