@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
 from tiny_models import make_folder_dataset, random_image, tiny_checkpoint, tiny_models_registered
 
@@ -17,6 +18,16 @@ def tiny() -> Iterator[list[str]]:
     (parametrised over ``fcnseg.list_models()`` when collected) covers only the package's models."""
     with tiny_models_registered() as names:
         yield names
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test (these modules time single-image work and share 2 cores with the
+    loader or a server), set back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

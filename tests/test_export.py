@@ -17,10 +17,7 @@ from tiny_models import random_image, tiny_checkpoint
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

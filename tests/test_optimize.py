@@ -15,9 +15,7 @@ from fcnseg.optimize import BigWeightConv2d, flush_denormal, fold_batchnorm, opt
 from tiny_models import random_image, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flushing() -> bool:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fcnseg.checkpoint import atomic_write, clean_stale_temps, save_checkpoint
@@ -22,9 +21,7 @@ from fcnseg.outputs import output_dir, output_file, write_group
 from tiny_models import random_image, tiny_checkpoint, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mode_for_new_files() -> int:

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
@@ -18,12 +17,7 @@ from tiny_models import random_image, tiny_checkpoint
 from live_server import running_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

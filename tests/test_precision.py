@@ -26,9 +26,7 @@ from tiny_models import random_image, tiny_model
 FRAGILE_OFFSET = 1024.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_fragile(model: torch.nn.Module) -> torch.nn.Module:

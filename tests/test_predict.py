@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fcnseg.cli import main
@@ -12,9 +11,7 @@ from fcnseg.cli.predict import expand_inputs, output_stems, renamed_stems
 from tiny_models import random_image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from fcnseg.inference import Segmenter, optimize, tile_spans
 from tiny_models import random_image, tiny_checkpoint, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_image_kinds_in_and_out():

@@ -31,9 +31,7 @@ from tiny_models import random_image, tiny_checkpoint
 from live_server import free_port, running_server
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
