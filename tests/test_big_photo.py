@@ -13,7 +13,8 @@ from fcnseg import Segmenter
 from fcnseg.errors import FcnsegError
 from fcnseg.inference import working_long_side
 
-CAMVID_VAL = Path(os.environ.get("FCNSEG_CAMVID", "/work/shared/datasets/camvid")) / "val"
+# the shared datasets sit beside the checkout (../shared/datasets), in CI as here
+CAMVID_VAL = Path(os.environ.get("FCNSEG_CAMVID", Path(__file__).resolve().parents[2] / "shared/datasets/camvid")) / "val"
 
 
 class Blobs(torch.nn.Module):
