@@ -13,8 +13,11 @@ from fcnseg import Segmenter
 from fcnseg.errors import FcnsegError
 from fcnseg.inference import working_long_side
 
-# the shared datasets sit beside the checkout (../shared/datasets), in CI as here
-CAMVID_VAL = Path(os.environ.get("FCNSEG_CAMVID", Path(__file__).resolve().parents[2] / "shared/datasets/camvid")) / "val"
+# the shared datasets sit beside the checkout (../shared/datasets) in CI, or at this workplace's /work/shared
+_CANDIDATES = [os.environ.get("FCNSEG_CAMVID"), Path(__file__).resolve().parents[2] / "shared/datasets/camvid",
+               "/work/shared/datasets/camvid"]
+CAMVID_VAL = next((Path(c) / "val" for c in _CANDIDATES if c and (Path(c) / "val").is_dir()),
+                  Path(_CANDIDATES[1]) / "val")
 
 
 class Blobs(torch.nn.Module):
