@@ -73,8 +73,6 @@ class CheckpointRecord(Mapping):
     def parse(cls, data: Any, source: str | Path = "record") -> "CheckpointRecord":
         """Check every field of a record (a dict from JSON) and fill defaults; raise a one-line
         ``FcnsegError`` '<source>: record field <name>: <problem>' at the first bad field."""
-        from .registry import list_models, record_kwargs
-
         src = str(source)
 
         def bad(field: str, problem: str) -> FcnsegError:
@@ -88,65 +86,11 @@ class CheckpointRecord(Mapping):
         if fmt != FORMAT:
             raise bad("format", f"{str(fmt)[:40]!r} is not {FORMAT!r} (written by another program or version)")
 
-        arch = data.get("arch")
-        if not isinstance(arch, str):
-            raise bad("arch", "missing" if arch is None else f"must be a model name, got {type(arch).__name__}")
-        if arch not in list_models():
-            raise bad("arch", f"{arch[:60]!r} is not a registered model (see 'fcnseg models')")
-
-        k = data.get("num_classes")
-        if not _is_int(k) or not 1 <= k <= MAX_CLASSES:
-            raise bad("num_classes", f"must be a whole number from 1 to {MAX_CLASSES}, got {str(k)[:40]!r}")
-
-        kwargs = data.get("model_kwargs", {})
-        if not isinstance(kwargs, dict):
-            raise bad("model_kwargs", f"must be an object, got {type(kwargs).__name__}")
-        allowed = record_kwargs(arch)
-        for name, value in kwargs.items():
-            if name not in allowed:
-                raise bad("model_kwargs", f"{str(name)[:40]!r} is not a build argument a record may set for {arch} "
-                                          f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
-            if not allowed[name](value):
-                raise bad("model_kwargs", f"{name}={str(value)[:40]!r} is not a valid value")
-
-        classes = data.get("classes", [f"class_{i}" for i in range(k)])
-        if not isinstance(classes, list) or not all(isinstance(c, str) and 0 < len(c) <= 200 and c.isprintable()
-                                                    for c in classes):
-            raise bad("classes", "must be a list of class names (printable text, 1 to 200 characters)")
-        if len(classes) != k:
-            raise bad("classes", f"{len(classes)} names for {k} classes")
-
-        colors = data.get("colors", default_palette(k))
-        if not isinstance(colors, list) or not all(
-                isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c) for c in colors):
-            raise bad("colors", "must be a list of [r, g, b] triples of whole numbers 0..255")
-        if len(colors) != k:
-            raise bad("colors", f"{len(colors)} colours for {k} classes")
-
+        arch, k, kwargs = _parse_build(data, bad)
+        classes, colors = _parse_outputs(data, k, bad)
         heads = _parse_heads(data, kwargs, classes, colors, bad)
-
-        norm = data.get("normalization", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
-        if not isinstance(norm, dict):
-            raise bad("normalization", "must be an object with 'mean' and 'std'")
-        mean, std = norm.get("mean"), norm.get("std")
-        if not (isinstance(mean, list) and isinstance(std, list) and 1 <= len(mean) <= 8 and len(mean) == len(std)
-                and all(_is_number(v) for v in mean) and all(_is_number(v) and v > 0 for v in std)):
-            raise bad("normalization", "needs 'mean' and 'std' lists of equal length (one number per input "
-                                       "channel), every std above 0")
-
-        stored = data.get("stored_dtype", "float32")
-        if stored not in STORED_DTYPES:
-            raise bad("stored_dtype", f"{str(stored)[:40]!r} is not one of {', '.join(STORED_DTYPES)}")
-        top = data.get("top_stride")
-        if top is not None and (not _is_int(top) or not 1 <= top <= 1024):
-            raise bad("top_stride", f"must be a whole number from 1 to 1024, got {str(top)[:40]!r}")
-        size = data.get("working_size")
-        if size is not None and not (isinstance(size, list) and len(size) == 2
-                                     and all(_is_int(v) and 1 <= v <= 100000 for v in size)):
-            raise bad("working_size", "must be [height, width] in pixels, whole numbers from 1 to 100000")
-        for field in ("metrics", "provenance", "quantization"):
-            if field in data and not isinstance(data[field], dict):
-                raise bad(field, f"must be an object, got {type(data[field]).__name__}")
+        mean, std = _parse_normalization(data, bad)
+        _check_optional_fields(data, bad)
 
         out = dict(data)
         out.update(format=FORMAT, arch=arch, num_classes=k, model_kwargs=dict(kwargs), classes=list(classes),
@@ -261,6 +205,78 @@ class CheckpointRecord(Mapping):
 
     def __repr__(self) -> str:
         return f"CheckpointRecord(arch={self.arch!r}, num_classes={self.num_classes}, source={self.source!r})"
+
+
+def _parse_build(data: dict, bad) -> tuple[str, int, dict]:
+    """``arch`` (registered), ``num_classes`` (1..MAX_CLASSES) and ``model_kwargs`` (the builder's allowlist)."""
+    from .registry import list_models, record_kwargs
+
+    arch = data.get("arch")
+    if not isinstance(arch, str):
+        raise bad("arch", "missing" if arch is None else f"must be a model name, got {type(arch).__name__}")
+    if arch not in list_models():
+        raise bad("arch", f"{arch[:60]!r} is not a registered model (see 'fcnseg models')")
+    k = data.get("num_classes")
+    if not _is_int(k) or not 1 <= k <= MAX_CLASSES:
+        raise bad("num_classes", f"must be a whole number from 1 to {MAX_CLASSES}, got {str(k)[:40]!r}")
+    kwargs = data.get("model_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise bad("model_kwargs", f"must be an object, got {type(kwargs).__name__}")
+    allowed = record_kwargs(arch)
+    for name, value in kwargs.items():
+        if name not in allowed:
+            raise bad("model_kwargs", f"{str(name)[:40]!r} is not a build argument a record may set for {arch} "
+                                      f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
+        if not allowed[name](value):
+            raise bad("model_kwargs", f"{name}={str(value)[:40]!r} is not a valid value")
+    return arch, k, kwargs
+
+
+def _parse_outputs(data: dict, k: int, bad) -> tuple[list, list]:
+    """``classes`` and ``colors``: one printable name and one [r, g, b] per class (defaults filled in)."""
+    classes = data.get("classes", [f"class_{i}" for i in range(k)])
+    if not isinstance(classes, list) or not all(isinstance(c, str) and 0 < len(c) <= 200 and c.isprintable()
+                                                for c in classes):
+        raise bad("classes", "must be a list of class names (printable text, 1 to 200 characters)")
+    if len(classes) != k:
+        raise bad("classes", f"{len(classes)} names for {k} classes")
+    colors = data.get("colors", default_palette(k))
+    if not isinstance(colors, list) or not all(
+            isinstance(c, list) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c) for c in colors):
+        raise bad("colors", "must be a list of [r, g, b] triples of whole numbers 0..255")
+    if len(colors) != k:
+        raise bad("colors", f"{len(colors)} colours for {k} classes")
+    return classes, colors
+
+
+def _parse_normalization(data: dict, bad) -> tuple[list, list]:
+    """``normalization``: finite ``mean`` and positive ``std``, one number each per input channel."""
+    norm = data.get("normalization", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    if not isinstance(norm, dict):
+        raise bad("normalization", "must be an object with 'mean' and 'std'")
+    mean, std = norm.get("mean"), norm.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list) and 1 <= len(mean) <= 8 and len(mean) == len(std)
+            and all(_is_number(v) for v in mean) and all(_is_number(v) and v > 0 for v in std)):
+        raise bad("normalization", "needs 'mean' and 'std' lists of equal length (one number per input "
+                                   "channel), every std above 0")
+    return mean, std
+
+
+def _check_optional_fields(data: dict, bad) -> None:
+    """The fields a record may leave out: stored_dtype, top_stride, working_size, and the JSON objects."""
+    stored = data.get("stored_dtype", "float32")
+    if stored not in STORED_DTYPES:
+        raise bad("stored_dtype", f"{str(stored)[:40]!r} is not one of {', '.join(STORED_DTYPES)}")
+    top = data.get("top_stride")
+    if top is not None and (not _is_int(top) or not 1 <= top <= 1024):
+        raise bad("top_stride", f"must be a whole number from 1 to 1024, got {str(top)[:40]!r}")
+    size = data.get("working_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(_is_int(v) and 1 <= v <= 100000 for v in size)):
+        raise bad("working_size", "must be [height, width] in pixels, whole numbers from 1 to 100000")
+    for field in ("metrics", "provenance", "quantization"):
+        if field in data and not isinstance(data[field], dict):
+            raise bad(field, f"must be an object, got {type(data[field]).__name__}")
 
 
 def _parse_heads(data: dict, kwargs: dict, classes: list, colors: list, bad) -> dict[str, Any] | None:
