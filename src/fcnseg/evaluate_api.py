@@ -69,12 +69,12 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     scales = check_scales(scales)
     if limit < 0:
         raise FcnsegError(f"limit must be 0 (all) or more, got {limit}")
+    onnx = str(checkpoint).endswith(".onnx")
     if dense is None and dense_stride is not None:
         raise FcnsegError("dense_stride needs dense='shift-and-stitch' or 'rarefaction'")
-    if dense is not None and str(checkpoint).endswith(".onnx"):
+    if dense is not None and onnx:
         raise FcnsegError("dense scoring needs a PyTorch checkpoint; an exported .onnx model has its upsampling "
                           "built in")
-    onnx = str(checkpoint).endswith(".onnx")
     heads = None if onnx else checkpoint_heads(checkpoint)
     if heads is not None:
         if dense is not None or flip or tuple(scales) != (1.0,) or exclude or exclude_absent:
@@ -109,15 +109,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     if list(record.get("classes", data.classes)) != list(data.classes):
         log.warning("the checkpoint's class names differ from %s's; scoring by index", dataset)
     classes = list(data.classes)
-    excluded = []
-    for c in exclude:
-        c = str(c)
-        if c in classes:
-            excluded.append(classes.index(c))
-        elif c.isdigit() and int(c) < len(classes):
-            excluded.append(int(c))
-        else:
-            raise FcnsegError(f"exclude {c!r}: not a class of {dataset} ({', '.join(classes)})")
+    excluded = class_indices(exclude, classes, dataset)
     n = min(limit, len(data)) if limit else len(data)
     # the freshly loaded model is ours: optimized in place (an ONNX model runs as exported)
     cm = evaluate_model(model, data, indices=list(range(n)), num_classes=model.num_classes,
@@ -161,3 +153,16 @@ def _evaluate_heads(checkpoint: str | Path, model: torch.nn.Module, data, datase
             "split": split, "split_source": getattr(data, "split_source", None), "images": n,
             "tta": {"flip": False, "scales": [1.0]}, "excluded": [],
             "labels": {name: h["label_source"] for name, h in heads.items()}, **first, "heads": heads}
+
+
+def class_indices(names: Sequence[str | int], classes: list[str], dataset: str) -> list[int]:
+    """Indices of classes given by name or index; anything else is a one-line error listing the classes."""
+    out = []
+    for c in map(str, names):
+        if c in classes:
+            out.append(classes.index(c))
+        elif c.isdigit() and int(c) < len(classes):
+            out.append(int(c))
+        else:
+            raise FcnsegError(f"exclude {c!r}: not a class of {dataset} ({', '.join(classes)})")
+    return out
