@@ -9,7 +9,7 @@ import torch.nn as nn
 import fcnseg.optimize
 from fcnseg.config import TrainConfig, from_dict
 from fcnseg.errors import FcnsegError
-from fcnseg.train import run as run_mod
+from fcnseg.train import amp as amp_mod
 from fcnseg.train.engine import SegmentationLoss
 
 from tiny_models import make_folder_dataset, read_weights
@@ -45,11 +45,11 @@ def test_amp_auto_decides_by_the_probe_where_bf16_is_native(monkeypatch, native,
     monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: native)
     clock = _Clock(fp32, bf16)
     model = nn.Conv2d(3, 3, 1)
-    dtype, decision = run_mod.choose_amp(TrainConfig(amp="auto"), model, SegmentationLoss(), _batch(), CPU,
+    dtype, decision = amp_mod.choose_amp(TrainConfig(amp="auto"), model, SegmentationLoss(), _batch(), CPU,
                                          timer=clock)
     assert dtype is want and decision["amp"] == "auto"
     assert decision["dtype"] == ("bfloat16" if want else "float32")
-    if native and fp32 < run_mod.AMP_MIN_STEP_S:
+    if native and fp32 < amp_mod.AMP_MIN_STEP_S:
         assert clock.calls == [None] and "too short" in decision["reason"]
     elif native:
         assert clock.calls == [None, torch.bfloat16] and decision["bfloat16_step_s"] == bf16
@@ -61,7 +61,7 @@ def test_amp_true_or_false_is_taken_as_set(monkeypatch):
     monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: False)
     clock = _Clock(0.1, 0.2)
     for amp, want in ((True, torch.bfloat16), (False, None)):
-        dtype, decision = run_mod.choose_amp(TrainConfig(amp=amp), nn.Conv2d(3, 3, 1), SegmentationLoss(), None, CPU,
+        dtype, decision = amp_mod.choose_amp(TrainConfig(amp=amp), nn.Conv2d(3, 3, 1), SegmentationLoss(), None, CPU,
                                              timer=clock)
         assert dtype is want and decision["reason"] == "set by amp"
     assert clock.calls == []
@@ -82,7 +82,7 @@ def test_the_probe_leaves_no_trace():
     model[0].weight.grad = torch.ones_like(model[0].weight)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    seconds = run_mod.time_train_step(model, SegmentationLoss(), *_batch(), None, steps=2)
+    seconds = amp_mod.time_train_step(model, SegmentationLoss(), *_batch(), None, steps=2)
     assert seconds > 0 and not model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # BN statistics too
     assert torch.equal(torch.get_rng_state(), rng)
@@ -96,15 +96,15 @@ def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tmp_path, monkeyp
 
     data = make_folder_dataset(tmp_path / "data", n_train=6, n_val=0)
     monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: True)
-    real = run_mod.time_train_step
+    real = amp_mod.probe_or_time_here
     probed = []
 
-    def slower_bf16(model, loss_fn, images, masks, dtype, steps=run_mod.AMP_PROBE_STEPS):
+    def slower_bf16(model, loss_fn, images, masks, dtype):
         probed.append(dtype)
-        seconds = real(model, loss_fn, images, masks, dtype, steps=1)
+        seconds = real(model, loss_fn, images, masks, dtype)  # the real probe, in a fresh process
         return seconds + 1 if dtype is None else seconds + 1e3  # long steps, so that the bf16 probe runs too
 
-    monkeypatch.setattr(run_mod, "time_train_step", slower_bf16)
+    monkeypatch.setattr(amp_mod, "probe_or_time_here", slower_bf16)
 
     def train(out, *amp):
         assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "2",
@@ -118,3 +118,38 @@ def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tmp_path, monkeyp
     recorded = json.loads((tmp_path / "auto" / "version.json").read_text())["amp"]
     assert recorded["amp"] == "auto" and recorded["dtype"] == "float32" and recorded["bfloat16_step_s"] > 1e3
     assert json.loads((tmp_path / "off" / "version.json").read_text())["amp"]["reason"] == "set by amp"
+
+
+def test_the_probe_runs_in_a_fresh_process(monkeypatch):
+    """The default probe times the passes in another process, on a copy: this process's own timer never runs
+    (so nothing the passes do stays here), and the model, its gradients and the random stream are untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("timed in the training process")
+
+    monkeypatch.setattr(amp_mod, "time_train_step", not_here)
+    images, masks = _batch()
+    seconds = amp_mod.probe_or_time_here(model, SegmentationLoss(), images.contiguous(
+        memory_format=torch.channels_last), masks, None)
+    assert 0 < seconds < 60
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_model_that_cannot_be_copied_is_timed_here_with_a_warning(caplog):
+    class Local(nn.Module):  # a class defined in a function cannot be unpickled in another process
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with caplog.at_level("WARNING", logger="fcnseg.train.amp"):
+        seconds = amp_mod.probe_or_time_here(Local(), SegmentationLoss(), *_batch(), None)
+    assert seconds > 0
+    assert "could not time float32 in a fresh process" in caplog.text

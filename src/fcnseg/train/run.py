@@ -30,6 +30,7 @@ from ..metrics import format_table
 from ..outputs import output_dir
 from . import distributed as dst
 from . import engine, report
+from .amp import choose_amp
 from .loader import Seeded, ShardSampler, make_loader, scan_samples
 from .optim import build_optimizer, build_scheduler
 from .state import load_state, rng_state, save_state, set_rng_state
@@ -238,114 +239,6 @@ def resolve_class_weights(spec, data: Data, cfg: TrainConfig) -> torch.Tensor | 
         raise FcnsegError(f"class_weights: expected {k} non-negative numbers (one per class of {cfg.dataset}), "
                           f"got {len(spec)}")
     return torch.tensor([float(w) ** cfg.class_weight_power for w in spec], dtype=torch.float32)
-
-
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype that ``amp`` true asks for on ``device``; None for false (``auto`` is decided by
-    ``choose_amp``, and means this dtype where that finds it worth it)."""
-    if cfg.amp is False:
-        return None
-    if cfg.amp_dtype == "fp16":
-        return torch.float16
-    if cfg.amp_dtype == "bf16" or device.type != "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-# ---- amp: auto -------------------------------------------------------------------------------------------------
-AMP_PROBE_STEPS = 3  # timed forward/backward passes per precision, after one untimed warm-up each
-# below this many seconds per float32 step the run is overhead-bound: bf16 has too little to win to be worth a
-# change of numerics, and a timing that close to the noise would make runs of one config differ by chance
-AMP_MIN_STEP_S = 0.1
-AMP_MIN_GAIN = 1.1  # bf16 must be at least 10% faster: a near tie is noise, and float32 is the exact path
-
-
-def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor, masks: torch.Tensor,
-                    dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS) -> float:
-    """Median seconds of a forward and backward pass on ``images`` with autocast ``dtype`` (None: full
-    precision), leaving no trace: gradients, batch-norm statistics and random streams are as they were."""
-    device = images.device
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    was_training = model.training
-    times = []
-    try:
-        model.train()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for i in range(steps + 1):
-                for p in model.parameters():
-                    p.grad = None
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                with engine.autocast(device, dtype):
-                    logits = model(images)
-                loss_sum, norm = loss_fn(logits, masks)
-                (loss_sum / norm.clamp_min(1)).backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i:  # the first pass pays for oneDNN's kernel choices and allocations
-                    times.append(time.perf_counter() - t0)
-    finally:
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-        for n, p in model.named_parameters():
-            p.grad = grads[n]
-        model.train(was_training)
-    return float(np.median(times))
-
-
-def native_autocast(device: torch.device) -> tuple[bool, str]:
-    """Whether ``device`` runs bf16 natively, and if not, why (for the log)."""
-    from ..optimize import native_bf16_cpu
-
-    if device.type == "cuda":
-        return (True, "") if torch.cuda.is_bf16_supported() else (False, "this GPU has no bf16 support")
-    if device.type == "cpu":
-        if native_bf16_cpu():
-            return True, ""
-        return False, f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16"
-    return False, f"no bf16 probe for {device.type}"
-
-
-def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationLoss, batch, device: torch.device,
-               timer: Callable | None = None) -> tuple[torch.dtype | None, dict[str, Any]]:
-    """The autocast dtype for the run, and the decision as a record ``{"amp", "dtype", "reason", ...}``.
-
-    ``amp`` true or false is taken as set. ``auto``: bf16 autocast only where the device runs bf16
-    natively and ``timer`` (a forward and backward pass on ``batch``, ``(images, masks)`` of the run's
-    training shape) finds it at least ``AMP_MIN_GAIN`` times faster than full precision, on steps long enough
-    (``AMP_MIN_STEP_S``) for that to be measured and to matter; otherwise float32. A decision by measurement,
-    not by flag: bf16 autocast was slower than float32 channels-last on a CPU with native bf16 units.
-    """
-    if cfg.amp != "auto":
-        dtype = amp_dtype(cfg, device)
-        return dtype, {"amp": cfg.amp, "dtype": _dtype_name(dtype), "reason": "set by amp"}
-    native, why = native_autocast(device)
-    if not native:
-        return None, {"amp": "auto", "dtype": "float32", "reason": why}
-    if batch is None:
-        return None, {"amp": "auto", "dtype": "float32",
-                      "reason": "no training-shaped batch to time (no fixed crop_size, or several heads)"}
-    timer = timer or time_train_step  # looked up now, so that tests can stand in for the clock
-    images, masks = batch
-    images, masks = images.to(device), masks.to(device)
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    full = timer(model, loss_fn, images, masks, None)
-    if full < AMP_MIN_STEP_S:
-        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(full, 4),
-                      "reason": f"a float32 step takes {full:.3f} s, under {AMP_MIN_STEP_S} s: too short for bf16 "
-                                f"to pay"}
-    half = timer(model, loss_fn, images, masks, torch.bfloat16)
-    dtype = torch.bfloat16 if half * AMP_MIN_GAIN <= full else None
-    return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on a training-shaped batch",
-                   "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4)}
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str:
-    return "float32" if dtype is None else str(dtype).replace("torch.", "")
 
 
 def _probe_batch(data: Data, cfg: TrainConfig):

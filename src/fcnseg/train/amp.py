@@ -1,0 +1,183 @@
+"""Mixed precision for training: what ``amp`` asks for, and ``amp: auto``'s decision by measurement.
+
+``choose_amp`` picks bf16 autocast only where the device runs bf16 natively and a timed forward and backward
+pass on a batch of the run's training shape finds it clearly faster than float32. The passes are timed in
+fresh processes (``probe_train_step``), one per precision: timing them in the training process left it about
+20% slower for the rest of the run on a 2-core Xeon (channels-last float32 after a bf16 and a float32 probe:
+4.0 against 5.2 images/s, ``benchmarks/train_speed.py``), and a fresh process per precision also makes the two
+timings start alike.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import TrainConfig
+from . import engine
+
+logger = logging.getLogger(__name__)
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that ``amp`` true asks for on ``device``; None for false (``auto`` is decided by
+    ``choose_amp``, and means this dtype where that finds it worth it)."""
+    if cfg.amp is False:
+        return None
+    if cfg.amp_dtype == "fp16":
+        return torch.float16
+    if cfg.amp_dtype == "bf16" or device.type != "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ---- amp: auto -------------------------------------------------------------------------------------------------
+AMP_PROBE_STEPS = 3  # timed forward/backward passes per precision, after one untimed warm-up each
+# below this many seconds per float32 step the run is overhead-bound: bf16 has too little to win to be worth a
+# change of numerics, and a timing that close to the noise would make runs of one config differ by chance
+AMP_MIN_STEP_S = 0.1
+AMP_MIN_GAIN = 1.1  # bf16 must be at least 10% faster: a near tie is noise, and float32 is the exact path
+
+
+def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor, masks: torch.Tensor,
+                    dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS) -> float:
+    """Median seconds of a forward and backward pass on ``images`` with autocast ``dtype`` (None: full
+    precision), in this process, leaving no trace on the model: gradients, batch-norm statistics and random
+    streams are as they were. (The process itself keeps what the passes did to its allocator and oneDNN's
+    caches; ``probe_train_step`` runs this in a fresh process so that the run does not.)"""
+    device = images.device
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    was_training = model.training
+    times = []
+    try:
+        model.train()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for i in range(steps + 1):
+                for p in model.parameters():
+                    p.grad = None
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                with engine.autocast(device, dtype):
+                    logits = model(images)
+                loss_sum, norm = loss_fn(logits, masks)
+                (loss_sum / norm.clamp_min(1)).backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:  # the first pass pays for oneDNN's kernel choices and allocations
+                    times.append(time.perf_counter() - t0)
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        model.train(was_training)
+    return float(np.median(times))
+
+
+PROBE_TIMEOUT_S = 600  # a probe process that takes longer than this is given up (and timed here instead)
+
+
+def probe_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor, masks: torch.Tensor,
+                     dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS) -> float:
+    """``time_train_step`` in a fresh Python process, with this process's torch thread count, on a copy of
+    ``model`` sent over a pipe: nothing the timed passes do (allocations, oneDNN's kernel caches) stays in the
+    training process. Raises ``RuntimeError`` when the copy cannot be made or the probe process fails."""
+    buffer = io.BytesIO()
+    # our own objects, into a pipe to our own child: never a file, never read from anywhere else
+    torch.save({"model": model, "loss_fn": loss_fn, "images": images, "masks": masks, "dtype": dtype,
+                "steps": int(steps), "threads": torch.get_num_threads()}, buffer)  # strides (channels-last) kept
+    bootstrap = ("import sys; sys.path[:0] = sys.argv[1:]; from fcnseg.train.amp import _probe_child; "
+                 "_probe_child()")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-c", bootstrap, *[p for p in sys.path if p]], input=buffer.getvalue(),
+                          capture_output=True, timeout=PROBE_TIMEOUT_S, env=env)
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    if proc.returncode or not lines:
+        tail = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the timing process failed: {tail}")
+    return float(lines[-1])
+
+
+def _probe_child() -> None:
+    """The probe process: read the pickled job from stdin (written by ``probe_train_step`` in the parent), print
+    the median seconds."""
+    job = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)  # the parent's own bytes
+    torch.set_num_threads(job["threads"])
+    seconds = time_train_step(job["model"], job["loss_fn"], job["images"], job["masks"], job["dtype"],
+                              steps=job["steps"])
+    print(seconds, flush=True)
+
+
+def probe_or_time_here(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor,
+                       masks: torch.Tensor, dtype: torch.dtype | None) -> float:
+    """``probe_train_step``, or where the model cannot be copied into another process (a class defined in a
+    function, an attribute holding a lock) or that process fails, ``time_train_step`` here, with a warning."""
+    try:
+        return probe_train_step(model, loss_fn, images, masks, dtype)
+    except (RuntimeError, OSError, subprocess.SubprocessError, pickle.PicklingError, AttributeError, TypeError) as e:
+        logger.warning("amp auto: could not time %s in a fresh process (%s); timing it in this one",
+                       _dtype_name(dtype), str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return time_train_step(model, loss_fn, images, masks, dtype)
+
+
+def native_autocast(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` runs bf16 natively, and if not, why (for the log)."""
+    from ..optimize import native_bf16_cpu
+
+    if device.type == "cuda":
+        return (True, "") if torch.cuda.is_bf16_supported() else (False, "this GPU has no bf16 support")
+    if device.type == "cpu":
+        if native_bf16_cpu():
+            return True, ""
+        return False, f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16"
+    return False, f"no bf16 probe for {device.type}"
+
+
+def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationLoss, batch, device: torch.device,
+               timer: Callable | None = None) -> tuple[torch.dtype | None, dict[str, Any]]:
+    """The autocast dtype for the run, and the decision as a record ``{"amp", "dtype", "reason", ...}``.
+
+    ``amp`` true or false is taken as set. ``auto``: bf16 autocast only where the device runs bf16
+    natively and ``timer`` (a forward and backward pass on ``batch``, ``(images, masks)`` of the run's
+    training shape) finds it at least ``AMP_MIN_GAIN`` times faster than full precision, on steps long enough
+    (``AMP_MIN_STEP_S``) for that to be measured and to matter; otherwise float32. A decision by measurement,
+    not by flag: bf16 autocast was slower than float32 channels-last on a CPU with native bf16 units.
+    """
+    if cfg.amp != "auto":
+        dtype = amp_dtype(cfg, device)
+        return dtype, {"amp": cfg.amp, "dtype": _dtype_name(dtype), "reason": "set by amp"}
+    native, why = native_autocast(device)
+    if not native:
+        return None, {"amp": "auto", "dtype": "float32", "reason": why}
+    if batch is None:
+        return None, {"amp": "auto", "dtype": "float32",
+                      "reason": "no training-shaped batch to time (no fixed crop_size, or several heads)"}
+    timer = timer or probe_or_time_here  # looked up now, so that tests can stand in for the clock
+    images, masks = batch
+    images, masks = images.to(device), masks.to(device)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    full = timer(model, loss_fn, images, masks, None)
+    if full < AMP_MIN_STEP_S:
+        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(full, 4),
+                      "reason": f"a float32 step takes {full:.3f} s, under {AMP_MIN_STEP_S} s: too short for bf16 "
+                                f"to pay"}
+    half = timer(model, loss_fn, images, masks, torch.bfloat16)
+    dtype = torch.bfloat16 if half * AMP_MIN_GAIN <= full else None
+    return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on a training-shaped batch",
+                   "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4)}
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "float32" if dtype is None else str(dtype).replace("torch.", "")
