@@ -169,3 +169,16 @@ def test_mixed_sizes_and_batch_norm_fold_score_exactly(tmp_path):
     got = evaluate_model(model, dataset, batch_size=4, workers=1)
     assert torch.equal(got.mat, want)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the caller's model was left alone
+
+
+def test_validation_in_training_scores_as_evaluate_does(trained, tmp_path):
+    """The run's validation goes through the evaluate path: its scores after the last epoch are exactly
+    those of ``fcnseg evaluate`` on the checkpoint that epoch saved."""
+    data, run, _ = trained
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = rows[-1]["val"]
+    out = tmp_path / "s.json"
+    assert _evaluate(data, run / "checkpoints" / "last.safetensors", "--json", str(out)) == 0
+    s = json.loads(out.read_text())
+    for key in ("pixel_accuracy", "mean_iou", "fw_iou", "num_pixels"):
+        assert val[key] == s[key], key

@@ -473,16 +473,22 @@ def validation_due(run: Run, stats: engine.EpochStats) -> bool:
 
 
 def validate(run: Run) -> dict[str, Any]:
-    """Score the model on the validation split (sharded over processes, summed) and keep the scores."""
+    """Score the model on the validation split (sharded over processes, summed) and keep the scores.
+    Single-head nets are scored as ``fcnseg evaluate`` scores them (``evaluate_model``: an optimized copy,
+    equal-size images batched, loading overlapped); the training model itself is not touched."""
+    from ..evaluation import evaluate_model
+
     cfg, info, data = run.cfg, run.info, run.data
     n = len(data.val_indices) if not cfg.val_limit else min(cfg.val_limit, len(data.val_indices))
     shard = list(range(info.rank, n, info.world))  # a plain shard: no padding, so no image counts twice
-    loader = make_loader(Seeded(data.val, data.val_indices), shard, 1, cfg.workers, info.device)
     if data.heads is not None:
-        return validate_heads(run, loader)
-    cm = engine.evaluate(run.model, loader, data.num_classes, device=info.device, ignore_index=data.ignore_index,
-                         amp_dtype=run.options.amp_dtype, channels_last=cfg.channels_last,
-                         progress=run.options.progress, desc=f"val {run.pos.epoch + 1}")
+        return validate_heads(run, make_loader(Seeded(data.val, data.val_indices), shard, 1, cfg.workers,
+                                               info.device))
+    dtype = run.options.amp_dtype if run.options.amp_dtype == torch.bfloat16 else None  # fp16 amp: scored in fp32
+    cm = evaluate_model(run.model, data.val, indices=[data.val_indices[i] for i in shard],
+                        num_classes=data.num_classes, ignore_index=data.ignore_index, device=info.device, dtype=dtype,
+                        channels_last=cfg.channels_last, workers=cfg.workers, progress=run.options.progress,
+                        desc=f"val {run.pos.epoch + 1}")
     run.last_scores = cm.compute(class_names=data.classes)
     return run.last_scores
 
