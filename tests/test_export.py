@@ -117,6 +117,44 @@ def test_onnxruntime_backend_needs_an_onnx_file(exported):
         fcnseg.Segmenter.from_checkpoint(ckpt, backend="onnxruntime")
 
 
+# -- OpenVINO ---------------------------------------------------------------------------------------
+
+def test_openvino_backend_matches_the_eager_model(exported, tmp_path, capsys):
+    """The same exported file run by OpenVINO: the eager model's logits at any size, the record from the file's
+    metadata, compiled forms kept for the newest shapes only, and predict's masks equal to torch's."""
+    from fcnseg.export import OpenVinoModel
+
+    ckpt, onnx_path = exported
+    model = fcnseg.load_checkpoint(ckpt)
+    runtime = OpenVinoModel(onnx_path, threads=1, shapes=2)
+    assert runtime.record["classes"][2] == "thing2" and runtime.num_classes == 5 and runtime.top_stride == 32
+    for shape in [(1, 3, 96, 128), (2, 3, 77, 131), (1, 3, 200, 61), (1, 3, 96, 128)]:
+        r = parity(model, runtime, torch.randn(*shape))
+        assert r["max_abs_logit_diff"] < 1e-3 and r["class_agreement"] > 0.999, (shape, r)
+    assert list(runtime._requests) == [(1, 3, 200, 61), (1, 3, 96, 128)]  # the oldest shape was let go
+
+    src = tmp_path / "x.png"
+    random_image(90, 117, 7).save(src)
+    for backend, path, out in [("torch", ckpt, tmp_path / "t"), ("openvino", onnx_path, tmp_path / "v")]:
+        assert main(["predict", "--checkpoint", str(path), "--backend", backend, str(src), "--out", str(out)]) == 0
+    a, b = np.asarray(Image.open(tmp_path / "t" / "x.png")), np.asarray(Image.open(tmp_path / "v" / "x.png"))
+    assert a.shape == (90, 117) and (a == b).mean() > 0.999
+
+    # user errors are one line each, before anything runs
+    for argv, message in [
+            (["predict", "--checkpoint", str(ckpt), "--backend", "openvino", str(src), "--out", str(tmp_path / "e")],
+             "the openvino backend runs an exported .onnx model"),
+            (["benchmark", "--model", str(tmp_path / "missing.onnx"), "--backend", "openvino"], "missing.onnx")]:
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a protobuf at all")
+    with pytest.raises(fcnseg.errors.FcnsegError, match="broken.onnx: not a readable ONNX file"):
+        OpenVinoModel(broken)
+
+
 # -- int8 -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -193,6 +231,15 @@ def test_int8_only_some_layers(exported, tmp_path):
     with pytest.raises(fcnseg.errors.FcnsegError, match="no convolution has a weight named nope"):
         quantize_onnx(onnx_path, tmp_path / "none.onnx", calib, only=("nope",))
     assert not (tmp_path / "none.onnx").exists()
+
+
+def test_int8_model_runs_in_openvino_as_in_onnx_runtime(int8_export):
+    from fcnseg.export import OpenVinoModel
+
+    _, path = int8_export
+    x = torch.randn(1, 3, 96, 128)
+    r = parity(OnnxRuntimeModel(path), OpenVinoModel(path, threads=1), x)
+    assert r["class_agreement"] > 0.98, r
 
 
 def test_int8_model_runs_at_any_size_close_to_float(int8_export):

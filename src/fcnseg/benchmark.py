@@ -32,9 +32,10 @@ DEFAULT_SPEC: dict[str, Any] = {
     "model": "fcn8s_vgg16",  # registered name (random weights), checkpoint, .onnx file, or "module:factory"
     "factory_kwargs": {},  # keyword arguments for a "module:factory" model
     "num_classes": 21,  # for a registered name
-    "backend": "torch",  # or "onnxruntime" (model must then be an .onnx file)
+    "backend": "torch",  # or "onnxruntime" / "openvino" (model must then be an .onnx file)
     "dtype": "float32",
     "channels_last": True,
+    "keep_float32": None,  # layer names that stay float32 in a bfloat16 model (optimize's keep_float32)
     "optimize": True,  # False: run the model exactly as built (for a foreign model as its users run it)
     "device": "cpu",
     "size": [500, 500],
@@ -114,7 +115,8 @@ def export_for_onnxruntime(spec: dict[str, Any], path: str | Path) -> dict[str, 
     model = _build_torch(spec)
     export_onnx(model, path, example_size=tuple(spec["size"]))
     flops = count_flops(model, torch.zeros(spec["batch"], 3, *spec["size"]))
-    return {"model": str(path), "backend": "onnxruntime", "flops": flops}
+    return {"model": str(path), "backend": spec["backend"] if spec["backend"] != "torch" else "onnxruntime",
+            "flops": flops}
 
 
 def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
@@ -145,10 +147,17 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
         if parse_dtype(spec["dtype"]) != torch.float32:
             raise ValueError("the onnxruntime backend runs the exported float32 model; use --dtype float32")
         model = OnnxRuntimeModel(spec["model"], threads=spec["threads"])
+    elif spec["backend"] == "openvino":
+        from .export import OpenVinoModel
+
+        # bfloat16: OpenVINO's own bf16 inference precision for the float layers
+        model = OpenVinoModel(spec["model"], threads=spec["threads"],
+                              precision="bf16" if parse_dtype(spec["dtype"]) == torch.bfloat16 else "f32")
     elif spec["backend"] == "torch":
         model = _build_torch(spec).to(device)
         if spec["optimize"] and spec["mode"] == "model":
-            model = optimize(model, spec["dtype"], spec["channels_last"], inplace=True)  # the model is ours
+            model = optimize(model, spec["dtype"], spec["channels_last"], inplace=True,  # the model is ours
+                             keep_float32=spec["keep_float32"])
     else:
         raise ValueError(f"unknown backend {spec['backend']!r}")
 
@@ -267,6 +276,8 @@ def _worker(argv: list[str]) -> int:
         spec = json.loads(argv[0])
         if spec.get("backend") == "onnxruntime":
             import onnxruntime  # noqa: F401  (its import belongs to the baseline, like torch's)
+        elif spec.get("backend") == "openvino":
+            import openvino  # noqa: F401
         result = run_benchmark(spec)
     print(json.dumps(result), flush=True)
     return 0

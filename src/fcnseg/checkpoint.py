@@ -363,26 +363,27 @@ def load_checkpoint(path_or_name: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval()
 
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 def open_model(path_or_name: str | Path, backend: str | None = None, device: str | torch.device = "cpu",
                threads: int | None = None):
     """A model ready for inference, from a checkpoint (a built-in name, a .safetensors file, a run
-    directory: PyTorch) or an exported ``.onnx`` file (ONNX Runtime; the default backend for that suffix).
-    Either has ``.record`` (a ``CheckpointRecord``; {} for a foreign ONNX file), ``.num_classes`` and
-    ``.top_stride``, and maps (B, C, H, W) float tensors to (B, K, H, W) logits."""
+    directory: PyTorch) or an exported ``.onnx`` file (ONNX Runtime, the default backend for that suffix, or
+    OpenVINO). Either has ``.record`` (a ``CheckpointRecord``; {} for a foreign ONNX file), ``.num_classes``
+    and ``.top_stride``, and maps (B, C, H, W) float tensors to (B, K, H, W) logits."""
     is_onnx = str(path_or_name).endswith(".onnx")
     backend = backend or ("onnxruntime" if is_onnx else "torch")
     if backend not in BACKENDS:
         raise FcnsegError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "onnxruntime":
+    if backend != "torch":
         if not is_onnx:
-            raise FcnsegError(f"{path_or_name}: the onnxruntime backend runs an exported .onnx model; "
+            raise FcnsegError(f"{path_or_name}: the {backend} backend runs an exported .onnx model; "
                               f"make one with 'fcnseg export --format onnx'")
-        from .export import OnnxRuntimeModel
+        from .export import OnnxRuntimeModel, OpenVinoModel
 
-        return OnnxRuntimeModel(path_or_name, threads=threads)
+        runtime = OnnxRuntimeModel if backend == "onnxruntime" else OpenVinoModel
+        return runtime(path_or_name, threads=threads)
     if is_onnx:
-        raise FcnsegError(f"{path_or_name}: an ONNX model runs with backend='onnxruntime'")
+        raise FcnsegError(f"{path_or_name}: an ONNX model runs with backend='onnxruntime' or 'openvino'")
     return load_checkpoint(path_or_name, device=device)

@@ -31,7 +31,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
                         split: str | None = None, *, flip: bool = False, scales: Sequence[float] = (1.0,),
                         exclude: Sequence[str | int] = (), exclude_absent: bool = False, limit: int = 0,
                         batch_size: int = 8, workers: int = 2, device: str | torch.device = "auto",
-                        dtype: str = "float32", onnx_threads: int | None = None, dataset_kwargs: dict | None = None,
+                        dtype: str = "float32", onnx_threads: int | None = None, backend: str | None = None,
+                        dataset_kwargs: dict | None = None,
                         dense: str | None = None, dense_stride: int | None = None,
                         progress: bool = False) -> dict[str, Any]:
     """Score ``checkpoint`` (a built-in name, .safetensors file, run directory or exported .onnx file) on a
@@ -44,6 +45,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     ``flip``/``scales`` add test-time augmentation; ``exclude`` (names or indices) and ``exclude_absent``
     leave classes out of the class-averaged means. ``dense`` ("shift-and-stitch" or "rarefaction") scores the
     net densely at ``dense_stride`` (default 8) instead of upsampling its coarse scores (``models.dense``).
+    ``backend`` runs an exported .onnx checkpoint: "onnxruntime" (the default) or "openvino".
     Returns the scores (fractions in [0, 1]) with the confusion matrix, per-class rows and what was scored.
     """
     from .checkpoint import open_model
@@ -72,6 +74,9 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     onnx = str(checkpoint).endswith(".onnx")
     if dense is None and dense_stride is not None:
         raise FcnsegError("dense_stride needs dense='shift-and-stitch' or 'rarefaction'")
+    if backend not in (None, "torch") and not onnx:
+        raise FcnsegError(f"{checkpoint}: the {backend} backend runs an exported .onnx model; a checkpoint runs in "
+                          f"PyTorch")
     if dense is not None and onnx:
         raise FcnsegError("dense scoring needs a PyTorch checkpoint; an exported .onnx model has its upsampling "
                           "built in")
@@ -85,8 +90,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     # the data is checked before the model loads: a wrong root or split fails in a second
     data = build_dataset(dataset, root, split, **dataset_kwargs)
     device = torch.device("cpu") if onnx else pick_device(str(device))
-    model = open_model(checkpoint, device=device, threads=onnx_threads)
-    if not isinstance(model, torch.nn.Module):  # ONNX Runtime: in the nn.Module form evaluation expects
+    model = open_model(checkpoint, backend=backend if onnx else None, device=device, threads=onnx_threads)
+    if not isinstance(model, torch.nn.Module):  # ONNX Runtime, OpenVINO: in the nn.Module form evaluation expects
         if dtype != "float32":
             raise FcnsegError("dtype/amp are for PyTorch checkpoints; an ONNX model runs in its own precision")
         model = OnnxRuntimeModule(model)

@@ -1,6 +1,6 @@
 """Export for deployment: ONNX and TorchScript with dynamic height and width, a parity check against
 the eager model, static int8 quantization of an exported ONNX model (``quantize_onnx``), and
-``OnnxRuntimeModel`` to run an exported ONNX file like a PyTorch model.
+``OnnxRuntimeModel`` (or ``OpenVinoModel``) to run an exported ONNX file like a PyTorch model.
 
 The checkpoint record (classes, colours, normalization) travels inside the exported file: as ONNX
 ``metadata_props`` (key ``fcnseg``) or as a TorchScript extra file (``fcnseg.json``).
@@ -242,6 +242,76 @@ class OnnxRuntimeModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(out)
+
+
+class OpenVinoModel:
+    """An exported ONNX model run by OpenVINO's CPU plugin, called like ``OnnxRuntimeModel``:
+    (B, 3, H, W) -> logits, with ``record``, ``num_classes`` and ``top_stride`` from the file's metadata.
+
+    OpenVINO compiles a model for one input shape; the compiled forms of the last ``shapes`` shapes are kept
+    (a photo folder of one camera, or the tiles of ``Segmenter``, use one or two). ``precision`` is OpenVINO's
+    inference precision for float layers: "f32" (the default: the exported model's own arithmetic) or "bf16"
+    (on CPUs with native bf16). An int8 file from ``fcnseg export --int8`` runs its quantized layers in int8.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, precision: str = "f32", shapes: int = 4):
+        try:
+            import openvino as ov
+        except ModuleNotFoundError:
+            raise FcnsegError("the openvino backend needs OpenVINO: pip install 'fcnseg[openvino]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise FcnsegError(f"{path}: no such ONNX file")
+        if precision not in ("f32", "bf16"):
+            raise FcnsegError(f"OpenVINO precision must be f32 or bf16, got {precision!r}")
+        self.record = onnx_record(path)
+        self._core = ov.Core()
+        try:
+            self._model = self._core.read_model(str(path))
+        except Exception as e:  # OpenVINO raises its own exception types for unreadable models
+            raise FcnsegError(f"{path}: OpenVINO cannot load it ({str(e).strip().splitlines()[0][:200]})") from None
+        self._config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            self._config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._shapes = max(1, int(shapes))
+        self._requests: dict[tuple[int, ...], Any] = {}  # input shape -> infer request, oldest first
+        out = self._model.output(0).get_partial_shape()
+        self.num_classes = int(self.record.get("num_classes") or (out[1].get_length() if out[1].is_static else 0))
+        self.top_stride = int(self.record.get("top_stride", 32))
+        self.path = path
+
+    def _request(self, shape: tuple[int, ...]):
+        request = self._requests.pop(shape, None)
+        if request is None:
+            model = self._model.clone()
+            try:
+                model.reshape(list(shape))
+                request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+            except Exception as e:
+                raise FcnsegError(f"{self.path}: OpenVINO cannot run it on input {list(shape)} "
+                                  f"({str(e).strip().splitlines()[0][:200]})") from None
+            while len(self._requests) >= self._shapes:
+                self._requests.pop(next(iter(self._requests)))
+        self._requests[shape] = request  # the newest last
+        return request
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().float().cpu().contiguous().numpy()
+        request = self._request(tuple(array.shape))
+        request.infer({0: array})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+
+def onnx_record(path: Path) -> CheckpointRecord | dict[str, Any]:
+    """The checkpoint record an exported ONNX file carries in its metadata ({} for a foreign file)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's decode errors have no common public type
+        raise FcnsegError(f"{path}: not a readable ONNX file ({str(e).strip().splitlines()[0][:200]})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return CheckpointRecord.from_json(meta[METADATA_KEY], path) if METADATA_KEY in meta else {}
 
 
 class OnnxRuntimeModule(nn.Module):

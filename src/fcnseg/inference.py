@@ -131,7 +131,8 @@ class Segmenter:
     def from_checkpoint(cls, path_or_name: str | Path, *, backend: str | None = None, device: str = "cpu",
                         **kwargs: Any) -> "Segmenter":
         """A Segmenter for a checkpoint (a built-in name, a .safetensors file or a run directory), or for
-        an exported ``.onnx`` file run by ONNX Runtime (``backend="onnxruntime"``, implied by the suffix)."""
+        an exported ``.onnx`` file run by ONNX Runtime (``backend="onnxruntime"``, implied by the suffix) or
+        OpenVINO (``backend="openvino"``)."""
         model = open_model(path_or_name, backend=backend, device=device)
         if isinstance(model, nn.Module):  # the freshly loaded model is ours: converting it in place saves a copy
             return cls(model, device=device, inplace=True, **kwargs)

@@ -14,11 +14,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "the process's peak resident memory during inference minus its memory after "
                                    "imports (weights included); see fcnseg.benchmark for the method.")
     p.add_argument("--model", required=True,
-                   help="registered architecture (random weights), checkpoint, or .onnx file (onnxruntime backend)")
+                   help="registered architecture (random weights), checkpoint, or .onnx file (onnxruntime or "
+                        "openvino backend)")
     p.add_argument("--size", type=int, nargs=2, default=(500, 500), metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="onnxruntime: an .onnx file as is, or a model exported to a temporary ONNX file first")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                   help="onnxruntime or openvino: an .onnx file as is, or a model exported to a temporary ONNX file "
+                        "first (openvino --dtype bfloat16: OpenVINO's bf16 inference precision)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the default NCHW memory format")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in list_models() and not args.model.endswith(".onnx"):
         spec["model"] = str(resolve_checkpoint(args.model))
     with tempfile.TemporaryDirectory(prefix="fcnseg-bench-") as tmp:
-        if args.backend == "onnxruntime" and not args.model.endswith(".onnx"):
+        if args.backend != "torch" and not args.model.endswith(".onnx"):
             spec.update(export_for_onnxruntime(spec, Path(tmp) / "model.onnx"))
         result = benchmark(spec)
     label = f"{args.model} {args.backend} {args.dtype} {args.size[0]}x{args.size[1]} batch {args.batch}"

@@ -14,7 +14,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "Means leave out classes with no defined value (see fcnseg.metrics).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a .safetensors checkpoint, a run directory, a built-in name, or an exported .onnx file "
-                        "(run by ONNX Runtime on the CPU, e.g. to score an int8 model)")
+                        "(run by ONNX Runtime on the CPU, e.g. to score an int8 model; or by OpenVINO: --backend)")
+    p.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
+                   help="the runtime of an exported .onnx checkpoint (default onnxruntime)")
     p.add_argument("--dataset", help="dataset family: camvid, siftflow, voc, folder, ... (default: the run's)")
     p.add_argument("--root", metavar="DIR", help="dataset folder (default: the run's, for a run directory)")
     p.add_argument("--split", default=None, help="split to score (default: the run's val split, else val)")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.dataset, args.root, args.split, flip=args.flip, scales=args.scales,
         exclude=args.exclude, exclude_absent=args.exclude_absent, limit=args.limit, batch_size=args.batch_size,
         workers=args.workers, device=args.device, dtype="bfloat16" if args.amp else args.dtype,
-        onnx_threads=args.threads or None, dense=args.dense, dense_stride=args.dense_stride,
+        onnx_threads=args.threads or None, backend=args.backend, dense=args.dense, dense_stride=args.dense_stride,
         progress=sys.stderr.isatty() if args.progress is None else args.progress)
     tta = scores["tta"]
     aug = "" if tta == {"flip": False, "scales": [1.0]} else f", test-time flip={tta['flip']} scales={tta['scales']}"

@@ -26,8 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg: colours blended over the image")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight (default 0.5)")
     p.add_argument("--probs", action="store_true", help="also write <stem>_probs.npy: float16 (K, H, W) probabilities")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
-                   help="torch (default) or onnxruntime for an exported .onnx model (default for .onnx files)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default=None,
+                   help="torch (default), or for an exported .onnx model onnxruntime (its default) or openvino")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute type of the torch backend (bfloat16: faster on CPUs with bf16 units)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -206,7 +206,7 @@ def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: 
     unsupported = [flag for flag, used in (
         ("--overlay", args.overlay), ("--probs", args.probs), ("--uncertainty", args.uncertainty),
         ("--flip", args.flip), ("--scales", list(args.scales) != [1.0]), ("--dense", args.dense is not None),
-        ("--backend onnxruntime", args.backend == "onnxruntime"), ("--dtype bfloat16", args.dtype != "float32"),
+        (f"--backend {args.backend}", args.backend not in (None, "torch")), ("--dtype bfloat16", args.dtype != "float32"),
         ("--scale", args.scale is not None), ("--max-side", bool(args.max_side))) if used]
     if unsupported:
         raise FcnsegError(f"{show_path(args.checkpoint)} is a multi-head net ({', '.join(heads)}); predict writes "
