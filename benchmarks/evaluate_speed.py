@@ -74,14 +74,21 @@ def main() -> None:
         evaluate_model(model, dataset, indices=list(range(n)), **common)
         eval_ips = n / (time.perf_counter() - t0)
 
-    bench = benchmark({"model": spec_model, "num_classes": num_classes, "dtype": args.dtype, "size": [int(h), int(w)],
-                       "batch": args.batch_size, "warmup": 2, "iters": args.iters, "threads": threads})
-    model_ips = bench["images_per_second"]
+    def model_only(batch: int) -> float:
+        return benchmark({"model": spec_model, "num_classes": num_classes, "dtype": args.dtype, "size": [int(h), int(w)],
+                          "batch": batch, "warmup": 2, "iters": args.iters, "threads": threads})["images_per_second"]
+
+    # the reference is fcnseg benchmark as a user runs it (batch 1), and the model alone at the evaluated batch
+    sizes = sorted({1, args.batch_size})
+    model_ips = {b: model_only(b) for b in sizes}
+    best = max(model_ips.values())
     print(f"{args.model} {args.dtype} {h}x{w} batch {args.batch_size}, {threads} threads, {n} images "
-          f"({'synthetic, in memory' if args.synthetic else f'{args.dataset} {args.split}, {args.workers} workers'})")
+          f"({'synthetic, in memory' if args.synthetic else f'{args.dataset} {args.split}, {args.workers} workers'}), "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"  evaluate path   {eval_ips:8.2f} images/s   (optimize once: {optimize_s:.2f} s, not included)")
-    print(f"  model only      {model_ips:8.2f} images/s   (fcnseg benchmark, fresh process)")
-    print(f"  ratio           {eval_ips / model_ips:8.2f}            (target >= 0.8)")
+    for b in sizes:
+        print(f"  model only      {model_ips[b]:8.2f} images/s   (fcnseg benchmark --batch {b}, fresh process)")
+    print(f"  ratio           {eval_ips / best:8.2f}            (against the faster model-only batch; target >= 0.8)")
 
 
 if __name__ == "__main__":

@@ -182,3 +182,32 @@ def test_validation_in_training_scores_as_evaluate_does(trained, tmp_path):
     s = json.loads(out.read_text())
     for key in ("pixel_accuracy", "mean_iou", "fw_iou", "num_pixels"):
         assert val[key] == s[key], key
+
+
+def test_scoring_in_worker_processes_counts_exactly(one_thread, monkeypatch):
+    """Where the workers cover the CPU threads, each worker loads and scores its own batches: the matrix is
+    still exactly the per-image one, with images of two sizes and a partial last batch."""
+    import torch
+    import torch.nn as nn
+
+    import fcnseg
+    import fcnseg.evaluation as evaluation
+
+    torch.manual_seed(0)
+    model = fcnseg.build_model("fcn8s_efficientnet_lite0", num_classes=4, pretrained=True).eval()
+    for conv in [model.score_fr, *model.score_skip.values()]:
+        nn.init.normal_(conv.weight, std=conv.in_channels ** -0.5)
+    g = torch.Generator().manual_seed(2)
+    dataset = []
+    for h, w in [(33, 45), (40, 30), (33, 45), (33, 45), (40, 30), (33, 45), (33, 45)]:
+        mask = torch.randint(0, 4, (h, w), generator=g)
+        mask[0] = 255
+        dataset.append((torch.randn(3, h, w, generator=g), mask))
+    want = _per_image_matrix(model, dataset, 4)
+    taken = []
+    real = evaluation._score_in_workers
+    monkeypatch.setattr(evaluation, "_score_in_workers", lambda *a, **k: taken.append(1) or real(*a, **k))
+    got = evaluation.evaluate_model(model, dataset, batch_size=3, workers=2)
+    assert taken and torch.equal(got.mat, want)
+    taken.clear()
+    assert torch.equal(evaluation.evaluate_model(model, dataset, batch_size=3, workers=0).mat, want) and not taken

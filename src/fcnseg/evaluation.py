@@ -1,12 +1,20 @@
 """Evaluation at inference speed: ``evaluate_model`` scores a model on a dataset the way ``predict``
 runs it (an optimized copy, equal-size images batched, loading overlapped) and returns a
-``ConfusionMatrix`` identical to scoring the images one by one (float32)."""
+``ConfusionMatrix`` identical to scoring the images one by one (float32).
+
+On the CPU the images are scored in the loader's worker processes (``ScoringWorkers``): each loads a batch,
+runs its share of the CPU threads of the model and counts, and only the counts travel back. With the model's
+intra-op threads and the loader's processes on the same few cores, the loaders preempt the model's threads in
+the middle of their parallel regions; on a 2-core Xeon the in-process path scored CamVid val at 18 to 23
+images/s against 40 for the model alone, the scoring workers at 30 (``benchmarks/evaluate_speed.py``).
+"""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 
 from .train.engine import evaluate
 from .errors import FcnsegError
@@ -29,6 +37,36 @@ def _batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from groups
 
 
+class ScoringWorkers(Dataset):
+    """A dataset of batches of ``indices`` whose items are already scored: ``self[b]`` loads batch ``b``,
+    runs ``net`` on its equal-size groups and returns ``(counts, images)``, the flattened confusion counts
+    (``num_classes ** 2``) and the number of images. Read through a ``DataLoader`` with workers, the loading,
+    the network and the counting all run in the worker processes, each with ``threads`` intra-op threads,
+    and only the small count vectors cross back to the main process."""
+
+    def __init__(self, dataset, indices: Sequence[int], batch_size: int, net: nn.Module, num_classes: int,
+                 ignore_index: int, threads: int) -> None:
+        self.dataset, self.net, self.threads = dataset, net, int(threads)
+        self.batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+        self.num_classes, self.ignore_index = int(num_classes), ignore_index
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def worker_init(self, worker_id: int) -> None:
+        torch.set_num_threads(self.threads)  # this worker process's share of the cores
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, int]:
+        from .tta import class_ids
+
+        cm = ConfusionMatrix(self.num_classes, ignore_index=self.ignore_index)
+        samples = [self.dataset[i] for i in self.batches[b]]
+        with torch.inference_mode():
+            for images, masks in collate_by_size(samples):
+                cm.update(target=masks, pred=class_ids(self.net(images)))
+        return cm.mat.reshape(-1), len(samples)
+
+
 def evaluate_model(model: nn.Module, dataset, *, indices: Sequence[int] | None = None,
                    num_classes: int | None = None, ignore_index: int | None = None,
                    device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -40,9 +78,12 @@ def evaluate_model(model: nn.Module, dataset, *, indices: Sequence[int] | None =
 
     With ``optimize_model`` the model runs as ``fcnseg.optimize.optimize`` converts it (``dtype``,
     ``channels_last``, batch norm folded): on a copy, or on ``model`` itself with ``inplace``. Images of
-    equal size run ``batch_size`` at a time; ``workers`` loader processes prepare the next batches
-    meanwhile. ``flip``/``scales`` add test-time augmentation (``TestTimeAugmentation``). A model that is
-    not a PyTorch network (an ONNX Runtime module) runs with ``optimize_model=False``.
+    equal size run ``batch_size`` at a time. Where the ``workers`` are at least as many as this process's CPU
+    threads (a small machine), each worker process loads and scores its own images, one at a time on one
+    thread (``ScoringWorkers``); otherwise (more cores, a GPU, an ONNX Runtime or OpenVINO model) the workers load the
+    next batches while this process runs the model. ``flip``/``scales`` add test-time augmentation
+    (``TestTimeAugmentation``). A model that is not a PyTorch network (an ONNX Runtime module) runs with
+    ``optimize_model=False``.
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -55,9 +96,42 @@ def evaluate_model(model: nn.Module, dataset, *, indices: Sequence[int] | None =
     net = optimize(model, dtype, channels_last, inplace=inplace).to(device) if optimize_model else model
     if flip or scales != (1.0,):
         net = TestTimeAugmentation(net, scales, flip)
-    subset = Subset(dataset, list(range(len(dataset)) if indices is None else indices))
+    indices = list(range(len(dataset)) if indices is None else indices)
+    if workers and workers >= torch.get_num_threads() and device.type == "cpu" and _forkable(model):
+        return _score_in_workers(net, dataset, indices, num_classes, ignore_index, int(workers), progress, desc)
+    subset = Subset(dataset, indices)
     # a private generator: starting the workers must not draw from the caller's global RNG
     loader = DataLoader(subset, batch_size=int(batch_size), shuffle=False, num_workers=int(workers),
                         collate_fn=collate_by_size, pin_memory=device.type == "cuda", generator=torch.Generator())
     return evaluate(net, _batches(loader), num_classes, device=device, ignore_index=ignore_index,
                     progress=progress, desc=desc)
+
+
+def _forkable(model: nn.Module) -> bool:
+    """Whether worker processes may run ``model``: a PyTorch network (an ONNX Runtime or OpenVINO module keeps
+    native thread pools that a forked process must not inherit)."""
+    from .export import OnnxRuntimeModule
+
+    return not isinstance(model, OnnxRuntimeModule)
+
+
+def _score_in_workers(net: nn.Module, dataset, indices: list[int], num_classes: int, ignore_index: int,
+                      workers: int, progress: bool, desc: str) -> ConfusionMatrix:
+    """``ScoringWorkers`` through ``workers`` loader processes of one thread each (no OpenMP team is started in
+    a forked process)."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    # one image a work item: batching in a one-thread worker was slower per image (CamVid, 20 against 28 images/s
+    # for the whole path), and small items spread evenly over the workers
+    scored = ScoringWorkers(dataset, indices, 1, net, num_classes, ignore_index, threads=1)
+    loader = DataLoader(scored, batch_size=None, shuffle=False, num_workers=min(workers, max(1, len(scored))),
+                        worker_init_fn=scored.worker_init, generator=torch.Generator())
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+    with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+              leave=False) as bar:
+        for counts, n in loader:
+            cm.mat += counts.reshape(num_classes, num_classes)
+            bar.update(int(n))
+    cm.all_reduce()
+    return cm

@@ -86,6 +86,9 @@ class PairedTransform:
                                    scale=True)
         self.normalize = v2.Normalize(mean=list(mean), std=list(std))
         self.mean, self.std = tuple(mean), tuple(std)
+        # uint8 straight to normalised float in one pass each: (x - 255 mean) / (255 std)
+        self._shift = torch.tensor([255.0 * m for m in mean]).reshape(-1, 1, 1)
+        self._scale = torch.tensor([255.0 * d for d in std]).reshape(-1, 1, 1)
 
     def __call__(self, image, mask) -> tuple[torch.Tensor, torch.Tensor]:
         image = tv_tensors.Image(F.pil_to_tensor(image) if isinstance(image, Image.Image) else image)
@@ -97,6 +100,10 @@ class PairedTransform:
                               f"pass the dataset's mean/std (dataset.mean, dataset.std) to build_transforms")
         if self.geometric is not None:  # on uint8 where possible: resampling is cheapest there
             image, mask = self.geometric(image, mask)
+        if self.photometric is None and image.dtype == torch.uint8:  # evaluation: no jitter in between
+            mask = mask.to(torch.int64)
+            return (image.as_subclass(torch.Tensor).to(torch.float32).sub_(self._shift).div_(self._scale),
+                    mask.as_subclass(torch.Tensor))
         image, mask = self.to_float(image, mask)
         if self.photometric is not None:  # on float: cheaper than v2's uint8 path, and clamped to [0, 1]
             if image.shape[0] == 3:
