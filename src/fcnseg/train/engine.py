@@ -188,6 +188,8 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
     bar = tqdm(total=total, initial=start.batch, desc=f"epoch {epoch + 1}", unit="batch",
                disable=not options.progress, dynamic_ncols=True, leave=False)
     step_loss = 0.0
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    labelled = torch.zeros((), dtype=torch.int64, device=device)
     optimizer.zero_grad(set_to_none=True)
     b = start.batch
     for images, masks, indices in loader:
@@ -225,11 +227,11 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
                 else:
                     loss.backward()
                 step_loss += float(loss.detach())  # summed over the window: this process's share x world
-        with torch.no_grad():
+        with torch.no_grad():  # counted on the device, read once at the end: no host sync per step
             logits, masks = _first_head(logits, masks)
             valid = masks != loss_fn.ignore_index
-            stats.correct += int((logits.argmax(1)[valid] == masks[valid]).sum())
-            stats.labelled += int(valid.sum())
+            correct += ((class_ids(logits) == masks) & valid).sum()
+            labelled += valid.sum()
         stats.batches += 1
         stats.images += images.shape[0]
         b += 1
@@ -267,6 +269,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
             stats.stopped = True
             break
     bar.close()
+    stats.correct, stats.labelled = int(correct), int(labelled)
     stats.seconds = time.perf_counter() - t0
     return stats
 
