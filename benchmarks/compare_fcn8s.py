@@ -177,14 +177,52 @@ def make_input(path: Path, h: int, w: int) -> Path:
 
 def quantize(fp32_onnx: str, path: Path, h: int, w: int, only: tuple[str, ...] = ()) -> str:
     """Static int8 model (``fcnseg.export.quantize_onnx``; ``only``: just those layers) calibrated on
-    three other photographs than the benchmark's input (scikit-image's cat, coffee and rocket)."""
+    three other photographs than the benchmark's input (``other_photos``)."""
+    from fcnseg.export import quantize_onnx
+
+    return str(quantize_onnx(fp32_onnx, path, other_photos(h, w), only=only))
+
+
+def other_photos(h: int, w: int) -> list[np.ndarray]:
+    """Three photographs other than the benchmark's input (scikit-image's cat, coffee and rocket), as batches."""
     from PIL import Image
     from skimage import data
 
-    from fcnseg.export import quantize_onnx
+    return [photo_batch(Image.fromarray(f()), h, w) for f in (data.chelsea, data.coffee, data.rocket)]
 
-    photos = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.rocket)]
-    return str(quantize_onnx(fp32_onnx, path, [photo_batch(p, h, w) for p in photos], only=only))
+
+def fragile_layers(checkpoint: str, h: int, w: int, target: float = 0.995, most: int = 4) -> list[str]:
+    """The layers to keep float32 in the bfloat16 model, chosen by agreement on the other photographs (never the
+    timed input): each layer is tried alone in float32 (the rest bfloat16, score and upsampling float32 as
+    always); the ones whose float32 copy raises the pixel agreement with the float32 model most are kept, one
+    at a time, until the agreement reaches ``target`` or ``most`` layers are kept. Random weights leave no
+    labels to score, so agreement is the measure here; on a trained net ``fcnseg.precision.layer_sensitivity``
+    ranks layers by mean IU."""
+    import fcnseg
+    from fcnseg.optimize import optimize
+    from fcnseg.precision import sensitivity_units
+
+    model = fcnseg.load_checkpoint(checkpoint)
+    photos = [torch.from_numpy(p) for p in other_photos(h, w)]
+    with torch.inference_mode():
+        base = optimize(model, None)
+        want = [base(x).argmax(1) for x in photos]
+        del base
+
+        def agreement(keep: list[str]) -> float:
+            net = optimize(model, torch.bfloat16, keep_float32=keep)
+            return float(np.mean([(net(x).argmax(1) == y).float().mean().item() for x, y in zip(photos, want)]))
+
+        kept, now = [], agreement([])
+        print(f"  bf16, head float32 only: {100 * now:.2f}% of the other photographs' pixels agree", file=sys.stderr)
+        alone = {u: agreement([u]) for u in sensitivity_units(model, "bfloat16")}
+        for unit in sorted(alone, key=alone.get, reverse=True):
+            if now >= target or len(kept) >= most:
+                break
+            kept.append(unit)
+            now = agreement(kept)
+            print(f"  + {unit} float32: {100 * now:.2f}%", file=sys.stderr)
+    return kept
 
 
 def main() -> int:
@@ -212,6 +250,7 @@ def main() -> int:
             ("fcnseg fp32 NCHW (as built)", {"model": ckpt, "optimize": False}),
             ("fcnseg fp32 channels-last", {"model": ckpt, "channels_last": True}),
             ("fcnseg bf16 channels-last", {"model": ckpt, "dtype": "bfloat16", "channels_last": True}),
+            ("fcnseg bf16, fragile layers fp32", {"model": ckpt, "dtype": "bfloat16", "keep_float32": "FRAGILE"}),
             ("fcnseg ONNX Runtime fp32", {"model": ckpt, "backend": "onnxruntime"}),
             ("fcnseg ORT fp32, int8 fc6/fc7", {"model": ckpt, "backend": "onnxruntime", "int8": ("fc.",)}),
             ("fcnseg ONNX Runtime int8", {"model": ckpt, "backend": "onnxruntime", "int8": ()}),
@@ -230,6 +269,10 @@ def main() -> int:
                 spec.update(export_for_onnxruntime(spec, tmp / "fcn8s.onnx"))
                 if int8 is not None:
                     spec["model"] = quantize(spec["model"], tmp / "fcn8s-int8.onnx", h, w, only=int8)
+            if spec.get("keep_float32") == "FRAGILE":
+                print("choosing the layers to keep float32 ...", file=sys.stderr, flush=True)
+                spec["keep_float32"] = fragile_layers(ckpt, h, w)
+                label = f"fcnseg bf16, {', '.join(spec['keep_float32']) or 'no layer'} fp32"
             if spec.get("factory_kwargs", {}).get("trunk") == "TRUNK":
                 spec["factory_kwargs"]["trunk"] = str(export_trunk(ckpt, tmp / "trunk.onnx"))
                 spec["flops"] = rows[0][1]["gflops_per_batch"] * 1e9  # ONNX Runtime's share cannot be counted
