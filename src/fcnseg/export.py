@@ -209,6 +209,23 @@ def export(model: nn.Module, path: str | Path, fmt: str, example_size: tuple[int
     raise FcnsegError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
+def _runtime(module: str, extra: str):
+    """The runtime package ``module``, or a one-line error saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise FcnsegError(f"the {module} backend needs {module}: pip install 'fcnseg[{extra}]'") from None
+
+
+def _onnx_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FcnsegError(f"{path}: no such ONNX file")
+    return path
+
+
 class OnnxRuntimeModel:
     """An exported ONNX model run by ONNX Runtime, called like the PyTorch model: (B, 3, H, W) -> logits.
 
@@ -216,13 +233,8 @@ class OnnxRuntimeModel:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ModuleNotFoundError:
-            raise FcnsegError("the onnxruntime backend needs onnxruntime: pip install 'fcnseg[onnx]'") from None
-        path = Path(path)
-        if not path.is_file():
-            raise FcnsegError(f"{path}: no such ONNX file")
+        ort = _runtime("onnxruntime", "onnx")
+        path = _onnx_file(path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -255,13 +267,8 @@ class OpenVinoModel:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, precision: str = "f32", shapes: int = 4):
-        try:
-            import openvino as ov
-        except ModuleNotFoundError:
-            raise FcnsegError("the openvino backend needs OpenVINO: pip install 'fcnseg[openvino]'") from None
-        path = Path(path)
-        if not path.is_file():
-            raise FcnsegError(f"{path}: no such ONNX file")
+        ov = _runtime("openvino", "openvino")
+        path = _onnx_file(path)
         if precision not in ("f32", "bf16"):
             raise FcnsegError(f"OpenVINO precision must be f32 or bf16, got {precision!r}")
         self.record = onnx_record(path)

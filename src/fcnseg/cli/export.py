@@ -33,8 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     q.add_argument("--int8-layers", nargs="+", default=[], metavar="PREFIX",
                    help="quantize only the convolutions whose weight names start with these, e.g. fc. for the "
                         "VGG nets' fc6 and fc7 (90%% of their weights); the rest stays float32")
-    q.add_argument("--min-agreement", type=float, default=0.95, metavar="SHARE",
-                   help="fail (exit 1) if fewer pixels than this share keep their class (default 0.95)")
+    q.add_argument("--min-agreement", type=float, default=None, metavar="SHARE",
+                   help="fail (exit 1) if fewer pixels than this share keep their class (default 0.95; with "
+                        "--gate-dataset none: the mean IU gate decides, agreement is only shown)")
     add_precision_arguments(p)
     return p
 
@@ -131,9 +132,10 @@ def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
         print(f"int8 parity on {x.shape[0]} calibration image(s) at {x.shape[2]}x{x.shape[3]}: max |logit difference| "
               f"{r['max_abs_logit_diff']:.3g}, class agreement {100 * r['class_agreement']:.2f}%")
     print(f"wrote {path} (onnx int8, calibrated on {len(batches)} image(s), {path.stat().st_size / 2**20:.1f} MB)")
-    if worst < args.min_agreement:
+    floor = args.min_agreement if args.min_agreement is not None else (0.0 if args.gate_dataset else 0.95)
+    if worst < floor:
         raise FcnsegError(f"{path}: only {100 * worst:.2f}% of pixels keep their class after int8 quantization, "
-                          f"less than --min-agreement {args.min_agreement} (file kept for inspection)")
+                          f"less than --min-agreement {floor} (file kept for inspection)")
     return 0
 
 
