@@ -254,6 +254,9 @@ def main() -> int:
             ("fcnseg ONNX Runtime fp32", {"model": ckpt, "backend": "onnxruntime"}),
             ("fcnseg ORT fp32, int8 fc6/fc7", {"model": ckpt, "backend": "onnxruntime", "int8": ("fc.",)}),
             ("fcnseg ONNX Runtime int8", {"model": ckpt, "backend": "onnxruntime", "int8": ()}),
+            ("fcnseg OpenVINO fp32", {"model": ckpt, "backend": "openvino"}),
+            ("fcnseg OpenVINO, int8 fc6/fc7", {"model": ckpt, "backend": "openvino", "int8": ("fc.",)}),
+            ("fcnseg OpenVINO int8", {"model": ckpt, "backend": "openvino", "int8": ()}),
             ("ORT fp32 trunk + torch bf16 fc6/fc7", {"model": "compare_fcn8s:build_hybrid", "optimize": False,
                                                      "factory_kwargs": {"checkpoint": ckpt, "trunk": "TRUNK"}}),
             ("torchvision fcn_resnet50 fp32", {"model": "compare_fcn8s:build_fcn_resnet50", "optimize": False}),
@@ -264,7 +267,7 @@ def main() -> int:
             if label in args.skip:
                 continue
             spec = {**common, **spec, "save_argmax": str(tmp / f"argmax{len(rows)}.npy")}
-            if spec.get("backend") == "onnxruntime":
+            if spec.get("backend") in ("onnxruntime", "openvino"):
                 int8 = spec.pop("int8", None)
                 spec.update(export_for_onnxruntime(spec, tmp / "fcn8s.onnx"))
                 if int8 is not None:
