@@ -99,9 +99,9 @@ def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tmp_path, monkeyp
     real = amp_mod.probe_or_time_here
     probed = []
 
-    def slower_bf16(model, loss_fn, images, masks, dtype):
+    def slower_bf16(model, loss_fn, images, masks, dtype, **arch):
         probed.append(dtype)
-        seconds = real(model, loss_fn, images, masks, dtype)  # the real probe, in a fresh process
+        seconds = real(model, loss_fn, images, masks, dtype, **arch)  # the real probe (tiny_fcn8s: timed here)
         return seconds + 1 if dtype is None else seconds + 1e3  # long steps, so that the bf16 probe runs too
 
     monkeypatch.setattr(amp_mod, "probe_or_time_here", slower_bf16)
@@ -121,35 +121,38 @@ def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tmp_path, monkeyp
 
 
 def test_the_probe_runs_in_a_fresh_process(monkeypatch):
-    """The default probe times the passes in another process, on a copy: this process's own timer never runs
-    (so nothing the passes do stays here), and the model, its gradients and the random stream are untouched."""
+    """The default probe builds the registered architecture in another process and times it there on data of the
+    batch's shape and layout: this process's own timer never runs (so nothing the passes do stays here), and
+    the model, its gradients and the random stream are untouched."""
+    import fcnseg
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    model = fcnseg.build_model("fcn8s_efficientnet_lite0", num_classes=3, pretrained=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
     rng = torch.get_rng_state()
 
     def not_here(*args, **kwargs):
         raise AssertionError("timed in the training process")
 
     monkeypatch.setattr(amp_mod, "time_train_step", not_here)
-    images, masks = _batch()
-    seconds = amp_mod.probe_or_time_here(model, SegmentationLoss(), images.contiguous(
-        memory_format=torch.channels_last), masks, None)
+    seconds = amp_mod.probe_or_time_here(model, SegmentationLoss(torch.ones(3)), images.contiguous(
+        memory_format=torch.channels_last), masks, None, arch="fcn8s_efficientnet_lite0", model_kwargs={})
     assert 0 < seconds < 60
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
 
 
-def test_a_model_that_cannot_be_copied_is_timed_here_with_a_warning(caplog):
-    class Local(nn.Module):  # a class defined in a function cannot be unpickled in another process
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
+def test_an_architecture_only_this_process_knows_is_timed_here_with_a_warning(caplog):
+    """An architecture registered in this process only (tests' tiny nets, a user's own) cannot be built in the
+    probe process: it is timed here instead, with a warning naming why."""
+    from tiny_models import tiny_model
 
-        def forward(self, x):
-            return self.conv(x)
-
+    model = tiny_model()
+    images = torch.randn(2, 3, 16, 16)
+    masks = torch.randint(0, model.num_classes, (2, 16, 16))
     with caplog.at_level("WARNING", logger="fcnseg.train.amp"):
-        seconds = amp_mod.probe_or_time_here(Local(), SegmentationLoss(), *_batch(), None)
+        seconds = amp_mod.probe_or_time_here(model, SegmentationLoss(), images, masks, None,
+                                             arch="tiny_fcn8s", model_kwargs={})
     assert seconds > 0
-    assert "could not time float32 in a fresh process" in caplog.text
+    assert "could not time float32 in a fresh process" in caplog.text and "tiny_fcn8s" in caplog.text

@@ -9,10 +9,10 @@ timings start alike.
 """
 from __future__ import annotations
 
-import io
+import functools
+import json
 import logging
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -88,44 +88,65 @@ def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: 
 PROBE_TIMEOUT_S = 600  # a probe process that takes longer than this is given up (and timed here instead)
 
 
-def probe_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor, masks: torch.Tensor,
-                     dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS) -> float:
-    """``time_train_step`` in a fresh Python process, with this process's torch thread count, on a copy of
-    ``model`` sent over a pipe: nothing the timed passes do (allocations, oneDNN's kernel caches) stays in the
-    training process. Raises ``RuntimeError`` when the copy cannot be made or the probe process fails."""
-    buffer = io.BytesIO()
-    # our own objects, into a pipe to our own child: never a file, never read from anywhere else
-    torch.save({"model": model, "loss_fn": loss_fn, "images": images, "masks": masks, "dtype": dtype,
-                "steps": int(steps), "threads": torch.get_num_threads()}, buffer)  # strides (channels-last) kept
+def probe_train_step(arch: str, model_kwargs: dict, loss_fn: engine.SegmentationLoss, images: torch.Tensor,
+                     num_classes: int, dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS) -> float:
+    """``time_train_step`` in a fresh Python process, with this process's torch thread count: the process builds
+    the registered architecture ``arch`` (random weights; the time does not depend on them) and times it on random
+    data of ``images``' shape and memory format, so nothing the timed passes do (allocations, oneDNN's kernel
+    caches) stays in the training process. The job travels as JSON: nothing is pickled. Raises ``RuntimeError``
+    when the probe process fails (e.g. an architecture registered only in this process)."""
+    weight = getattr(loss_fn, "weight", None)
+    job = {"arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": int(num_classes),
+           "shape": list(images.shape), "device": str(images.device),
+           "channels_last": images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+           and not images.is_contiguous(),
+           "loss": {"weight": None if weight is None else weight.tolist(), "reduction": loss_fn.reduction,
+                    "sample": loss_fn.sample, "ignore_index": loss_fn.ignore_index},
+           "dtype": _dtype_name(dtype), "steps": int(steps), "threads": torch.get_num_threads()}
     bootstrap = ("import sys; sys.path[:0] = sys.argv[1:]; from fcnseg.train.amp import _probe_child; "
                  "_probe_child()")
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.run([sys.executable, "-c", bootstrap, *[p for p in sys.path if p]], input=buffer.getvalue(),
-                          capture_output=True, timeout=PROBE_TIMEOUT_S, env=env)
-    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    proc = subprocess.run([sys.executable, "-c", bootstrap, *[p for p in sys.path if p]], input=json.dumps(job),
+                          capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env)
+    lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
-        tail = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the timing process failed: {tail}")
     return float(lines[-1])
 
 
 def _probe_child() -> None:
-    """The probe process: read the pickled job from stdin (written by ``probe_train_step`` in the parent), print
-    the median seconds."""
-    job = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)  # the parent's own bytes
+    """The probe process: read the JSON job from stdin (written by ``probe_train_step``), print the median
+    seconds."""
+    from ..registry import build_model
+
+    job = json.loads(sys.stdin.read())
     torch.set_num_threads(job["threads"])
-    seconds = time_train_step(job["model"], job["loss_fn"], job["images"], job["masks"], job["dtype"],
-                              steps=job["steps"])
-    print(seconds, flush=True)
+    device = torch.device(job["device"])
+    model = build_model(job["arch"], num_classes=job["num_classes"], **{**job["model_kwargs"], "pretrained": False})
+    model.to(device)
+    g = torch.Generator().manual_seed(0)
+    b, _, h, w = job["shape"]
+    images = torch.randn(*job["shape"], generator=g).to(device)
+    masks = torch.randint(0, job["num_classes"], (b, h, w), generator=g).to(device)
+    if job["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    loss = job["loss"]
+    loss_fn = engine.SegmentationLoss(loss["weight"], loss["reduction"], loss["sample"], loss["ignore_index"])
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[job["dtype"]]
+    print(time_train_step(model, loss_fn.to(device), images, masks, dtype, steps=job["steps"]), flush=True)
 
 
 def probe_or_time_here(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor,
-                       masks: torch.Tensor, dtype: torch.dtype | None) -> float:
-    """``probe_train_step``, or where the model cannot be copied into another process (a class defined in a
-    function, an attribute holding a lock) or that process fails, ``time_train_step`` here, with a warning."""
+                       masks: torch.Tensor, dtype: torch.dtype | None, *, arch: str, model_kwargs: dict) -> float:
+    """``probe_train_step`` for ``model``, built in the probe process as the registered ``arch`` with
+    ``model_kwargs``; where that process fails (an architecture registered only in this process), ``time_train_step``
+    here, with a warning."""
     try:
-        return probe_train_step(model, loss_fn, images, masks, dtype)
-    except (RuntimeError, OSError, subprocess.SubprocessError, pickle.PicklingError, AttributeError, TypeError) as e:
+        classes = getattr(model, "num_classes", None) or int(masks.max()) + 1
+        return probe_train_step(arch, model_kwargs, loss_fn, images, int(classes), dtype)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         logger.warning("amp auto: could not time %s in a fresh process (%s); timing it in this one",
                        _dtype_name(dtype), str(e).splitlines()[0] if str(e) else type(e).__name__)
         return time_train_step(model, loss_fn, images, masks, dtype)
@@ -163,7 +184,8 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     if batch is None:
         return None, {"amp": "auto", "dtype": "float32",
                       "reason": "no training-shaped batch to time (no fixed crop_size, or several heads)"}
-    timer = timer or probe_or_time_here  # looked up now, so that tests can stand in for the clock
+    # looked up now, so that tests can stand in for the clock
+    timer = timer or functools.partial(probe_or_time_here, arch=cfg.model, model_kwargs=cfg.model_kwargs)
     images, masks = batch
     images, masks = images.to(device), masks.to(device)
     if cfg.channels_last:
