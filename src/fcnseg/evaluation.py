@@ -38,33 +38,32 @@ def _batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class ScoringWorkers(Dataset):
-    """A dataset of batches of ``indices`` whose items are already scored: ``self[b]`` loads batch ``b``,
-    runs ``net`` on its equal-size groups and returns ``(counts, images)``, the flattened confusion counts
-    (``num_classes ** 2``) and the number of images. Read through a ``DataLoader`` with workers, the loading,
-    the network and the counting all run in the worker processes, each with ``threads`` intra-op threads,
-    and only the small count vectors cross back to the main process."""
+    """``indices`` of ``dataset`` as already scored items: ``self[i]`` loads image ``indices[i]``, runs ``net`` on
+    it and returns its flattened confusion counts (``num_classes ** 2``). Read through a ``DataLoader`` with
+    workers, the loading, the network and the counting all run in the worker processes, one thread each (no
+    OpenMP team is started in a forked process), and only the small count vectors cross back. One image an item:
+    batching in a one-thread worker was slower per image (CamVid, 20 against 28 images/s for the whole path),
+    and small items spread evenly over the workers."""
 
-    def __init__(self, dataset, indices: Sequence[int], batch_size: int, net: nn.Module, num_classes: int,
-                 ignore_index: int, threads: int) -> None:
-        self.dataset, self.net, self.threads = dataset, net, int(threads)
-        self.batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    def __init__(self, dataset, indices: Sequence[int], net: nn.Module, num_classes: int, ignore_index: int) -> None:
+        self.dataset, self.indices, self.net = dataset, list(indices), net
         self.num_classes, self.ignore_index = int(num_classes), ignore_index
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.indices)
 
-    def worker_init(self, worker_id: int) -> None:
-        torch.set_num_threads(self.threads)  # this worker process's share of the cores
+    @staticmethod
+    def worker_init(worker_id: int) -> None:
+        torch.set_num_threads(1)
 
-    def __getitem__(self, b: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> torch.Tensor:
         from .tta import class_ids
 
+        image, mask = self.dataset[self.indices[i]][:2]
         cm = ConfusionMatrix(self.num_classes, ignore_index=self.ignore_index)
-        samples = [self.dataset[i] for i in self.batches[b]]
         with torch.inference_mode():
-            for images, masks in collate_by_size(samples):
-                cm.update(target=masks, pred=class_ids(self.net(images)))
-        return cm.mat.reshape(-1), len(samples)
+            cm.update(target=mask[None], pred=class_ids(self.net(image[None])))
+        return cm.mat.reshape(-1)
 
 
 def evaluate_model(model: nn.Module, dataset, *, indices: Sequence[int] | None = None,
@@ -117,21 +116,16 @@ def _forkable(model: nn.Module) -> bool:
 
 def _score_in_workers(net: nn.Module, dataset, indices: list[int], num_classes: int, ignore_index: int,
                       workers: int, progress: bool, desc: str) -> ConfusionMatrix:
-    """``ScoringWorkers`` through ``workers`` loader processes of one thread each (no OpenMP team is started in
-    a forked process)."""
+    """``ScoringWorkers`` through ``workers`` loader processes; the counts summed here."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    # one image a work item: batching in a one-thread worker was slower per image (CamVid, 20 against 28 images/s
-    # for the whole path), and small items spread evenly over the workers
-    scored = ScoringWorkers(dataset, indices, 1, net, num_classes, ignore_index, threads=1)
+    scored = ScoringWorkers(dataset, indices, net, num_classes, ignore_index)
     loader = DataLoader(scored, batch_size=None, shuffle=False, num_workers=min(workers, max(1, len(scored))),
                         worker_init_fn=scored.worker_init, generator=torch.Generator())
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
-    with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
-              leave=False) as bar:
-        for counts, n in loader:
-            cm.mat += counts.reshape(num_classes, num_classes)
-            bar.update(int(n))
+    for counts in tqdm(loader, total=len(scored), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+                       leave=False):
+        cm.mat += counts.reshape(num_classes, num_classes)
     cm.all_reduce()
     return cm
