@@ -119,13 +119,42 @@ def export_for_onnxruntime(spec: dict[str, Any], path: str | Path) -> dict[str, 
             "flops": flops}
 
 
+def _model_for(spec: dict[str, Any], device):
+    """What ``spec`` times: an exported .onnx file in its runtime (ONNX Runtime in float32; OpenVINO in its own
+    float32 or, for bfloat16, bf16 inference precision), or the torch model, converted by ``optimize`` unless
+    the spec says otherwise."""
+    import torch
+
+    from .optimize import optimize, parse_dtype
+
+    dtype = parse_dtype(spec["dtype"])
+    if spec["backend"] == "onnxruntime":
+        from .export import OnnxRuntimeModel
+
+        if dtype != torch.float32:
+            raise ValueError("the onnxruntime backend runs the exported float32 model; use --dtype float32")
+        return OnnxRuntimeModel(spec["model"], threads=spec["threads"])
+    if spec["backend"] == "openvino":
+        from .export import OpenVinoModel
+
+        precision = "bf16" if dtype == torch.bfloat16 else "f32"
+        return OpenVinoModel(spec["model"], threads=spec["threads"], precision=precision)
+    if spec["backend"] != "torch":
+        raise ValueError(f"unknown backend {spec['backend']!r}")
+    model = _build_torch(spec).to(device)
+    if spec["optimize"] and spec["mode"] == "model":
+        model = optimize(model, spec["dtype"], spec["channels_last"], inplace=True,  # the model is ours
+                         keep_float32=spec["keep_float32"])
+    return model
+
+
 def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process (``benchmark`` runs it in a fresh one)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from .inference import Segmenter
-    from .optimize import optimize, parse_dtype, return_freed_memory
+    from .optimize import return_freed_memory
 
     spec = {**DEFAULT_SPEC, **spec}
     if spec["threads"]:
@@ -141,25 +170,7 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     b = int(spec["batch"])
     gen = torch.Generator().manual_seed(spec["seed"])
 
-    if spec["backend"] == "onnxruntime":
-        from .export import OnnxRuntimeModel
-
-        if parse_dtype(spec["dtype"]) != torch.float32:
-            raise ValueError("the onnxruntime backend runs the exported float32 model; use --dtype float32")
-        model = OnnxRuntimeModel(spec["model"], threads=spec["threads"])
-    elif spec["backend"] == "openvino":
-        from .export import OpenVinoModel
-
-        # bfloat16: OpenVINO's own bf16 inference precision for the float layers
-        model = OpenVinoModel(spec["model"], threads=spec["threads"],
-                              precision="bf16" if parse_dtype(spec["dtype"]) == torch.bfloat16 else "f32")
-    elif spec["backend"] == "torch":
-        model = _build_torch(spec).to(device)
-        if spec["optimize"] and spec["mode"] == "model":
-            model = optimize(model, spec["dtype"], spec["channels_last"], inplace=True,  # the model is ours
-                             keep_float32=spec["keep_float32"])
-    else:
-        raise ValueError(f"unknown backend {spec['backend']!r}")
+    model = _model_for(spec, device)
 
     if spec["mode"] == "segmenter":
         seg = Segmenter(model, device=device, dtype=spec["dtype"] if spec["backend"] == "torch" else None,
