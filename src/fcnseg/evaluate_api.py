@@ -74,9 +74,6 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     onnx = str(checkpoint).endswith(".onnx")
     if dense is None and dense_stride is not None:
         raise FcnsegError("dense_stride needs dense='shift-and-stitch' or 'rarefaction'")
-    if backend not in (None, "torch") and not onnx:
-        raise FcnsegError(f"{checkpoint}: the {backend} backend runs an exported .onnx model; a checkpoint runs in "
-                          f"PyTorch")
     if dense is not None and onnx:
         raise FcnsegError("dense scoring needs a PyTorch checkpoint; an exported .onnx model has its upsampling "
                           "built in")
@@ -90,7 +87,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     # the data is checked before the model loads: a wrong root or split fails in a second
     data = build_dataset(dataset, root, split, **dataset_kwargs)
     device = torch.device("cpu") if onnx else pick_device(str(device))
-    model = open_model(checkpoint, backend=backend if onnx else None, device=device, threads=onnx_threads)
+    model = open_model(checkpoint, backend=backend, device=device, threads=onnx_threads)  # checks the pairing
     if not isinstance(model, torch.nn.Module):  # ONNX Runtime, OpenVINO: in the nn.Module form evaluation expects
         if dtype != "float32":
             raise FcnsegError("dtype/amp are for PyTorch checkpoints; an ONNX model runs in its own precision")
