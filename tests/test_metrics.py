@@ -111,3 +111,28 @@ def test_empty_matrix_is_nan_and_json_safe():
     text = json.dumps(json_safe(s))
     assert "NaN" not in text and json.loads(text)["mean_iou"] is None
     assert "mean IU" in format_table(s)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int32, torch.int64])
+@pytest.mark.parametrize("ignore_index", [255, 0, -1])
+def test_counts_equal_a_pixel_by_pixel_reference(target_dtype, ignore_index):
+    # the int32 shortcut and the general path against a plain loop: ignored, out-of-range and negative targets
+    gen = torch.Generator().manual_seed(0)
+    k = 5
+    target = torch.randint(0, k + 2, (4, 9, 11), generator=gen)
+    target[0, 0, :4] = 255
+    if target_dtype is not torch.uint8:
+        target[1, 1, :3] = -1
+    pred = torch.randint(0, k, target.shape, generator=gen)
+    expected = torch.zeros(k, k, dtype=torch.int64)
+    for t, p in zip(target.reshape(-1).tolist(), pred.reshape(-1).tolist()):
+        if 0 <= t < k and t != ignore_index:
+            expected[t, p] += 1
+    target = target.to(target_dtype)
+    kept = target.clone()
+    cm = ConfusionMatrix(k, ignore_index=ignore_index)
+    cm.update(target=target, pred=pred)
+    assert torch.equal(cm.mat, expected)
+    assert torch.equal(target, kept)  # the caller's tensor is not written to
+    cm.update(target=target, pred=pred.to(torch.uint8))  # class ids as a small type count the same
+    assert torch.equal(cm.mat, 2 * expected)
