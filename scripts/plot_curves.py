@@ -1,6 +1,7 @@
 """Training curves of one run, or of consecutive stages of one model (``--init-from``), as one plot.
 
-    python scripts/plot_curves.py runs/siftflow-lite0 runs/siftflow-lite0-s2 --out docs/img/curves_sf.png
+    python scripts/plot_curves.py runs/siftflow-lite0 --out docs/img/curves_sf.png
+    python scripts/plot_curves.py runs/stage1 runs/stage2 --out curves.png   # stage 2 started with --init-from
 
 Each run's ``metrics.jsonl`` holds one row per epoch; a later stage's epochs are numbered on from the
 earlier stage's last one, and a dashed line marks where each stage begins.
