@@ -10,7 +10,8 @@ layers given random non-zero weights (the paper's zero init would make every pix
 agreement check meaningless); copied into torchfcn's FCN8s by layer name (``fcnseg.convert``'s map).
 Input: a photograph (scikit-image's astronaut) resized to --size, ImageNet-normalised. The int8 rows
 quantize the exported ONNX model with ``fcnseg.export.quantize_onnx`` (all convolutions but the
-head's, or only fc6 and fc7), calibrated on three other photographs.
+head's, only fc6 and fc7, or those and conv5), calibrated on three other photographs, with 8-bit weights
+where the CPU has VNNI and 7-bit ones elsewhere (``quantize_onnx``'s default).
 
 Set-up (benchmark only): pip install --no-deps torchfcn && pip install pytz
 torchfcn's package imports ``fcn`` (a chainer-based package) only to download Caffe weights; it is
@@ -175,6 +176,10 @@ def make_input(path: Path, h: int, w: int) -> Path:
     return path
 
 
+# fc6, fc7 and VGG's last block (conv5_1..5_3): the layers that int8 changed least on the other photographs
+CONV5_AND_FC = ("fc.", "backbone.features.24.", "backbone.features.26.", "backbone.features.28.")
+
+
 def quantize(fp32_onnx: str, path: Path, h: int, w: int, only: tuple[str, ...] = ()) -> str:
     """Static int8 model (``fcnseg.export.quantize_onnx``; ``only``: just those layers) calibrated on
     three other photographs than the benchmark's input (``other_photos``)."""
@@ -256,6 +261,7 @@ def main() -> int:
             ("fcnseg ONNX Runtime int8", {"model": ckpt, "backend": "onnxruntime", "int8": ()}),
             ("fcnseg OpenVINO fp32", {"model": ckpt, "backend": "openvino"}),
             ("fcnseg OpenVINO, int8 fc6/fc7", {"model": ckpt, "backend": "openvino", "int8": ("fc.",)}),
+            ("fcnseg OpenVINO, int8 fc6/fc7+conv5", {"model": ckpt, "backend": "openvino", "int8": CONV5_AND_FC}),
             ("fcnseg OpenVINO int8", {"model": ckpt, "backend": "openvino", "int8": ()}),
             ("ORT fp32 trunk + torch bf16 fc6/fc7", {"model": "compare_fcn8s:build_hybrid", "optimize": False,
                                                      "factory_kwargs": {"checkpoint": ckpt, "trunk": "TRUNK"}}),

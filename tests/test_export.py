@@ -12,6 +12,7 @@ from PIL import Image
 import fcnseg
 from fcnseg.cli import main
 from fcnseg.export import OnnxRuntimeModel, load_exported, parity
+from fcnseg.optimize import vnni_cpu
 from tiny_models import random_image, tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
@@ -185,6 +186,9 @@ def test_int8_export_quantizes_the_trunk_and_keeps_the_head_float(int8_export):
     model = fcnseg.load_checkpoint(ckpt)
     trunk_convs = sum(isinstance(m, torch.nn.Conv2d) and not name.startswith(("score", "up.", "final_up"))
                       for name, m in model.named_modules())  # the backbone and fc6/fc7
+    record = json.loads({p.key: p.value for p in proto.metadata_props}["fcnseg"])
+    bits = record["quantization"]["weight_bits"]
+    assert bits == (8 if vnni_cpu() else 7)
     int8_convs, float_head = 0, 0
     for node in proto.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose"):
@@ -195,12 +199,11 @@ def test_int8_export_quantizes_the_trunk_and_keeps_the_head_float(int8_export):
             int8_convs += 1
             scale = weights[dq.input[1]]
             assert scale.ndim == 1 and scale.size > 1  # one scale per output channel
-            assert np.abs(weights[dq.input[0]]).max() <= 64  # 7-bit weights (see quantize_onnx)
+            assert np.abs(weights[dq.input[0]]).max() <= 2 ** (bits - 1)  # 7 or 8 bits, by this CPU
         else:
             assert w in weights and weights[w].dtype == np.float32 and w.startswith(("score", "up.", "final_up")), w
             float_head += 1
     assert int8_convs == trunk_convs == 7 and float_head == 6
-    record = json.loads({p.key: p.value for p in proto.metadata_props}["fcnseg"])
     assert record["classes"][4] == "thing4" and record["quantization"]["calibration_batches"] == 4
 
 
@@ -221,6 +224,9 @@ def _int8_weights(path) -> list[str]:
 
 
 def test_int8_only_some_layers(exported, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
     from fcnseg.export import quantize_onnx
 
     _, onnx_path = exported
@@ -229,6 +235,15 @@ def test_int8_only_some_layers(exported, tmp_path):
     assert sorted(n.split("_quantized")[0] for n in _int8_weights(out)) == ["fc.fc6.weight", "fc.fc7.weight"]
     all_int8 = quantize_onnx(onnx_path, tmp_path / "all.onnx", calib)
     assert len(_int8_weights(all_int8)) == 7
+    for bits, widest in ((7, 64), (8, 127)):  # per-channel symmetric: each channel's largest weight uses the range
+        out = quantize_onnx(onnx_path, tmp_path / f"w{bits}.onnx", calib, only=("fc.",), weight_bits=bits)
+        proto = onnx.load(str(out))
+        stored = [numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in _int8_weights(out)]
+        assert max(int(np.abs(w).max()) for w in stored) == widest
+        record = json.loads({p.key: p.value for p in proto.metadata_props}["fcnseg"])
+        assert record["quantization"]["weight_bits"] == bits and f"{bits}-bit" in record["quantization"]["weights"]
+    with pytest.raises(fcnseg.errors.FcnsegError, match="7 or 8 bits, got 6"):
+        quantize_onnx(onnx_path, tmp_path / "w6.onnx", calib, weight_bits=6)
     with pytest.raises(fcnseg.errors.FcnsegError, match="no convolution has a weight named nope"):
         quantize_onnx(onnx_path, tmp_path / "none.onnx", calib, only=("nope",))
     assert not (tmp_path / "none.onnx").exists()
@@ -274,6 +289,7 @@ def test_int8_export_prints_parity_and_gates_on_agreement(int8_export, tmp_path,
     (["--format", "torchscript", "--int8", "--calibrate", "x.png"], "ONNX models only"),
     (["--format", "onnx", "--int8"], "go together"),
     (["--format", "onnx", "--int8-layers", "fc."], "add --int8"),
+    (["--format", "onnx", "--int8-weight-bits", "8"], "--int8-weight-bits chooses how --int8 quantizes; add --int8"),
     (["--format", "onnx", "--int8", "--calibrate", "nothing-here/*.png"], "nothing-here/*.png: pattern matches no files"),
 ])
 def test_int8_export_refuses_bad_requests(int8_export, tmp_path, capsys, extra, message):

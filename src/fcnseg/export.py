@@ -92,15 +92,18 @@ FLOAT_HEAD_PREFIXES = ("score", "up.", "final_up")
 
 
 def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.ndarray],
-                  keep_float: Sequence[str] = FLOAT_HEAD_PREFIXES, only: Sequence[str] = ()) -> Path:
+                  keep_float: Sequence[str] = FLOAT_HEAD_PREFIXES, only: Sequence[str] = (),
+                  weight_bits: int | None = None) -> Path:
     """Static int8 quantization of an exported float32 ONNX model, for ONNX Runtime on CPUs.
 
     Convolutions get int8 weights (per output channel, symmetric) and uint8 activations whose ranges
     are the minimum and maximum seen on ``calibration`` (normalised (B, 3, H, W) float32 arrays, a few
     dozen images from the deployment's own domain); the file stores QuantizeLinear/DequantizeLinear
-    pairs (QDQ), which ONNX Runtime fuses into integer kernels. Weights use 7 of their 8 bits: x86 CPUs
-    without VNNI multiply uint8 x int8 pairs with an instruction (vpmaddubsw) whose 16-bit sums saturate
-    on full-range values. Convolutions whose weight name starts with one of ``keep_float`` (the score
+    pairs (QDQ), which ONNX Runtime fuses into integer kernels. ``weight_bits`` 7 keeps the weights in 7 of
+    their 8 bits, for x86 CPUs without VNNI, which multiply uint8 x int8 pairs with an instruction
+    (vpmaddubsw) whose 16-bit sums saturate on full-range values; 8 uses the full range, half the rounding
+    error, for CPUs with VNNI (and ARM). The default (None) picks by this CPU (``optimize.vnni_cpu``), so a file
+    made for a VNNI CPU should be re-made for one without. Convolutions whose weight name starts with one of ``keep_float`` (the score
     and upsampling layers) and every node downstream of them (the fusion) stay float32. With ``only``,
     just the convolutions whose weight name starts with one of those prefixes are quantized, and
     everything else stays float32: ``only=("fc.",)`` makes VGG's fc6 and fc7 int8, 90% of its weights
@@ -115,6 +118,12 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ModuleNotFoundError as e:
         raise FcnsegError(f"int8 quantization needs {e.name}: pip install 'fcnseg[onnx]'") from None
+    from .optimize import vnni_cpu
+
+    if weight_bits is None:
+        weight_bits = 8 if vnni_cpu() else 7
+    if weight_bits not in (7, 8):
+        raise FcnsegError(f"int8 weights use 7 or 8 bits, got {weight_bits}")
     src, dst = Path(src), Path(dst)
     batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]
     if not batches:
@@ -159,7 +168,7 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
                 quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
                 quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
                                 nodes_to_exclude=float_nodes, per_channel=True,
-                                reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
         except Exception as e:  # onnxruntime raises its own exception types
             raise FcnsegError(f"{src}: int8 quantization failed ({str(e).strip().splitlines()[-1][:300]})") from e
@@ -167,7 +176,8 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
             root.setLevel(level)
         proto = onnx.load(str(quantized))
     record = json.loads(meta.get(METADATA_KEY, "{}"))
-    record["quantization"] = {"kind": "int8 static (ONNX Runtime QDQ)", "weights": "int8 per channel, 7-bit range",
+    record["quantization"] = {"kind": "int8 static (ONNX Runtime QDQ)", "weights": f"int8 per channel, {weight_bits}-bit range",
+                              "weight_bits": weight_bits,
                               "activations": "uint8, min/max calibration", "calibration_batches": len(batches),
                               "float_nodes": len(float_nodes), "only": list(only)}
     del proto.metadata_props[:]

@@ -336,6 +336,15 @@ def native_bf16_cpu() -> bool:
         return False
 
 
+def vnni_cpu() -> bool:
+    """Whether this CPU has an int8 dot-product instruction (AVX512-VNNI or AVX-VNNI), whose sums of uint8 x int8
+    products do not saturate; without it x86 CPUs use vpmaddubsw, whose 16-bit pair sums can."""
+    try:
+        return bool(torch.cpu._is_vnni_supported())
+    except (AttributeError, RuntimeError):  # an older torch: assume the worst
+        return False
+
+
 def bf16_slowness() -> str | None:
     """Why bfloat16 would be slow on this CPU (a sentence for a warning), or None where it is native."""
     if native_bf16_cpu():
