@@ -2,8 +2,8 @@
 runs it (an optimized copy, equal-size images batched, loading overlapped) and returns a
 ``ConfusionMatrix`` identical to scoring the images one by one (float32).
 
-On the CPU the images are scored in the loader's worker processes (``ScoringWorkers``): each loads a batch,
-runs its share of the CPU threads of the model and counts, and only the counts travel back. With the model's
+On a small CPU the images are scored in the loader's worker processes (``ScoringWorkers``): each loads one
+image at a time, runs the model on one thread and counts, and only the counts travel back. With the model's
 intra-op threads and the loader's processes on the same few cores, the loaders preempt the model's threads in
 the middle of their parallel regions; on a 2-core Xeon the in-process path scored CamVid val at 18 to 23
 images/s against 40 for the model alone, the scoring workers at 30 (``benchmarks/evaluate_speed.py``).

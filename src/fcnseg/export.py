@@ -91,6 +91,38 @@ def calibration_batch(image, size: tuple[int, int], mean: Sequence[float], std: 
 FLOAT_HEAD_PREFIXES = ("score", "up.", "final_up")
 
 
+def _float_nodes(graph, keep_float: Sequence[str], only: Sequence[str], src: Path) -> list[str]:
+    """Names of the nodes ``quantize_onnx`` leaves float32: the head (convolutions with a ``keep_float`` weight
+    and everything downstream of them: fusion, crops), or with ``only`` every node but the convolutions whose
+    weight starts with one of those prefixes."""
+    weights = {t.name for t in graph.initializer}
+    head = {n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose")
+            and any(i in weights and i.startswith(tuple(keep_float)) for i in n.input)}
+    tainted = {o for n in graph.node if n.name in head for o in n.output}
+    for n in graph.node:  # ONNX lists nodes in topological order
+        if n.name not in head and any(i in tainted for i in n.input):
+            head.add(n.name)
+            tainted.update(n.output)
+    if only:
+        chosen = {n.name for n in graph.node if n.op_type == "Conv" and n.name not in head
+                  and any(i in weights and i.startswith(tuple(only)) for i in n.input)}
+        if not chosen:
+            raise FcnsegError(f"{src}: no convolution has a weight named {' or '.join(only)}...; nothing to quantize")
+        head = {n.name for n in graph.node if n.name not in chosen}
+    return sorted(head)
+
+
+def _weight_bits(bits: int | None) -> int:
+    """7 or 8 as asked, or for None 8 where this CPU has VNNI and 7 elsewhere."""
+    from .optimize import vnni_cpu
+
+    if bits is None:
+        return 8 if vnni_cpu() else 7
+    if bits not in (7, 8):
+        raise FcnsegError(f"int8 weights use 7 or 8 bits, got {bits}")
+    return bits
+
+
 def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.ndarray],
                   keep_float: Sequence[str] = FLOAT_HEAD_PREFIXES, only: Sequence[str] = (),
                   weight_bits: int | None = None) -> Path:
@@ -102,9 +134,10 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
     pairs (QDQ), which ONNX Runtime fuses into integer kernels. ``weight_bits`` 7 keeps the weights in 7 of
     their 8 bits, for x86 CPUs without VNNI, which multiply uint8 x int8 pairs with an instruction
     (vpmaddubsw) whose 16-bit sums saturate on full-range values; 8 uses the full range, half the rounding
-    error, for CPUs with VNNI (and ARM). The default (None) picks by this CPU (``optimize.vnni_cpu``), so a file
-    made for a VNNI CPU should be re-made for one without. Convolutions whose weight name starts with one of ``keep_float`` (the score
-    and upsampling layers) and every node downstream of them (the fusion) stay float32. With ``only``,
+    error, for CPUs with VNNI (and ARM). The default (None) picks by this CPU (``optimize.vnni_cpu``), so a
+    file made for a VNNI CPU should be re-made for one without. Convolutions whose weight name starts with
+    one of ``keep_float`` (the score and upsampling layers) and every node downstream of them (the fusion)
+    stay float32. With ``only``,
     just the convolutions whose weight name starts with one of those prefixes are quantized, and
     everything else stays float32: ``only=("fc.",)`` makes VGG's fc6 and fc7 int8, 90% of its weights
     and 15% of its FLOPs, at a fraction of the accuracy cost of a whole int8 trunk. The record in the
@@ -118,34 +151,14 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ModuleNotFoundError as e:
         raise FcnsegError(f"int8 quantization needs {e.name}: pip install 'fcnseg[onnx]'") from None
-    from .optimize import vnni_cpu
-
-    if weight_bits is None:
-        weight_bits = 8 if vnni_cpu() else 7
-    if weight_bits not in (7, 8):
-        raise FcnsegError(f"int8 weights use 7 or 8 bits, got {weight_bits}")
+    weight_bits = _weight_bits(weight_bits)
     src, dst = Path(src), Path(dst)
     batches = [np.ascontiguousarray(b, dtype=np.float32) for b in calibration]
     if not batches:
         raise FcnsegError("int8 quantization needs at least one calibration image")
     source = onnx.load(str(src))
     input_name = source.graph.input[0].name
-    weights = {t.name for t in source.graph.initializer}
-    # the head: convolutions with a keep_float weight and everything downstream of them (fusion, crops)
-    head = {n.name for n in source.graph.node if n.op_type in ("Conv", "ConvTranspose")
-            and any(i in weights and i.startswith(tuple(keep_float)) for i in n.input)}
-    tainted = {o for n in source.graph.node if n.name in head for o in n.output}
-    for n in source.graph.node:  # ONNX lists nodes in topological order
-        if n.name not in head and any(i in tainted for i in n.input):
-            head.add(n.name)
-            tainted.update(n.output)
-    if only:
-        chosen = {n.name for n in source.graph.node if n.op_type == "Conv" and n.name not in head
-                  and any(i in weights and i.startswith(tuple(only)) for i in n.input)}
-        if not chosen:
-            raise FcnsegError(f"{src}: no convolution has a weight named {' or '.join(only)}...; nothing to quantize")
-        head = {n.name for n in source.graph.node if n.name not in chosen}
-    float_nodes = sorted(head)
+    float_nodes = _float_nodes(source.graph, keep_float, only, src)
     meta = {p.key: p.value for p in source.metadata_props}
     del source
 
@@ -168,7 +181,8 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
                 quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
                 quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
                                 nodes_to_exclude=float_nodes, per_channel=True,
-                                reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
         except Exception as e:  # onnxruntime raises its own exception types
             raise FcnsegError(f"{src}: int8 quantization failed ({str(e).strip().splitlines()[-1][:300]})") from e
@@ -176,8 +190,8 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
             root.setLevel(level)
         proto = onnx.load(str(quantized))
     record = json.loads(meta.get(METADATA_KEY, "{}"))
-    record["quantization"] = {"kind": "int8 static (ONNX Runtime QDQ)", "weights": f"int8 per channel, {weight_bits}-bit range",
-                              "weight_bits": weight_bits,
+    record["quantization"] = {"kind": "int8 static (ONNX Runtime QDQ)",
+                              "weights": f"int8 per channel, {weight_bits}-bit range", "weight_bits": weight_bits,
                               "activations": "uint8, min/max calibration", "calibration_batches": len(batches),
                               "float_nodes": len(float_nodes), "only": list(only)}
     del proto.metadata_props[:]
