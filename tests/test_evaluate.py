@@ -101,7 +101,26 @@ def test_an_exported_onnx_model_scores_like_its_checkpoint(trained, tmp_path):
     moved = sum(abs(x - y) for ra, rb in zip(a["confusion_matrix"], b["confusion_matrix"]) for x, y in zip(ra, rb))
     assert moved <= 0.005 * 3 * 32 * 45 and b["checkpoint"].endswith("m.onnx")
     assert b["tta"] == {"flip": True, "scales": [1.0]}
-    assert _evaluate(data, onnx_path, "--amp") == 1
+    assert _evaluate(data, onnx_path, "--amp") == 1  # ONNX Runtime runs the float32 graph only: refused
+
+
+def test_openvino_scores_in_bf16_inference_precision(trained, tmp_path, capsys):
+    """``--backend openvino --dtype bfloat16`` scores the exported file in OpenVINO's bf16 inference precision
+    (the fast path on CPUs with bf16 units), so its mean IU can be compared with float32's before it is used."""
+    pytest.importorskip("openvino")
+    data, run, _ = trained
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(onnx_path),
+                 "--size", "33", "45"]) == 0
+    scores = {}
+    for flags in ((), ("--dtype", "bfloat16")):
+        out = tmp_path / f"ov{len(flags)}.json"
+        assert _evaluate(data, onnx_path, "--backend", "openvino", *flags, "--json", str(out)) == 0
+        scores[flags and "bf16" or "f32"] = json.loads(out.read_text())
+    a, b = scores["f32"]["confusion_matrix"], scores["bf16"]["confusion_matrix"]
+    assert sum(map(sum, a)) == sum(map(sum, b))  # the same pixels, scored in either precision
+    moved = sum(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    assert moved <= 0.05 * sum(map(sum, a)), moved
 
 
 # -- evaluation at inference speed: the batched, optimized path scores exactly like the per-image one --

@@ -157,6 +157,41 @@ def test_openvino_backend_matches_the_eager_model(exported, tmp_path, capsys):
         OpenVinoModel(broken)
 
 
+def test_openvino_opens_in_the_asked_precision(exported, tmp_path, capsys):
+    """dtype bfloat16 opens an ONNX file in OpenVINO's bf16 inference precision (where the CPU has bf16 units, the
+    compiled model says bf16 and its logits differ slightly from float32's); ONNX Runtime refuses it in one line."""
+    from fcnseg.checkpoint import open_model
+    from fcnseg.optimize import native_bf16_cpu
+
+    ckpt, onnx_path = exported
+    f32 = open_model(onnx_path, backend="openvino", threads=1)
+    bf16 = open_model(onnx_path, backend="openvino", threads=1, dtype="bfloat16")
+    x = torch.randn(1, 3, 96, 128)
+    r = parity(f32, bf16, x)
+    assert r["class_agreement"] > 0.95, r
+    compiled = bf16._requests[(1, 3, 96, 128)].get_compiled_model()
+    if native_bf16_cpu():
+        assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'bfloat16'>"
+        assert r["max_abs_logit_diff"] > 0, "bf16 logits equal float32's: the precision was not applied"
+    assert str(f32._requests[(1, 3, 96, 128)].get_compiled_model().get_property("INFERENCE_PRECISION_HINT")) \
+        == "<Type: 'float32'>"
+    with pytest.raises(fcnseg.errors.FcnsegError, match="ONNX Runtime runs the exported float32 model"):
+        open_model(onnx_path, dtype="bfloat16")
+
+    # the command line: predict through OpenVINO bf16, torch's masks up to the odd pixel; ORT bf16 is one line
+    src = tmp_path / "x.png"
+    random_image(90, 117, 7).save(src)
+    for backend, out, code in [("openvino", tmp_path / "ov", 0), ("onnxruntime", tmp_path / "ort", 1)]:
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(onnx_path), "--backend", backend, "--dtype", "bfloat16",
+                     str(src), "--out", str(out)]) == code
+    err = capsys.readouterr().err
+    assert "ONNX Runtime runs the exported float32 model" in err and "Traceback" not in err, err
+    assert main(["predict", "--checkpoint", str(ckpt), str(src), "--out", str(tmp_path / "t")]) == 0
+    a, b = np.asarray(Image.open(tmp_path / "t" / "x.png")), np.asarray(Image.open(tmp_path / "ov" / "x.png"))
+    assert a.shape == b.shape == (90, 117) and (a == b).mean() > 0.95
+
+
 # -- int8 -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

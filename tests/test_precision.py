@@ -49,10 +49,13 @@ def labelled_by(model, root, n: int = 3, size=(48, 64)):
         Image.fromarray(np.zeros(size, np.uint8)).save(root / "masks" / f"{name}.png")
     (root / "splits" / "val.txt").write_text("\n".join(names) + "\n")
     dataset = labelled_dataset("folder", root, "val", model)
+    # predicted as the gate runs its float32 reference (optimized: BN folded, channels-last; the images batched):
+    # the fragile model's +1024 offset leaves ties that another convolution algorithm can break otherwise
+    reference = optimize(model)
     with torch.no_grad():
-        for i, name in enumerate(names):
-            pred = model(dataset[i][0][None]).argmax(1)[0].numpy().astype(np.uint8)
-            Image.fromarray(pred).save(root / "masks" / f"{name}.png")
+        preds = reference(torch.stack([dataset[i][0] for i in range(n)])).argmax(1).numpy().astype(np.uint8)
+    for name, pred in zip(names, preds):
+        Image.fromarray(pred).save(root / "masks" / f"{name}.png")
     return labelled_dataset("folder", root, "val", model)
 
 
@@ -71,18 +74,26 @@ def fragile_checkpoint(path):
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("precision")
     ckpt = fragile_checkpoint(tmp / "fragile.safetensors")
-    dataset = labelled_by(fcnseg.load_checkpoint(ckpt), tmp / "data")
+    # labelled on one thread, as the tests score (a module fixture runs before their one_thread): the fragile
+    # model's near-ties fall differently with another thread count's convolution blocking
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset = labelled_by(fcnseg.load_checkpoint(ckpt), tmp / "data")
+    finally:
+        torch.set_num_threads(threads)
     return tmp, ckpt, dataset
 
 
 def test_the_labels_are_the_float32_predictions(setup):
     _, ckpt, dataset = setup
-    model = fcnseg.load_checkpoint(ckpt)
+    model = optimize(fcnseg.load_checkpoint(ckpt))  # the gate's float32 reference
     classes = set()
+    with torch.no_grad():
+        preds = model(torch.stack([dataset[i][0] for i in range(len(dataset))])).argmax(1)
     for i in range(len(dataset)):
-        x, mask = dataset[i]
-        with torch.no_grad():
-            assert torch.equal(model(x[None]).argmax(1)[0], mask)
+        mask = dataset[i][1]
+        assert torch.equal(preds[i], mask)
         classes |= set(mask.unique().tolist())
     assert classes == {0, 1, 2}  # every class present: mean IU over three classes
 
@@ -179,7 +190,8 @@ def test_sensitivity_command_prints_the_table_and_writes_nothing(setup, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--format", "onnx", "--dtype", "bfloat16"], "use --format safetensors"),
+    (["--format", "torchscript", "--dtype", "bfloat16"], "not TorchScript"),
+    (["--format", "onnx", "--dtype", "bfloat16", "--keep-float32", "fc.fc7"], "use --format safetensors"),
     (["--format", "safetensors"], "add --dtype bfloat16"),
     (["--format", "onnx", "--keep-float32", "fc.fc7"], "add --dtype bfloat16"),
     (["--format", "onnx", "--gate-dataset", "folder"], "go together"),
@@ -196,6 +208,29 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(setup, tmp_path, cap
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), *extra]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_onnx_bfloat16_export_is_gated_as_openvino_runs_it(setup, capsys):
+    """--format onnx --dtype bfloat16 writes the float32 graph with a record saying bf16, and gates it as OpenVINO
+    runs it in bf16 inference precision: on a CPU with bf16 units the fragile fc7 loses its signal there too, so
+    the export is refused (file kept); elsewhere OpenVINO computes in float32 and the file passes unchanged."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxscript")
+    from fcnseg.export import onnx_record
+    from fcnseg.optimize import native_bf16_cpu
+
+    tmp, ckpt, _ = setup
+    out = tmp / "fragile-ov-bf16.onnx"
+    code = _export(ckpt, out, tmp / "data", "--format", "onnx", "--size", "48", "64", "--dtype", "bfloat16")
+    captured = capsys.readouterr()
+    assert out.is_file() and onnx_record(out)["inference_dtype"] == "bfloat16"
+    assert "OpenVINO bf16 parity at 48x64" in captured.out
+    line = [ln for ln in captured.out.splitlines() if ln.startswith("mean IU on 3 image(s)")]
+    assert len(line) == 1 and "float32 100.00" in line[0], captured.out
+    if native_bf16_cpu():
+        assert code == 1 and "mean IU drops by" in captured.err and "file kept" in captured.err
+    else:
+        assert code == 0 and "candidate 100.00" in line[0], line
 
 
 @pytest.mark.slow  # an ONNX export and an int8 quantization: tens of seconds on 2 cores

@@ -123,22 +123,12 @@ def _model_for(spec: dict[str, Any], device):
     """What ``spec`` times: an exported .onnx file in its runtime (ONNX Runtime in float32; OpenVINO in its own
     float32 or, for bfloat16, bf16 inference precision), or the torch model, converted by ``optimize`` unless
     the spec says otherwise."""
-    import torch
+    from .optimize import optimize
 
-    from .optimize import optimize, parse_dtype
+    if spec["backend"] in ("onnxruntime", "openvino"):
+        from .checkpoint import open_model
 
-    dtype = parse_dtype(spec["dtype"])
-    if spec["backend"] == "onnxruntime":
-        from .export import OnnxRuntimeModel
-
-        if dtype != torch.float32:
-            raise ValueError("the onnxruntime backend runs the exported float32 model; use --dtype float32")
-        return OnnxRuntimeModel(spec["model"], threads=spec["threads"])
-    if spec["backend"] == "openvino":
-        from .export import OpenVinoModel
-
-        precision = "bf16" if dtype == torch.bfloat16 else "f32"
-        return OpenVinoModel(spec["model"], threads=spec["threads"], precision=precision)
+        return open_model(spec["model"], backend=spec["backend"], threads=spec["threads"], dtype=spec["dtype"])
     if spec["backend"] != "torch":
         raise ValueError(f"unknown backend {spec['backend']!r}")
     model = _build_torch(spec).to(device)

@@ -367,23 +367,34 @@ BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 def open_model(path_or_name: str | Path, backend: str | None = None, device: str | torch.device = "cpu",
-               threads: int | None = None):
+               threads: int | None = None, dtype: str | torch.dtype | None = None):
     """A model ready for inference, from a checkpoint (a built-in name, a .safetensors file, a run
     directory: PyTorch) or an exported ``.onnx`` file (ONNX Runtime, the default backend for that suffix, or
     OpenVINO). Either has ``.record`` (a ``CheckpointRecord``; {} for a foreign ONNX file), ``.num_classes``
-    and ``.top_stride``, and maps (B, C, H, W) float tensors to (B, K, H, W) logits."""
+    and ``.top_stride``, and maps (B, C, H, W) float tensors to (B, K, H, W) logits.
+
+    ``dtype`` is the compute type of a runtime backend, fixed when it opens the file: OpenVINO runs float32 or,
+    for bfloat16, its bf16 inference precision; ONNX Runtime runs the exported float32 graph only. A PyTorch
+    model opens in float32 whatever ``dtype`` says: ``optimize`` converts it (the Segmenter, evaluation)."""
+    from .optimize import parse_dtype
+
     is_onnx = str(path_or_name).endswith(".onnx")
     backend = backend or ("onnxruntime" if is_onnx else "torch")
     if backend not in BACKENDS:
         raise FcnsegError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    dtype = parse_dtype(dtype)
     if backend != "torch":
         if not is_onnx:
             raise FcnsegError(f"{path_or_name}: the {backend} backend runs an exported .onnx model; "
                               f"make one with 'fcnseg export --format onnx'")
         from .export import OnnxRuntimeModel, OpenVinoModel
 
-        runtime = OnnxRuntimeModel if backend == "onnxruntime" else OpenVinoModel
-        return runtime(path_or_name, threads=threads)
+        if backend == "onnxruntime":
+            if dtype != torch.float32:
+                raise FcnsegError(f"{path_or_name}: ONNX Runtime runs the exported float32 model; for bfloat16 use "
+                                  f"--backend openvino (its bf16 inference precision) or the PyTorch checkpoint")
+            return OnnxRuntimeModel(path_or_name, threads=threads)
+        return OpenVinoModel(path_or_name, threads=threads, precision="bf16" if dtype == torch.bfloat16 else "f32")
     if is_onnx:
         raise FcnsegError(f"{path_or_name}: an ONNX model runs with backend='onnxruntime' or 'openvino'")
     return load_checkpoint(path_or_name, device=device)

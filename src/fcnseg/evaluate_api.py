@@ -45,7 +45,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     ``flip``/``scales`` add test-time augmentation; ``exclude`` (names or indices) and ``exclude_absent``
     leave classes out of the class-averaged means. ``dense`` ("shift-and-stitch" or "rarefaction") scores the
     net densely at ``dense_stride`` (default 8) instead of upsampling its coarse scores (``models.dense``).
-    ``backend`` runs an exported .onnx checkpoint: "onnxruntime" (the default) or "openvino".
+    ``backend`` runs an exported .onnx checkpoint: "onnxruntime" (the default, float32) or "openvino" (float32, or
+    with ``dtype`` bfloat16 its bf16 inference precision).
     Returns the scores (fractions in [0, 1]) with the confusion matrix, per-class rows and what was scored.
     """
     from .checkpoint import open_model
@@ -87,11 +88,10 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     # the data is checked before the model loads: a wrong root or split fails in a second
     data = build_dataset(dataset, root, split, **dataset_kwargs)
     device = torch.device("cpu") if onnx else pick_device(str(device))
-    model = open_model(checkpoint, backend=backend, device=device, threads=onnx_threads)  # checks the pairing
+    # checks the pairing; a runtime opens in its compute type (OpenVINO bfloat16: bf16 inference precision)
+    model = open_model(checkpoint, backend=backend, device=device, threads=onnx_threads, dtype=dtype)
     if not isinstance(model, torch.nn.Module):  # ONNX Runtime, OpenVINO: in the nn.Module form evaluation expects
-        if dtype != "float32":
-            raise FcnsegError("dtype/amp are for PyTorch checkpoints; an ONNX model runs in its own precision")
-        model = OnnxRuntimeModule(model)
+        model, dtype = OnnxRuntimeModule(model), "float32"  # float32 in and out: the runtime's own precision inside
     if dense is not None:
         from .models.dense import densify
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 from .checkpoint import atomic_write
 from .errors import FcnsegError
 from .outputs import output_file
+from .optimize import bf16_slowness
 from .record import CheckpointRecord, refuse_multihead
 
 FORMATS = ("onnx", "torchscript")
@@ -37,11 +38,12 @@ def _record_of(model: nn.Module) -> dict[str, Any]:
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int] = (256, 320),
-                opset: int | None = None) -> Path:
+                opset: int | None = None, record_extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (float32, eval) as ONNX with dynamic batch, height and width.
 
     Input ``image`` (B, 3, H, W) normalised float32; output ``logits`` (B, K, H, W). Uses PyTorch's
-    ``torch.export``-based exporter (needs ``onnxscript``); the record goes into ``metadata_props``.
+    ``torch.export``-based exporter (needs ``onnxscript``); the record, with ``record_extra`` added, goes into
+    ``metadata_props``.
     """
     try:
         import onnx
@@ -71,7 +73,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int
         shapes_log.setLevel(level)
     proto = program.model_proto
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(_record_of(model))
+    entry.key, entry.value = METADATA_KEY, json.dumps({**_record_of(model), **(record_extra or {})})
     atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
     return path
 
@@ -295,6 +297,9 @@ class OpenVinoModel:
         path = _onnx_file(path)
         if precision not in ("f32", "bf16"):
             raise FcnsegError(f"OpenVINO precision must be f32 or bf16, got {precision!r}")
+        slow = bf16_slowness() if precision == "bf16" else None
+        if slow:
+            warnings.warn(slow, RuntimeWarning, stacklevel=2)
         self.record = onnx_record(path)
         self._core = ov.Core()
         try:

@@ -110,7 +110,8 @@ class Segmenter:
                 model = copy_model(model)  # the caller's model stays as it was
             model = optimize(model.to(self.device), dtype, channels_last, inplace=True)
         elif parse_dtype(dtype) != torch.float32:
-            raise FcnsegError("dtype applies to PyTorch models only; this backend runs the exported float32 model")
+            raise FcnsegError("dtype converts PyTorch models only; a runtime computes in the precision it was opened "
+                              "in (open_model(..., dtype=...), or Segmenter.from_checkpoint with dtype)")
         self.model = model
         self.record = record
         self.align = int(getattr(model, "top_stride", 32))
@@ -132,10 +133,11 @@ class Segmenter:
                         **kwargs: Any) -> "Segmenter":
         """A Segmenter for a checkpoint (a built-in name, a .safetensors file or a run directory), or for
         an exported ``.onnx`` file run by ONNX Runtime (``backend="onnxruntime"``, implied by the suffix) or
-        OpenVINO (``backend="openvino"``)."""
-        model = open_model(path_or_name, backend=backend, device=device)
+        OpenVINO (``backend="openvino"``; ``dtype="bfloat16"`` opens it in its bf16 inference precision)."""
+        model = open_model(path_or_name, backend=backend, device=device, dtype=kwargs.get("dtype"))
         if isinstance(model, nn.Module):  # the freshly loaded model is ours: converting it in place saves a copy
             return cls(model, device=device, inplace=True, **kwargs)
+        kwargs.pop("dtype", None)  # the runtime was opened in it
         return cls(model, **kwargs)
 
     # -- public calls ------------------------------------------------------------------------------

@@ -75,12 +75,13 @@ def _indices(dataset, indices: Sequence[int] | None, limit: int | None) -> list[
 
 def _mean_iou(model: Any, dataset, indices: list[int], *, dtype: str | torch.dtype | None, optimize_model: bool,
               batch_size: int, workers: int) -> float:
-    from .export import OnnxRuntimeModel, OnnxRuntimeModule
+    from .export import OnnxRuntimeModel, OnnxRuntimeModule, OpenVinoModel
 
-    if isinstance(model, OnnxRuntimeModel):  # evaluation calls .eval() on its model
+    if isinstance(model, (OnnxRuntimeModel, OpenVinoModel)):  # evaluation calls .eval() on its model
         model, optimize_model = OnnxRuntimeModule(model), False
     elif not isinstance(model, nn.Module):
-        raise FcnsegError(f"cannot score a {type(model).__name__}: pass a PyTorch model or an OnnxRuntimeModel")
+        raise FcnsegError(f"cannot score a {type(model).__name__}: pass a PyTorch model, an OnnxRuntimeModel or "
+                          f"an OpenVinoModel")
     ignore = getattr(dataset, "ignore_index", 255)
     cm = evaluate_model(model, dataset, indices=indices, num_classes=model.num_classes, ignore_index=ignore,
                         dtype=dtype, optimize_model=optimize_model, batch_size=batch_size, workers=workers)
@@ -96,7 +97,7 @@ def miou_change(reference: Any, candidate: Any, dataset, *, indices: Sequence[in
 
     ``candidate`` is a PyTorch model, run as ``optimize(candidate, candidate_dtype)`` makes it, or as it
     is with ``candidate_ready`` (a model ``optimize`` already converted, e.g. with ``keep_float32``), or
-    an ``OnnxRuntimeModel`` (an int8 export), run as exported. Neither model is changed.
+    an ``OnnxRuntimeModel`` (an int8 export) or ``OpenVinoModel`` (e.g. in bf16 precision), run as opened. Neither model is changed.
     ``reference_miou`` skips scoring the reference again when it is already known on these images.
     """
     chosen = _indices(dataset, indices, limit)

@@ -36,7 +36,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="test-time augmentation: average over the image rescaled by each S (e.g. 1 1.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="weights and activations (bfloat16 keeps the FCN's scoring layers in float32)")
+                   help="weights and activations (bfloat16 keeps the FCN's scoring layers in float32; with "
+                        "--backend openvino: its bf16 inference precision)")
     p.add_argument("--amp", action="store_true", help="the same as --dtype bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

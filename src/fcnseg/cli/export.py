@@ -160,9 +160,12 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
         "size; the layers that compute in float32 stay float32) and whose record says \"inference_dtype\": \"bfloat16\" and which layers to keep float32; it is "
         "gated as it will run: the written file loaded back and converted by fcnseg.optimize to bfloat16 (the FCN "
         "score and upsampling layers, and --keep-float32 layers, computing in float32). Run it with "
-        "'--dtype bfloat16': fcnseg.optimize keeps the recorded float32 layers wherever the file is loaded.")
+        "'--dtype bfloat16': fcnseg.optimize keeps the recorded float32 layers wherever the file is loaded. "
+        "--dtype bfloat16 --format onnx writes the float32 graph, its record saying \"inference_dtype\": \"bfloat16\", "
+        "gated as OpenVINO runs it in bf16 inference precision ('--backend openvino --dtype bfloat16').")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16: write a bfloat16 checkpoint (needs --format safetensors)")
+                   help="bfloat16: write a bfloat16 checkpoint (--format safetensors), or an ONNX model gated in "
+                        "OpenVINO's bf16 inference precision (--format onnx)")
     g.add_argument("--keep-float32", nargs="+", default=[], metavar="LAYER",
                    help="with --dtype bfloat16: layers (module names, e.g. fc.fc7) that compute in float32; "
                         "--sensitivity shows which cost mean IU")
@@ -185,8 +188,12 @@ def check_precision_arguments(args: argparse.Namespace) -> None:
     from ..errors import FcnsegError
 
     bf16 = args.dtype == "bfloat16"
-    if bf16 and args.fmt != "safetensors":
-        raise FcnsegError("--dtype bfloat16 writes a bfloat16 checkpoint: use --format safetensors")
+    if bf16 and args.fmt == "torchscript":
+        raise FcnsegError("--dtype bfloat16 writes a bfloat16 checkpoint (--format safetensors) or an ONNX model "
+                          "for OpenVINO's bf16 precision (--format onnx), not TorchScript")
+    if bf16 and args.fmt == "onnx" and args.keep_float32:
+        raise FcnsegError("--keep-float32 chooses layers of a bfloat16 safetensors checkpoint; OpenVINO's bf16 "
+                          "precision decides its own (use --format safetensors)")
     if args.fmt == "safetensors" and not bf16:
         raise FcnsegError("--format safetensors is for a bfloat16 checkpoint: add --dtype bfloat16")
     if args.fmt == "safetensors" and Path(args.out).suffix != ".safetensors":
@@ -224,6 +231,8 @@ def run_precision(args: argparse.Namespace, model, size: tuple[int, int]) -> int
         from ..export import OnnxRuntimeModel
 
         return code or _gate(args, model, OnnxRuntimeModel(args.out), gate, ready=True)
+    if args.fmt == "onnx":
+        return _export_onnx_bfloat16(args, model, gate, size)
     return _export_bfloat16(args, model, gate)
 
 
@@ -264,6 +273,25 @@ def _export_bfloat16(args: argparse.Namespace, model, gate) -> int:
     # gated as it will run: the file itself, loaded back and converted
     written = optimize(load_checkpoint(path), "bfloat16", keep_float32=args.keep_float32, inplace=True)
     return _gate(args, model, written, gate, ready=True)
+
+
+def _export_onnx_bfloat16(args: argparse.Namespace, model, gate, size: tuple[int, int]) -> int:
+    """A float32 ONNX model for OpenVINO's bf16 inference precision (the fast path on CPUs with bf16 units),
+    its record saying so, gated as it will run: the written file in OpenVINO bf16 against the checkpoint."""
+    import torch
+
+    from ..checkpoint import open_model
+    from ..export import export_onnx, parity
+
+    path = export_onnx(model, args.out, example_size=size,
+                       record_extra={"inference_dtype": "bfloat16", "inference_backend": "openvino"})
+    runtime = open_model(path, backend="openvino", dtype="bfloat16")
+    r = parity(model, runtime, torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)))
+    print(f"OpenVINO bf16 parity at {size[0]}x{size[1]}: max |logit difference| {r['max_abs_logit_diff']:.3g}, "
+          f"class agreement {100 * r['class_agreement']:.3f}%")
+    print(f"wrote {path} (onnx float32 graph for OpenVINO bf16 precision: run it with --backend openvino "
+          f"--dtype bfloat16, {path.stat().st_size / 2**20:.1f} MB)")
+    return _gate(args, model, runtime, gate, ready=True)
 
 
 def _print_sensitivity(args: argparse.Namespace, model, gate, size: tuple[int, int]) -> int:

@@ -29,7 +29,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default=None,
                    help="torch (default), or for an exported .onnx model onnxruntime (its default) or openvino")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute type of the torch backend (bfloat16: faster on CPUs with bf16 units)")
+                   help="compute type of the torch or openvino backend (bfloat16: faster on CPUs with bf16 units; "
+                        "openvino: its bf16 inference precision; check the mean IU with fcnseg evaluate)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--tile", type=int, default=1024, help="images larger than this on a side are tiled (default 1024)")
     p.add_argument("--overlap", type=int, default=256, help="pixels shared by neighbouring tiles (default 256)")
