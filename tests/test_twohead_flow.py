@@ -97,7 +97,7 @@ def test_train_evaluate_predict_with_two_heads(tmp_path, capsys):
     cfg = yaml.safe_load(CONFIG.read_text())
     assert cfg["model"] == "fcn16s_efficientnet_lite0_twohead" and cfg["dataset_kwargs"] == {"labels": "both"}
     # the shipped recipe, shrunk: no ImageNet weights, one tiny epoch, validation on the test list
-    cfg.update(pretrained=False, epochs=1, batch_size=2, crop_size=[32, 32], workers=0, threads=1, split="trainval",
+    cfg.update(pretrained=False, amp=False, epochs=1, batch_size=2, crop_size=[32, 32], workers=0, threads=1, split="trainval",
                val_split="test", time_budget_min=0, warmup_steps=0, plots=False, progress=False,
                model_kwargs={"heads": {"semantic": 33, "geometric": 3}})
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))  # head order matters
