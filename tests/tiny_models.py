@@ -240,3 +240,22 @@ LISTING = {"orphan.png": "mask has no image", "nomask.png": "missing mask for sa
 def lines_naming(text: str, name: str) -> list[str]:
     """The lines of ``text`` that name the file ``name``."""
     return [ln for ln in text.splitlines() if f"/{name}" in ln]
+
+
+# ---- a fresh process -------------------------------------------------------------------------------------
+
+def fcnseg_in_child(*argv: str, code: str | None = None, timeout: float = 300):
+    """``fcnseg ARGV...`` (or ``python -c CODE``) in a fresh process that has imported this module (so the tiny
+    test architectures are registered there too): (exit code, stdout, stderr).
+
+    For OpenVINO's bf16 inference precision: a compiled bf16 model leaves runtime state behind in the process
+    (observed on an AMD EPYC with AVX512-BF16: a later, unrelated test's subprocess call then crashed pytest
+    with a segmentation fault), so tests that compile one run it in a child that exits afterwards."""
+    here = str(Path(__file__).resolve().parent)
+    prelude = "import sys, tiny_models\n_registered = tiny_models.tiny_models_registered()\n_registered.__enter__()\n"
+    code = prelude + (code if code is not None else "from fcnseg.cli import main\nsys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    return proc.returncode, proc.stdout, proc.stderr
