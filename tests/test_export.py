@@ -13,7 +13,7 @@ import fcnseg
 from fcnseg.cli import main
 from fcnseg.export import OnnxRuntimeModel, load_exported, parity
 from fcnseg.optimize import vnni_cpu
-from tiny_models import fcnseg_in_child, random_image, tiny_checkpoint
+from tiny_models import random_image, run_cli, run_python, tiny_checkpoint, write_launcher
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -160,9 +160,9 @@ def test_openvino_backend_matches_the_eager_model(exported, tmp_path, capsys):
 def test_openvino_opens_in_the_asked_precision(exported, tmp_path):
     """dtype bfloat16 opens an ONNX file in OpenVINO's bf16 inference precision (where the CPU has bf16 units, the
     compiled model says bf16 and its logits differ slightly from float32's); ONNX Runtime refuses it in one line.
-    The bf16 compilations run in child processes (see ``fcnseg_in_child``)."""
+    The bf16 compilations run in child processes (see ``tiny_models.run_python``)."""
     ckpt, onnx_path = exported
-    code, out, err = fcnseg_in_child(code=f"""
+    proc = run_python(f"""
 import json, torch
 from fcnseg.checkpoint import open_model
 from fcnseg.errors import FcnsegError
@@ -179,8 +179,8 @@ except FcnsegError as e:
     refused = str(e)
 print(json.dumps(dict(r, native=native_bf16_cpu(), f32=hint(f32), bf16=hint(bf16), refused=refused)))
 """)
-    assert code == 0, err
-    got = json.loads(out.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["class_agreement"] > 0.95 and got["f32"] == "<Type: 'float32'>", got
     if got["native"]:
         assert got["bf16"] == "<Type: 'bfloat16'>", got
@@ -190,10 +190,12 @@ print(json.dumps(dict(r, native=native_bf16_cpu(), f32=hint(f32), bf16=hint(bf16
     # the command line: predict through OpenVINO bf16, torch's masks up to the odd pixel; ORT bf16 is one line
     src = tmp_path / "x.png"
     random_image(90, 117, 7).save(src)
+    launcher = write_launcher(tmp_path / "launcher")
     for backend, dest, expected in [("openvino", tmp_path / "ov", 0), ("onnxruntime", tmp_path / "ort", 1)]:
-        code, _, err = fcnseg_in_child("predict", "--checkpoint", str(onnx_path), "--backend", backend,
-                                       "--dtype", "bfloat16", str(src), "--out", str(dest))
-        assert code == expected, err
+        proc = run_cli(launcher, "predict", "--checkpoint", str(onnx_path), "--backend", backend, "--dtype",
+                       "bfloat16", str(src), "--out", str(dest), timeout=300)
+        assert proc.returncode == expected, proc.stderr
+    err = proc.stderr
     assert "ONNX Runtime runs the exported float32 model" in err and "Traceback" not in err, err
     assert main(["predict", "--checkpoint", str(ckpt), str(src), "--out", str(tmp_path / "t")]) == 0
     a, b = np.asarray(Image.open(tmp_path / "t" / "x.png")), np.asarray(Image.open(tmp_path / "ov" / "x.png"))

@@ -21,7 +21,7 @@ from fcnseg.errors import FcnsegError
 from fcnseg.optimize import optimize
 from fcnseg.precision import labelled_dataset, layer_sensitivity, miou_change, sensitivity_units
 from fcnseg.checkpoint import make_record, save_checkpoint
-from tiny_models import fcnseg_in_child, random_image, tiny_model
+from tiny_models import random_image, run_cli, tiny_model, write_launcher
 
 FRAGILE_OFFSET = 1024.0
 
@@ -221,9 +221,11 @@ def test_onnx_bfloat16_export_is_gated_as_openvino_runs_it(setup, capsys):
 
     tmp, ckpt, _ = setup
     out = tmp / "fragile-ov-bf16.onnx"
-    code, stdout, stderr = fcnseg_in_child(  # OpenVINO bf16 compiles in a child (see fcnseg_in_child)
-        "export", "--checkpoint", str(ckpt), "--out", str(out), "--gate-dataset", "folder", "--gate-root",
-        str(tmp / "data"), "--format", "onnx", "--size", "48", "64", "--dtype", "bfloat16")
+    proc = run_cli(  # OpenVINO bf16 compiles in a child (see tiny_models.run_python)
+        write_launcher(tmp / "launcher"), "export", "--checkpoint", str(ckpt), "--out", str(out), "--gate-dataset",
+        "folder", "--gate-root", str(tmp / "data"), "--format", "onnx", "--size", "48", "64", "--dtype", "bfloat16",
+        timeout=300)
+    code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     assert out.is_file() and onnx_record(out)["inference_dtype"] == "bfloat16", stderr
     assert "OpenVINO bf16 parity at 48x64" in stdout
     line = [ln for ln in stdout.splitlines() if ln.startswith("mean IU on 3 image(s)")]

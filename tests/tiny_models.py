@@ -242,20 +242,15 @@ def lines_naming(text: str, name: str) -> list[str]:
     return [ln for ln in text.splitlines() if f"/{name}" in ln]
 
 
-# ---- a fresh process -------------------------------------------------------------------------------------
 
-def fcnseg_in_child(*argv: str, code: str | None = None, timeout: float = 300):
-    """``fcnseg ARGV...`` (or ``python -c CODE``) in a fresh process that has imported this module (so the tiny
-    test architectures are registered there too): (exit code, stdout, stderr).
+def run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -c CODE`` in a child process with the tiny models registered (``env()``'s one thread).
 
-    For OpenVINO's bf16 inference precision: a compiled bf16 model leaves runtime state behind in the process
-    (observed on an AMD EPYC with AVX512-BF16: a later, unrelated test's subprocess call then crashed pytest
-    with a segmentation fault), so tests that compile one run it in a child that exits afterwards."""
-    here = str(Path(__file__).resolve().parent)
-    prelude = "import sys, tiny_models\n_registered = tiny_models.tiny_models_registered()\n_registered.__enter__()\n"
-    code = prelude + (code if code is not None else "from fcnseg.cli import main\nsys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout,
-                          env=env)
-    return proc.returncode, proc.stdout, proc.stderr
+    For OpenVINO's bf16 inference precision (with ``run_cli`` for the commands): a compiled bf16 model leaves
+    runtime state behind in the process (observed on an AMD EPYC with AVX512-BF16: a later, unrelated test's
+    subprocess call then crashed pytest with a segmentation fault), so tests that compile one do it in a child."""
+    prelude = (f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+               f"from tiny_models import tiny_models_registered\n_registered = tiny_models_registered()\n"
+               f"_registered.__enter__()\n")
+    return subprocess.run([sys.executable, "-c", prelude + code], env=env(), capture_output=True, text=True,
+                          timeout=timeout)
