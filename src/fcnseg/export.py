@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .checkpoint import atomic_write
 from .errors import FcnsegError
+from .modes import eval_mode
 from .outputs import output_file
 from .optimize import bf16_slowness
 from .record import CheckpointRecord, refuse_multihead
@@ -52,7 +53,6 @@ def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int
         raise FcnsegError(f"ONNX export needs {e.name}: pip install 'fcnseg[onnx]'") from None
     refuse_multihead(model, "ONNX export")
     path = output_file(path, what="ONNX export")  # before the minutes of tracing
-    model = model.eval()
     x = torch.randn(1, 3, *example_size)
     auto = torch.export.Dim.AUTO  # the pooling and crop arithmetic is left to torch.export to work out
     # the exporter narrates its steps on stdout and logs sympy's failed attempts at simplifying
@@ -62,7 +62,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_size: tuple[int, int
     narration = io.StringIO()
     try:
         shapes_log.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(narration):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(narration), eval_mode(model):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (x,), dynamo=True, input_names=["image"], output_names=["logits"],
                                         dynamic_shapes={"x": {0: auto, 2: auto, 3: auto}}, opset_version=opset,
@@ -211,9 +211,8 @@ def export_torchscript(model: nn.Module, path: str | Path, example_size: tuple[i
     """
     refuse_multihead(model, "TorchScript export")
     path = output_file(path, what="TorchScript export")
-    model = model.eval()
     x = torch.randn(1, 3, *example_size)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), eval_mode(model):
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints, which stay dynamic here
         traced = torch.jit.trace(model, x, check_trace=False)
     extra = {f"{METADATA_KEY}.json": json.dumps(_record_of(model))}

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..errors import FcnsegError
 from ..metrics import ConfusionMatrix
+from ..modes import eval_mode
 from ..registry import MULTIHEAD_RECORD_KWARGS, get_builder, register_model, valid_heads
 from .backbones import Backbone
 from .fcn import FCN
@@ -111,22 +112,20 @@ def evaluate_heads(model: nn.Module, batches: Iterable[tuple], ignore_index: int
     from ..tta import class_ids
 
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     cms = {name: ConfusionMatrix(k, ignore_index, device) for name, k in model.head_classes.items()}
-    for batch in batches:
-        image, targets = batch[0].to(device), batch[1]
-        if not isinstance(targets, Mapping):
-            targets = head_targets(targets, list(model.head_classes))
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            outputs = model(image)
-        for name, logits in outputs.items():
-            cms[name].update(target=targets[name].to(device), pred=class_ids(logits))
+    with eval_mode(model):
+        for batch in batches:
+            image, targets = batch[0].to(device), batch[1]
+            if not isinstance(targets, Mapping):
+                targets = head_targets(targets, list(model.head_classes))
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                outputs = model(image)
+            for name, logits in outputs.items():
+                cms[name].update(target=targets[name].to(device), pred=class_ids(logits))
     for cm in cms.values():
         cm.all_reduce()
-    model.train(was_training)
     return cms
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
+from ..modes import train_mode
 from . import engine
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,9 @@ def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: 
     device = images.device
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     grads = {n: p.grad for n, p in model.named_parameters()}
-    was_training = model.training
     times = []
     try:
-        model.train()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with train_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for i in range(steps + 1):
                 for p in model.parameters():
                     p.grad = None
@@ -81,7 +80,6 @@ def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: 
                 v.copy_(buffers[k])
         for n, p in model.named_parameters():
             p.grad = grads[n]
-        model.train(was_training)
     return float(np.median(times))
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import FcnsegError
 from ..metrics import ConfusionMatrix
+from ..modes import eval_mode
 from ..tta import class_ids
 
 
@@ -282,16 +283,14 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, device: torch.device
     and return the confusion matrix, summed over processes when distributed."""
     from tqdm import tqdm
 
-    was_training = model.training
-    model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
-    for batch in tqdm(loader, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False):
-        images, masks = batch[0].to(device), batch[1].to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(images)  # (B, K, H, W)
-        cm.update(target=masks, pred=class_ids(logits))
+    with eval_mode(model):
+        for batch in tqdm(loader, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False):
+            images, masks = batch[0].to(device), batch[1].to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                logits = model(images)  # (B, K, H, W)
+            cm.update(target=masks, pred=class_ids(logits))
     cm.all_reduce()
-    model.train(was_training)
     return cm

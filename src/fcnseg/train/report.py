@@ -12,6 +12,7 @@ import torch
 
 from ..checkpoint import atomic_write
 from ..metrics import json_safe
+from ..modes import eval_mode
 from ..visualize import colorize
 
 
@@ -95,13 +96,12 @@ def prediction_grid(model, dataset, indices: Sequence[int], device: torch.device
                     path: str | Path, ignore_index: int = 255) -> None:
     """One row per image: image, ground truth, prediction."""
     plt = _plt()
-    was_training = model.training
-    model.eval()
     rows = len(indices)
     fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
     for r, i in enumerate(indices):
         image, mask = dataset[i][:2]
-        pred = model(image.unsqueeze(0).to(device)).argmax(1)[0].cpu().numpy()
+        with eval_mode(model):
+            pred = model(image.unsqueeze(0).to(device)).argmax(1)[0].cpu().numpy()
         name = dataset.names[i] if hasattr(dataset, "names") else str(i)
         for c, (img, title) in enumerate(((denormalize(image, mean, std), name),
                                           (colorize(mask.numpy(), colors, ignore_index), "ground truth"),
@@ -109,7 +109,6 @@ def prediction_grid(model, dataset, indices: Sequence[int], device: torch.device
             axes[r, c].imshow(img)
             axes[r, c].set_title(title, fontsize=8)
             axes[r, c].axis("off")
-    model.train(was_training)
     _save_fig(fig, Path(path))
 
 
