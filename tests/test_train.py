@@ -296,6 +296,37 @@ def test_max_steps_and_time_budget_stop_the_run(tiny, data, tmp_path):
     assert rows[-1]["epoch"] == 5 and rows[-1]["step"] == 20
 
 
+def test_budget_shortfall_says_how_many_epochs_fit():
+    from fcnseg.train.run import budget_shortfall
+
+    # 100 steps in 600 s: 1,000 steps need 100 min; a 60-min budget fits 600 steps = 6 epochs of 100
+    assert budget_shortfall(600.0, 100, 1000, 100, 3600.0) == (pytest.approx(100.0), 6)
+    assert budget_shortfall(600.0, 100, 1000, 100, 6000.0) is None  # exactly fits
+    assert budget_shortfall(600.0, 100, 1000, 100, 0.0) is None  # no budget
+    assert budget_shortfall(0.0, 0, 1000, 100, 3600.0) is None  # nothing timed yet
+
+
+def test_over_budget_warning_is_given_once(caplog):
+    from types import SimpleNamespace
+
+    from fcnseg.config import TrainConfig
+    from fcnseg.train import distributed as dst
+    from fcnseg.train.run import Position, warn_if_over_budget
+
+    run = SimpleNamespace(cfg=TrainConfig(epochs=10, time_budget_min=60), info=dst.DistInfo(), budget_warned=False,
+                          done=False, pos=Position(1, 0, 100), total_steps=1000, steps_per_epoch=100,
+                          elapsed=lambda: 600.0)
+    with caplog.at_level("WARNING", logger="fcnseg"):
+        warn_if_over_budget(run)
+        warn_if_over_budget(run)
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(messages) == 1 and "needs about 100 min" in messages[0] and "about 6 epochs fit" in messages[0]
+    run.budget_warned, run.cfg = False, TrainConfig(epochs=10, time_budget_min=200)
+    caplog.clear()
+    warn_if_over_budget(run)  # fits: no warning
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_fit_as_a_library_logs_records_only_a_given_command_and_leaves_the_process_as_it_was(tiny, data, tmp_path,
                                                                                               capsys, caplog):
     import logging

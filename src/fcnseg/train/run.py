@@ -101,6 +101,7 @@ class Run:
     started: float = 0.0  # perf_counter() at the run's start, moved back by the time trained before a resume
     writer: report.Scalars | None = None
     amp: dict[str, Any] = field(default_factory=dict)  # choose_amp's decision (version.json, the summary)
+    budget_warned: bool = False  # the time-budget projection warns once per run
 
     @property
     def out(self) -> Path:
@@ -615,6 +616,36 @@ def advance(run: Run, stats: engine.EpochStats) -> None:
         run.best = holder[0]
 
 
+def budget_shortfall(elapsed_s: float, steps_done: int, total_steps: int, steps_per_epoch: int,
+                     budget_s: float) -> tuple[float, int] | None:
+    """If the run, at the pace so far, will not take its ``total_steps`` within ``budget_s``: the minutes it
+    would need and the whole epochs that fit (what to set ``epochs`` to, so the schedule ends in time);
+    None when it fits, there is no budget, or nothing has been timed yet."""
+    if budget_s <= 0 or steps_done <= 0 or elapsed_s <= 0:
+        return None
+    needed_s = elapsed_s / steps_done * total_steps
+    if needed_s <= budget_s:
+        return None
+    return needed_s / 60, int(budget_s / elapsed_s * steps_done // max(steps_per_epoch, 1))
+
+
+def warn_if_over_budget(run: Run) -> None:
+    """Once per run, after an epoch: warn when the time budget will stop the run before its last step, since
+    the learning-rate schedule (poly, cosine) then never reaches its end and the weights miss its low-rate
+    phase; the warning says how many epochs fit at the pace measured."""
+    cfg = run.cfg
+    if run.budget_warned or run.done:
+        return
+    short = budget_shortfall(run.elapsed(), run.pos.step, run.total_steps, run.steps_per_epoch,
+                             cfg.time_budget_min * 60)
+    if short is not None:
+        run.budget_warned = True
+        needed_min, fits = short
+        log(run.info, f"at this pace the run needs about {needed_min:.0f} min for its {run.total_steps} steps, so "
+                      f"time_budget_min ({cfg.time_budget_min:g}) will stop it before its learning-rate schedule "
+                      f"ends; about {fits} epochs fit (set epochs to that, or raise the budget)", logging.WARNING)
+
+
 def finish(run: Run) -> dict[str, Any]:
     """Close the writer, say why the run stopped early, and return its summary."""
     if run.writer is not None:
@@ -689,4 +720,5 @@ def _fit(cfg: TrainConfig, info: dst.DistInfo, resume: bool, command: list[str] 
         report_epoch(run, row, scores)
         advance(run, stats)
         save_resume_state(run)
+        warn_if_over_budget(run)
     return finish(run)
