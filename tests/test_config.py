@@ -15,7 +15,7 @@ def test_configs_are_shipped():
     names = {p.stem for p in CONFIGS}
     assert {"voc_fcn32s_vgg16", "voc_fcn16s_vgg16", "voc_fcn8s_vgg16", "voc_fcn8s_atonce_vgg16",
             "siftflow_fcn16s_vgg16", "camvid_fcn8s_vgg16_adam_seed", "camvid_fcn8s_efficientnet_lite0_cpu",
-            "camvid_fcn8s_resnet18_cpu"} <= names
+            "camvid_fcn8s_resnet18_cpu", "siftflow_fcn8s_efficientnet_lite2_cpu"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
