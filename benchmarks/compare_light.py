@@ -1,5 +1,6 @@
-"""The built-in models (camvid, siftflow: FCN-8s on EfficientNet-Lite0) side by side with torchvision's light
-segmentation networks, LR-ASPP and DeepLabV3 on MobileNetV3-Large, at the same input size and thread count.
+"""The built-in models (camvid: FCN-8s on EfficientNet-Lite0; siftflow: FCN-8s on EfficientNet-Lite2) side by side
+with torchvision's light segmentation networks, LR-ASPP and DeepLabV3 on MobileNetV3-Large, at the same input size
+and thread count.
 
 Every configuration runs in a fresh process through ``fcnseg.benchmark`` (warm-up, timed runs, peak memory =
 peak resident memory during inference minus the process's memory after imports). Every model runs the same
