@@ -168,6 +168,63 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _scaling(scaler: torch.amp.GradScaler | None) -> bool:
+    return scaler is not None and scaler.is_enabled()
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    grad_clip: float) -> None:
+    """One optimiser step on the accumulated gradients (unscaled first, so clipping sees their true norm),
+    then clear them."""
+    if _scaling(scaler):
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if _scaling(scaler):
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _window(batch: int, accumulate: int, total: int) -> tuple[int, bool]:
+    """The number of micro-batches in the optimiser step that micro-batch ``batch`` belongs to (the last window of
+    an epoch may be short), and whether ``batch`` is its last."""
+    start = (batch // accumulate) * accumulate
+    window = min(accumulate, total - start)
+    return window, batch == start + window - 1
+
+
+def _shared_normaliser(loss_sum: torch.Tensor, norm: torch.Tensor, world: int) -> tuple[torch.Tensor, bool, bool]:
+    """The loss normaliser summed over processes, whether this process's loss is non-finite, and whether any
+    process's is (one all-reduce for both)."""
+    bad = not bool(torch.isfinite(loss_sum))
+    shared = torch.stack([norm.float(), torch.tensor(float(bad), device=norm.device)])
+    if world > 1:
+        dist.all_reduce(shared)
+    return shared[0], bad, bool(shared[1] > 0)
+
+
+@torch.no_grad()
+def _pixel_counts(logits, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(correct, labelled) pixels of the first head, as a device tensor."""
+    logits, masks = _first_head(logits, masks)
+    valid = masks != ignore_index
+    return torch.stack([((class_ids(logits) == masks) & valid).sum(), valid.sum()])
+
+
+def _nonfinite_error(loss: float, here: bool, global_step: int, epoch: int, batch: int, indices,
+                     names: Sequence[str] | None) -> NonFiniteLossError:
+    """The error for a non-finite loss: where it happened and the files of this process's batch."""
+    files = [names[int(i)] for i in indices] if names is not None else [str(int(i)) for i in indices]
+    where = "this process's batch" if here else "another process's batch"
+    return NonFiniteLossError(
+        f"non-finite loss ({loss}) at step {global_step + 1} (epoch {epoch + 1}, batch {batch + 1}) in {where}: "
+        f"{', '.join(files)}. Lower the learning rate, check these files, or pass --on-nonfinite skip to skip "
+        f"such steps")
+
+
 def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
                     scheduler=None, scaler: torch.amp.GradScaler | None = None, *, device: torch.device,
                     options: StepOptions = StepOptions(), start: EpochStart = EpochStart(),
@@ -189,8 +246,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
     bar = tqdm(total=total, initial=start.batch, desc=f"epoch {epoch + 1}", unit="batch",
                disable=not options.progress, dynamic_ncols=True, leave=False)
     step_loss = 0.0
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    labelled = torch.zeros((), dtype=torch.int64, device=device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, labelled (training pixel accuracy)
     optimizer.zero_grad(set_to_none=True)
     b = start.batch
     for images, masks, indices in loader:
@@ -198,41 +254,22 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
         masks = masks.to(device, non_blocking=True)
         if options.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        # this micro-batch belongs to the window of micro-batches that make one optimiser step
-        window_start = (b // accumulate) * accumulate
-        window = min(accumulate, total - window_start)
-        last_in_window = b == window_start + window - 1
+        window, last_in_window = _window(b, accumulate, total)
         sync = contextlib.nullcontext() if last_in_window or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device, options.amp_dtype):
                 logits = model(images)  # (B, K, H, W)
             loss_sum, norm = loss_fn(logits, masks)
-            bad = not bool(torch.isfinite(loss_sum))
-            shared = torch.stack([norm.float(), torch.tensor(float(bad), device=norm.device)])
-            if world > 1:
-                dist.all_reduce(shared)  # the global normaliser, and whether any process saw a bad loss
-            bad_anywhere = bool(shared[1] > 0)
+            norm, bad, bad_anywhere = _shared_normaliser(loss_sum, norm, world)
             if bad_anywhere:
                 if options.on_nonfinite == "stop":
-                    files = [names[int(i)] for i in indices] if names is not None else [str(int(i)) for i in indices]
-                    where = "this process's batch" if bad else "another process's batch"
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({float(loss_sum.detach())}) at step {global_step + 1} (epoch {epoch + 1}, batch "
-                        f"{b + 1}) in {where}: {', '.join(files)}. Lower the learning rate, check these files, or "
-                        f"pass --on-nonfinite skip to skip such steps")
+                    raise _nonfinite_error(float(loss_sum.detach()), bad, global_step, epoch, b, indices, names)
                 tainted = True
             else:
-                loss = loss_sum * world / shared[0].clamp_min(1e-12) / window
-                if scaler is not None and scaler.is_enabled():
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                loss = loss_sum * world / norm.clamp_min(1e-12) / window
+                (scaler.scale(loss) if _scaling(scaler) else loss).backward()
                 step_loss += float(loss.detach())  # summed over the window: this process's share x world
-        with torch.no_grad():  # counted on the device, read once at the end: no host sync per step
-            logits, masks = _first_head(logits, masks)
-            valid = masks != loss_fn.ignore_index
-            correct += ((class_ids(logits) == masks) & valid).sum()
-            labelled += valid.sum()
+        counts += _pixel_counts(logits, masks, loss_fn.ignore_index)  # on the device: no host sync per step
         stats.batches += 1
         stats.images += images.shape[0]
         b += 1
@@ -245,16 +282,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
             stats.skipped += 1
             optimizer.zero_grad(set_to_none=True)
         else:
-            if scaler is not None and scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            if options.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-            if scaler is not None and scaler.is_enabled():
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(model, optimizer, scaler, options.grad_clip)
             stats.loss_sum += step_loss
             stats.losses.append(step_loss)
         if scheduler is not None:
@@ -270,7 +298,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
             stats.stopped = True
             break
     bar.close()
-    stats.correct, stats.labelled = int(correct), int(labelled)
+    stats.correct, stats.labelled = (int(c) for c in counts)
     stats.seconds = time.perf_counter() - t0
     return stats
 
