@@ -52,9 +52,27 @@ def test_amp_auto_decides_by_the_probe_where_bf16_is_native(monkeypatch, native,
     if native and fp32 < amp_mod.AMP_MIN_STEP_S:
         assert clock.calls == [None] and "too short" in decision["reason"]
     elif native:
-        assert clock.calls == [None, torch.bfloat16] and decision["bfloat16_step_s"] == bf16
+        assert clock.calls == [None, torch.bfloat16, torch.bfloat16, None] and decision["bfloat16_step_s"] == bf16
     else:
         assert clock.calls == [] and "no native bf16" in decision["reason"]
+
+
+def test_amp_auto_takes_each_precisions_best_of_alternating_probes(monkeypatch):
+    """A machine that was busy during the first float32 probe must not hand bf16 the win: the probes alternate
+    (float32, bf16, bf16, float32) and each precision's best counts; all timings are recorded."""
+    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: True)
+    seconds = iter([0.30, 0.25, 0.20, 0.21])  # a single float32/bf16 pair would say 0.30 against 0.25: bf16
+    calls = []
+
+    def clock(model, loss_fn, images, masks, dtype):
+        calls.append(dtype)
+        return next(seconds)
+
+    dtype, decision = amp_mod.choose_amp(TrainConfig(amp="auto"), nn.Conv2d(3, 3, 1), SegmentationLoss(), _batch(),
+                                         CPU, timer=clock)
+    assert calls == [None, torch.bfloat16, torch.bfloat16, None]
+    assert dtype is None and decision["float32_step_s"] == 0.21 and decision["bfloat16_step_s"] == 0.2
+    assert decision["timings_s"] == {"float32": [0.3, 0.21], "bfloat16": [0.25, 0.2]}
 
 
 def test_amp_true_or_false_is_taken_as_set(monkeypatch):
@@ -113,7 +131,7 @@ def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tmp_path, monkeyp
         return read_weights(out / "checkpoints" / "last.safetensors")
 
     auto, off = train(tmp_path / "auto"), train(tmp_path / "off", "--no-amp")
-    assert probed == [None, torch.bfloat16]  # the probe ran once, for the auto run only
+    assert probed == [None, torch.bfloat16, torch.bfloat16, None]  # two rounds, for the auto run only
     assert all(torch.equal(auto[k], off[k]) for k in off)
     recorded = json.loads((tmp_path / "auto" / "version.json").read_text())["amp"]
     assert recorded["amp"] == "auto" and recorded["dtype"] == "float32" and recorded["bfloat16_step_s"] > 1e3

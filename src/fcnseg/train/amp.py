@@ -2,10 +2,10 @@
 
 ``choose_amp`` picks bf16 autocast only where the device runs bf16 natively and a timed forward and backward
 pass on a batch of the run's training shape finds it clearly faster than float32. The passes are timed in
-fresh processes (``probe_train_step``), one per precision: timing them in the training process left it about
-20% slower for the rest of the run on a 2-core Xeon (channels-last float32 after a bf16 and a float32 probe:
-4.0 against 5.2 images/s, ``benchmarks/train_speed.py``), and a fresh process per precision also makes the two
-timings start alike.
+fresh processes (``probe_train_step``), ``AMP_PROBE_ROUNDS`` per precision in alternating order, each
+precision's best counting: timing them in the training process left it about 20% slower for the rest of the
+run on a 2-core Xeon (channels-last float32 after a bf16 and a float32 probe: 4.0 against 5.2 images/s,
+``benchmarks/train_speed.py``), and a fresh process per probe also makes the timings start alike.
 """
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 # ---- amp: auto -------------------------------------------------------------------------------------------------
-AMP_PROBE_STEPS = 3  # timed forward/backward passes per precision, after one untimed warm-up each
+AMP_PROBE_STEPS = 3  # timed forward/backward passes per probe, after one untimed warm-up each
+# probes per precision, alternating float32, bf16, bf16, float32, ...; one each was noisy near the threshold on a
+# 2-core EPYC (2.14 against 1.87 s in one run, 1.86 against 2.02 s in the next: the choice flipped)
+AMP_PROBE_ROUNDS = 2
 # below this many seconds per float32 step the run is overhead-bound: bf16 has too little to win to be worth a
 # change of numerics, and a timing that close to the noise would make runs of one config differ by chance
 AMP_MIN_STEP_S = 0.1
@@ -189,15 +192,22 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     images, masks = images.to(device), masks.to(device)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    full = timer(model, loss_fn, images, masks, None)
-    if full < AMP_MIN_STEP_S:
-        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(full, 4),
-                      "reason": f"a float32 step takes {full:.3f} s, under {AMP_MIN_STEP_S} s: too short for bf16 "
+    first = timer(model, loss_fn, images, masks, None)
+    if first < AMP_MIN_STEP_S:
+        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(first, 4),
+                      "reason": f"a float32 step takes {first:.3f} s, under {AMP_MIN_STEP_S} s: too short for bf16 "
                                 f"to pay"}
-    half = timer(model, loss_fn, images, masks, torch.bfloat16)
+    # float32, bf16, bf16, float32: a machine that speeds up or slows down while it is timed favours neither,
+    # and each precision's best time stands for it (noise on a shared machine only ever adds time)
+    timed = {None: [first], torch.bfloat16: []}
+    order = [d for r in range(AMP_PROBE_ROUNDS) for d in ((None, torch.bfloat16), (torch.bfloat16, None))[r % 2]]
+    for dtype in order[1:]:  # the first float32 probe is the one above
+        timed[dtype].append(timer(model, loss_fn, images, masks, dtype))
+    full, half = min(timed[None]), min(timed[torch.bfloat16])
     dtype = torch.bfloat16 if half * AMP_MIN_GAIN <= full else None
     return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on a training-shaped batch",
-                   "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4)}
+                   "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4),
+                   "timings_s": {_dtype_name(k): [round(t, 4) for t in v] for k, v in timed.items()}}
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:

@@ -304,7 +304,7 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
             decision = shared[0]
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[decision["dtype"]]
     log(info, f"amp {decision['amp']}: {decision['dtype']} ({decision['reason']}"
-              + (f": {decision['float32_step_s']} s/step float32, {decision['bfloat16_step_s']} s/step bf16)"
+              + (f": best {decision['float32_step_s']} s/step float32, {decision['bfloat16_step_s']} s/step bf16)"
                  if "bfloat16_step_s" in decision else ")"))
     files = getattr(data.train, "files", None)
     names = [str(f[0]) for f in files] if files else [str(n) for n in getattr(data.train, "names",
