@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -141,9 +141,7 @@ def _model_for(spec: dict[str, Any], device):
 def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process (``benchmark`` runs it in a fresh one)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from .inference import Segmenter
     from .optimize import return_freed_memory
 
     spec = {**DEFAULT_SPEC, **spec}
@@ -157,30 +155,7 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
         importlib.import_module(spec["model"].split(":", 1)[0])
     baseline_mb = _rss_mb()
     h, w = spec["size"]
-    b = int(spec["batch"])
-    gen = torch.Generator().manual_seed(spec["seed"])
-
-    model = _model_for(spec, device)
-
-    if spec["mode"] == "segmenter":
-        seg = Segmenter(model, device=device, dtype=spec["dtype"] if spec["backend"] == "torch" else None,
-                        channels_last=spec["channels_last"], tile=spec["tile"], overlap=spec["overlap"],
-                        batch_size=b, inplace=True)
-        images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for _ in range(b)]
-
-        def step():
-            return seg.predict(images)[0].mask[None]
-    else:
-        if spec["input"]:
-            x = torch.from_numpy(np.load(spec["input"])).to(device)
-        else:
-            x = torch.randn(b, 3, h, w, generator=gen).to(device)
-        b = x.shape[0]
-
-        def step():
-            with torch.inference_mode():
-                out = model(x)
-            return out["out"] if isinstance(out, dict) else out  # torchvision's segmentation models
+    step, b = _step_for(spec, _model_for(spec, device), device)
 
     method = "VmHWM after reset (clear_refs) - RSS after imports"
     return_freed_memory()  # what building and loading freed is not the model's (glibc keeps it otherwise)
@@ -191,25 +166,7 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     elif not _reset_peak() or _status_kb("VmHWM") is None:
         method = "ru_maxrss - RSS after imports (includes building the model)"
 
-    flops = spec["flops"]
-    out = None
-    for i in range(max(1, int(spec["warmup"]))):
-        if i == 0 and flops is None and spec["backend"] == "torch":
-            with FlopCounterMode(display=False) as counter:
-                out = step()
-            flops = counter.get_total_flops()
-        else:
-            out = step()
-    times = []
-    for _ in range(max(1, int(spec["iters"]))):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-
+    out, times, flops = _timed(step, spec, cuda)
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     elif method.startswith("VmHWM"):
@@ -236,6 +193,63 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
         "size": [h, w], "batch": b, "iters": len(times), "threads": torch.get_num_threads(),
         "device": str(device), "torch": torch.__version__,
     }
+
+
+def _step_for(spec: dict[str, Any], model, device) -> tuple[Callable[[], Any], int]:
+    """The timed step for ``spec["mode"]`` and the images it handles: the whole ``Segmenter.predict`` on
+    random uint8 photos ("segmenter"), or the model alone on a random (or ``spec["input"]``) batch."""
+    import torch
+
+    from .inference import Segmenter
+
+    h, w = spec["size"]
+    b = int(spec["batch"])
+    gen = torch.Generator().manual_seed(spec["seed"])
+    if spec["mode"] == "segmenter":
+        seg = Segmenter(model, device=device, dtype=spec["dtype"] if spec["backend"] == "torch" else None,
+                        channels_last=spec["channels_last"], tile=spec["tile"], overlap=spec["overlap"],
+                        batch_size=b, inplace=True)
+        images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for _ in range(b)]
+        return (lambda: seg.predict(images)[0].mask[None]), b
+    if spec["input"]:
+        x = torch.from_numpy(np.load(spec["input"])).to(device)
+    else:
+        x = torch.randn(b, 3, h, w, generator=gen).to(device)
+
+    def step():
+        with torch.inference_mode():
+            out = model(x)
+        return out["out"] if isinstance(out, dict) else out  # torchvision's segmentation models
+
+    return step, x.shape[0]
+
+
+def _timed(step: Callable[[], Any], spec: dict[str, Any], cuda: bool) -> tuple[Any, list[float], float | None]:
+    """Run ``step`` ``spec["warmup"]`` times untimed (the first under a FLOP counter for a PyTorch model, unless
+    ``spec["flops"]`` gives them), then ``spec["iters"]`` times timed: the last output, the seconds of each timed
+    run, and the FLOPs of one step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = spec["flops"]
+    out = None
+    for i in range(max(1, int(spec["warmup"]))):
+        if i == 0 and flops is None and spec["backend"] == "torch":
+            with FlopCounterMode(display=False) as counter:
+                out = step()
+            flops = counter.get_total_flops()
+        else:
+            out = step()
+    times = []
+    for _ in range(max(1, int(spec["iters"]))):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return out, times, flops
 
 
 def benchmark(spec: dict[str, Any], env: dict[str, str] | None = None, timeout: float | None = None) -> dict[str, Any]:

@@ -49,62 +49,29 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     with ``dtype`` bfloat16 its bf16 inference precision).
     Returns the scores (fractions in [0, 1]) with the confusion matrix, per-class rows and what was scored.
     """
-    from .checkpoint import open_model
-    from .data import build_dataset, build_transforms
+    from .data import build_dataset
     from .evaluation import evaluate_model
-    from .export import OnnxRuntimeModule
     from .metrics import absent_classes
-    from .models.multihead import checkpoint_heads
-    from .record import normalization_of
-    from .train.distributed import pick_device
     from .tta import check_scales
 
-    defaults = run_defaults(checkpoint)
-    dataset = dataset or defaults.get("dataset")
-    root = root or defaults.get("root")
-    split = split or defaults.get("split", "val")
-    if dataset_kwargs is None:
-        dataset_kwargs = defaults.get("dataset_kwargs", {}) if dataset == defaults.get("dataset") else {}
-    if not dataset or not root:
-        missing = "dataset" if not dataset else "root"
-        raise FcnsegError(f"{checkpoint}: give the {missing} to score on (--{missing}); only a training run "
-                          f"directory carries its own in config.yaml")
+    dataset, root, split, dataset_kwargs = _what_to_score(checkpoint, dataset, root, split, dataset_kwargs)
     scales = check_scales(scales)
     if limit < 0:
         raise FcnsegError(f"limit must be 0 (all) or more, got {limit}")
     onnx = str(checkpoint).endswith(".onnx")
-    if dense is None and dense_stride is not None:
-        raise FcnsegError("dense_stride needs dense='shift-and-stitch' or 'rarefaction'")
-    if dense is not None and onnx:
-        raise FcnsegError("dense scoring needs a PyTorch checkpoint; an exported .onnx model has its upsampling "
-                          "built in")
-    heads = None if onnx else checkpoint_heads(checkpoint)
-    if heads is not None:
-        if dense is not None or flip or tuple(scales) != (1.0,) or exclude or exclude_absent:
-            raise FcnsegError(f"{checkpoint}: a multi-head checkpoint ({', '.join(heads)}) is scored plainly: "
-                              f"no dense scoring, test-time augmentation or excluded classes")
-        if dataset == "siftflow" and "labels" not in dataset_kwargs:  # the only layout with one map per head
-            dataset_kwargs = dict(dataset_kwargs, labels="both")
+    heads = _check_options(checkpoint, onnx, dense=dense, dense_stride=dense_stride, plain=not (
+        flip or tuple(scales) != (1.0,) or exclude or exclude_absent))
+    if heads is not None and dataset == "siftflow" and "labels" not in dataset_kwargs:
+        dataset_kwargs = dict(dataset_kwargs, labels="both")  # the only layout with one map per head
     # the data is checked before the model loads: a wrong root or split fails in a second
     data = build_dataset(dataset, root, split, **dataset_kwargs)
-    device = torch.device("cpu") if onnx else pick_device(str(device))
-    # checks the pairing; a runtime opens in its compute type (OpenVINO bfloat16: bf16 inference precision)
-    model = open_model(checkpoint, backend=backend, device=device, threads=onnx_threads, dtype=dtype)
-    if not isinstance(model, torch.nn.Module):  # ONNX Runtime, OpenVINO: in the nn.Module form evaluation expects
-        model, dtype = OnnxRuntimeModule(model), "float32"  # float32 in and out: the runtime's own precision inside
-    if dense is not None:
-        from .models.dense import densify
-
-        model = densify(model, dense, dense_stride or 8)
-    record = model.record
-    mean, std = normalization_of(model)  # the checkpoint's own preprocessing, at original resolution
-    data.transforms = build_transforms(getattr(data, "preset", dataset), train=False, mean=mean, std=std)
-    if heads is None and hasattr(model, "head_classes"):
-        raise FcnsegError(f"{checkpoint}: a multi-head net whose record lists no heads (its 'heads' field); "
-                          f"save it from a training run, which records every head's classes")
+    model, device, dtype = _open_for_scoring(checkpoint, data, dataset, onnx=onnx, heads=heads, backend=backend,
+                                             device=device, threads=onnx_threads, dtype=dtype, dense=dense,
+                                             dense_stride=dense_stride)
     if heads is not None:
         return _evaluate_heads(checkpoint, model, data, dataset, root, split, limit=limit, workers=workers,
                                device=device, dtype=dtype)
+    record = model.record
     if data.num_classes != model.num_classes:
         raise FcnsegError(f"{checkpoint} predicts {model.num_classes} classes but {dataset} has {data.num_classes}; "
                           f"evaluate on the dataset it was trained for")
@@ -126,6 +93,70 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
             "tta": {"flip": bool(flip), "scales": list(scales)}, "excluded": [classes[i] for i in sorted(excluded)],
             **({"dense": record["dense"]} if "dense" in record else {}),
             **({"labels": data.label_source} if hasattr(data, "label_source") else {}), **scores}
+
+
+def _what_to_score(checkpoint: str | Path, dataset: str | None, root: str | Path | None, split: str | None,
+                   dataset_kwargs: dict | None) -> tuple[str, str | Path, str, dict]:
+    """The dataset, root, split and dataset arguments: as given, else from a run directory's config.yaml (the
+    dataset arguments only when it names the same dataset), the split else val."""
+    defaults = run_defaults(checkpoint)
+    dataset = dataset or defaults.get("dataset")
+    root = root or defaults.get("root")
+    split = split or defaults.get("split", "val")
+    if dataset_kwargs is None:
+        dataset_kwargs = defaults.get("dataset_kwargs", {}) if dataset == defaults.get("dataset") else {}
+    if not dataset or not root:
+        missing = "dataset" if not dataset else "root"
+        raise FcnsegError(f"{checkpoint}: give the {missing} to score on (--{missing}); only a training run "
+                          f"directory carries its own in config.yaml")
+    return dataset, root, split, dataset_kwargs
+
+
+def _check_options(checkpoint: str | Path, onnx: bool, *, dense: str | None, dense_stride: int | None,
+                   plain: bool) -> dict | None:
+    """Refuse options that do not go together, before any data or weights load; the checkpoint's heads (None for
+    a one-head net or an .onnx file). ``plain``: no test-time augmentation and no excluded classes."""
+    from .models.multihead import checkpoint_heads
+
+    if dense is None and dense_stride is not None:
+        raise FcnsegError("dense_stride needs dense='shift-and-stitch' or 'rarefaction'")
+    if dense is not None and onnx:
+        raise FcnsegError("dense scoring needs a PyTorch checkpoint; an exported .onnx model has its upsampling "
+                          "built in")
+    heads = None if onnx else checkpoint_heads(checkpoint)
+    if heads is not None and (dense is not None or not plain):
+        raise FcnsegError(f"{checkpoint}: a multi-head checkpoint ({', '.join(heads)}) is scored plainly: "
+                          f"no dense scoring, test-time augmentation or excluded classes")
+    return heads
+
+
+def _open_for_scoring(checkpoint: str | Path, data, dataset: str, *, onnx: bool, heads: dict | None,
+                      backend: str | None, device: str | torch.device, threads: int | None, dtype: str,
+                      dense: str | None, dense_stride: int | None) -> tuple[torch.nn.Module, torch.device, str]:
+    """The model as evaluation runs it (an ONNX Runtime or OpenVINO model wrapped as an ``nn.Module``, float32 in
+    and out; densified for ``dense``), its device and compute dtype; sets ``data``'s transforms to the checkpoint's
+    own normalisation at original resolution."""
+    from .checkpoint import open_model
+    from .data import build_transforms
+    from .export import OnnxRuntimeModule
+    from .record import normalization_of
+    from .train.distributed import pick_device
+
+    device = torch.device("cpu") if onnx else pick_device(str(device))
+    # checks the pairing; a runtime opens in its compute type (OpenVINO bfloat16: bf16 inference precision)
+    model = open_model(checkpoint, backend=backend, device=device, threads=threads, dtype=dtype)
+    if not isinstance(model, torch.nn.Module):  # ONNX Runtime, OpenVINO: in the nn.Module form evaluation expects
+        model, dtype = OnnxRuntimeModule(model), "float32"  # float32 in and out: the runtime's own precision inside
+    if dense is not None:
+        from .models.dense import densify
+
+        model = densify(model, dense, dense_stride or 8)
+    mean, std = normalization_of(model)
+    data.transforms = build_transforms(getattr(data, "preset", dataset), train=False, mean=mean, std=std)
+    if heads is None and hasattr(model, "head_classes"):
+        raise FcnsegError(f"{checkpoint}: a multi-head net whose record lists no heads (its 'heads' field); "
+                          f"save it from a training run, which records every head's classes")
+    return model, device, dtype
 
 
 def _evaluate_heads(checkpoint: str | Path, model: torch.nn.Module, data, dataset: str, root: str | Path, split: str,

@@ -178,81 +178,9 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
     app = FastAPI(title="fcnseg", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.batcher, app.state.metrics, app.state.models = settings, batcher, metrics, models
 
-    if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", None) or ("/static" if request.url.path.startswith("/static/") else "other")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        if request.url.path == "/" or request.url.path.startswith("/static/"):
-            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
-        return response
-
-    # -- errors: one JSON shape for all ------------------------------------------------------------
-
-    @app.exception_handler(ServeError)
-    async def on_serve_error(request: Request, exc: ServeError):
-        metrics.rejects.labels(exc.code).inc()
-        return _error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(UploadError)
-    async def on_upload_error(request: Request, exc: UploadError):
-        metrics.rejects.labels(exc.code).inc()
-        return _error_response(exc.status, exc.code, exc.message)
-
-    @app.exception_handler(QueueFull)
-    async def on_queue_full(request: Request, exc: QueueFull):
-        metrics.rejects.labels("queue_full").inc()
-        return _error_response(503, "queue_full", f"server busy: {exc}; retry later",
-                               {"Retry-After": str(settings.retry_after_s)})
-
-    @app.exception_handler(ShuttingDown)
-    async def on_shutting_down(request: Request, exc: ShuttingDown):
-        metrics.rejects.labels("shutting_down").inc()
-        return _error_response(503, "shutting_down", str(exc), {"Retry-After": str(settings.retry_after_s)})
-
-    @app.exception_handler(DeadlineExceeded)
-    async def on_deadline(request: Request, exc: DeadlineExceeded):
-        metrics.rejects.labels("deadline").inc()
-        return _error_response(504, "deadline_exceeded", f"segmentation took too long: {exc}")
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError):
-        metrics.rejects.labels("invalid_request").inc()
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid value')}")
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception):
-        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        metrics.rejects.labels("internal_error").inc()
-        return _error_response(500, "internal_error", f"the server failed on this request ({type(exc).__name__})")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
-
-    # -- auth ----------------------------------------------------------------------------------------
-
-    def require_key(request: Request) -> None:
-        if not settings.api_key:
-            return
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization") or ""
-        if not given and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise ServeError(401, "unauthorized", "missing or wrong API key (send it as X-API-Key or "
-                                                  "Authorization: Bearer)", {"WWW-Authenticate": "Bearer"})
+    _add_middleware(app, settings, metrics)
+    _add_error_handlers(app, settings, metrics)
+    require_key = _key_check(settings)
 
     # -- endpoints ---------------------------------------------------------------------------------
 
@@ -297,6 +225,91 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _add_middleware(app: FastAPI, settings: ServeSettings, metrics: ServeMetrics) -> None:
+    """CORS where origins are set; request counts and latencies per route; the page's Content-Security-Policy."""
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or ("/static" if request.url.path.startswith("/static/") else "other")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        if request.url.path == "/" or request.url.path.startswith("/static/"):
+            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        return response
+
+
+def _add_error_handlers(app: FastAPI, settings: ServeSettings, metrics: ServeMetrics) -> None:
+    """One JSON error shape for every refusal and failure, each counted by its code."""
+
+    @app.exception_handler(ServeError)
+    async def on_serve_error(request: Request, exc: ServeError):
+        metrics.rejects.labels(exc.code).inc()
+        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(UploadError)
+    async def on_upload_error(request: Request, exc: UploadError):
+        metrics.rejects.labels(exc.code).inc()
+        return _error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(QueueFull)
+    async def on_queue_full(request: Request, exc: QueueFull):
+        metrics.rejects.labels("queue_full").inc()
+        return _error_response(503, "queue_full", f"server busy: {exc}; retry later",
+                               {"Retry-After": str(settings.retry_after_s)})
+
+    @app.exception_handler(ShuttingDown)
+    async def on_shutting_down(request: Request, exc: ShuttingDown):
+        metrics.rejects.labels("shutting_down").inc()
+        return _error_response(503, "shutting_down", str(exc), {"Retry-After": str(settings.retry_after_s)})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def on_deadline(request: Request, exc: DeadlineExceeded):
+        metrics.rejects.labels("deadline").inc()
+        return _error_response(504, "deadline_exceeded", f"segmentation took too long: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        metrics.rejects.labels("invalid_request").inc()
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        metrics.rejects.labels("internal_error").inc()
+        return _error_response(500, "internal_error", f"the server failed on this request ({type(exc).__name__})")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        return _error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
+
+
+def _key_check(settings: ServeSettings):
+    """The dependency that refuses a request without ``settings.api_key`` (none set: every request passes)."""
+
+    def require_key(request: Request) -> None:
+        if not settings.api_key:
+            return
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization") or ""
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise ServeError(401, "unauthorized", "missing or wrong API key (send it as X-API-Key or "
+                                                  "Authorization: Bearer)", {"WWW-Authenticate": "Bearer"})
+
+    return require_key
 
 
 async def read_upload(request: Request, limit: int) -> bytes:
