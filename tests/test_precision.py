@@ -9,6 +9,7 @@ but fc7's output rounded to bfloat16 (steps of 8 at 1024) loses its signal, so f
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -201,6 +202,8 @@ def test_sensitivity_command_prints_the_table_and_writes_nothing(setup, capsys):
     (["--format", "safetensors", "--dtype", "bfloat16", "--gate-dataset", "folder", "--gate-root", "nowhere"],
      "nowhere"),
     (["--format", "safetensors", "--dtype", "bfloat16", "--max-miou-drop", "-1"], "0 or more points"),
+    (["--format", "onnx", "--dtype", "bfloat16", "--gate-backend", "openvino"], "always gated in OpenVINO"),
+    (["--format", "onnx", "--int8", "--calibrate", "x", "--gate-backend", "openvino"], "add --gate-dataset"),
 ])
 def test_bad_requests_are_one_line_errors_and_write_nothing(setup, tmp_path, capsys, extra, message):
     _, ckpt, _ = setup
@@ -249,6 +252,29 @@ def test_int8_export_is_gated_by_mean_iu(setup, capsys):
     line = [ln for ln in captured.out.splitlines() if ln.startswith("mean IU on 3 image(s)")]
     assert len(line) == 1 and "float32 100.00" in line[0]
     assert code == 1 and out.is_file() and "more than --max-miou-drop 0.0 (file kept" in captured.err
+
+
+@pytest.mark.slow  # an ONNX export, an int8 quantization and two OpenVINO compilations, in children
+def test_int8_gate_scores_in_the_backend_asked_for(setup):
+    """--gate-backend openvino: the gate's candidate mean IU is the one 'fcnseg evaluate --backend openvino' gives
+    for the written file (OpenVINO's int8 kernels are not ONNX Runtime's)."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxscript")
+    tmp, ckpt, _ = setup
+    out, data = tmp / "int8-ov.onnx", tmp / "data"
+    launcher = write_launcher(tmp / "launcher-ov")
+    proc = run_cli(launcher, "export", "--checkpoint", str(ckpt), "--out", str(out), "--gate-dataset", "folder",
+                   "--gate-root", str(data), "--format", "onnx", "--size", "48", "64", "--int8", "--calibrate",
+                   str(data / "images"), "--gate-backend", "openvino", "--max-miou-drop", "100", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "gate: the int8 model scored in openvino" in proc.stdout
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("mean IU on 3 image(s)")]
+    assert len(line) == 1 and "float32 100.00" in line[0], proc.stdout
+    candidate = line[0].split("candidate ")[1].split(",")[0]
+    scored = run_cli(launcher, "evaluate", "--checkpoint", str(out), "--backend", "openvino", "--dataset", "folder",
+                     "--root", str(data), "--split", "val", "--workers", "0", timeout=300)
+    assert scored.returncode == 0, scored.stderr
+    assert re.search(r"mean IU\s+([\d.]+)", scored.stdout).group(1) == candidate, (candidate, scored.stdout)
 
 
 @pytest.mark.slow  # one ONNX export and seven int8 quantizations

@@ -154,7 +154,8 @@ def _one_part_in(base: nn.Module, name: str, dtype: torch.dtype) -> nn.Module:
 def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *, units: Sequence[str] | None = None,
                       depth: int = 0, indices: Sequence[int] | None = None, limit: int | None = None,
                       calibration: Iterable[np.ndarray] | None = None, batch_size: int = 8, workers: int = 0,
-                      on_unit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                      on_unit: Callable[[dict[str, Any]], None] | None = None,
+                      backend: str = "onnxruntime") -> list[dict[str, Any]]:
     """How much mean IU each part costs when it alone runs in ``precision``, worst first.
 
     Rows ``{"layer", "miou", "drop_points", "reference_miou", "images"}`` (mean IU as a fraction; the drop
@@ -162,7 +163,8 @@ def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *,
     ``sensitivity_units(model, precision, depth)``). bfloat16: the part's weights and arithmetic in
     bfloat16, the rest of the (batch-norm-folded) model float32. int8: the model exported to ONNX
     once, then quantized by ``fcnseg.export.quantize_onnx`` with ``only=`` that part (activation ranges
-    from ``calibration``, required) and run by ONNX Runtime. ``on_unit`` sees each row as it is measured
+    from ``calibration``, required) and run by ``backend`` ("onnxruntime" or "openvino", the runtime the int8 model
+    will run in: their int8 kernels round differently). ``on_unit`` sees each row as it is measured
     (a long run can show progress). The worst parts are the ones to keep float32
     (``optimize(..., keep_float32=...)``; ``fcnseg export --int8-layers`` quantizes only the others).
     """
@@ -195,8 +197,11 @@ def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *,
         for name in units:
             measure(name, _one_part_in(base, name, torch.bfloat16), True)
     else:
-        from .export import OnnxRuntimeModel, export_onnx, quantize_onnx
+        from .checkpoint import open_model
+        from .export import export_onnx, quantize_onnx
 
+        if backend not in ("onnxruntime", "openvino"):
+            raise FcnsegError(f"unknown int8 backend {backend!r}; valid: onnxruntime, openvino")
         batches = list(calibration or [])
         if not batches:
             raise FcnsegError("int8 sensitivity needs calibration images for the activation ranges")
@@ -205,7 +210,7 @@ def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *,
             fp32 = export_onnx(model, Path(tmp) / "float32.onnx", example_size=size)
             for i, name in enumerate(units):
                 path = quantize_onnx(fp32, Path(tmp) / f"{i}.onnx", batches, only=(name + ".",))
-                measure(name, OnnxRuntimeModel(path), True)
+                measure(name, open_model(path, backend=backend), True)
     return sorted(rows, key=lambda r: -r["drop_points"] if not math.isnan(r["drop_points"]) else -math.inf)
 
 

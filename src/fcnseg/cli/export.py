@@ -173,6 +173,9 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-root", type=Path, metavar="DIR", help="its folder")
     g.add_argument("--gate-split", default="val", help="split to score (default val)")
     g.add_argument("--gate-limit", type=int, metavar="N", help="score only the first N images of the split")
+    g.add_argument("--gate-backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help="with --int8: the runtime the gate and --sensitivity score the int8 model in; choose the one "
+                        "it will run in (their int8 kernels round differently; default onnxruntime)")
     g.add_argument("--max-miou-drop", type=float, default=DEFAULT_MAX_MIOU_DROP, metavar="POINTS",
                    help=f"fail (exit 1, file kept) if mean IU drops by more than this many points "
                         f"(default {DEFAULT_MAX_MIOU_DROP})")
@@ -206,6 +209,16 @@ def check_precision_arguments(args: argparse.Namespace) -> None:
         raise FcnsegError("--gate-dataset and --gate-root go together: the gate scores a labelled split")
     if args.gate_dataset and not (args.int8 or bf16):
         raise FcnsegError("the mean IU gate compares a lower precision with float32: add --int8 or --dtype bfloat16")
+    if args.gate_backend != "onnxruntime" and not args.int8:
+        raise FcnsegError("--gate-backend chooses where an --int8 model is scored; a --dtype bfloat16 ONNX model is "
+                          "always gated in OpenVINO")
+    if args.gate_backend != "onnxruntime" and not args.gate_dataset:
+        raise FcnsegError("--gate-backend chooses where the gate scores the int8 model: add --gate-dataset and "
+                          "--gate-root")
+    if args.gate_backend == "openvino":
+        from ..export import _runtime
+
+        _runtime("openvino", "openvino")  # missing: said now, not after the export and the quantization
     if args.sensitivity and not args.gate_dataset:
         raise FcnsegError("--sensitivity measures mean IU: add --gate-dataset and --gate-root")
     if args.gate_limit is not None and args.gate_limit < 1:
@@ -228,9 +241,12 @@ def run_precision(args: argparse.Namespace, model, size: tuple[int, int]) -> int
         return _print_sensitivity(args, model, gate, size)
     if args.int8:
         code = _export_int8(args, model, size)
-        from ..export import OnnxRuntimeModel
+        if code or gate is None:
+            return code
+        from ..checkpoint import open_model
 
-        return code or _gate(args, model, OnnxRuntimeModel(args.out), gate, ready=True)
+        print(f"gate: the int8 model scored in {args.gate_backend}")
+        return _gate(args, model, open_model(args.out, backend=args.gate_backend), gate, ready=True)
     if args.fmt == "onnx":
         return _export_onnx_bfloat16(args, model, gate, size)
     return _export_bfloat16(args, model, gate)
@@ -300,8 +316,9 @@ def _print_sensitivity(args: argparse.Namespace, model, gate, size: tuple[int, i
     precision = "int8" if args.int8 else "bfloat16"
     batches = calibration_batches(args.calibrate, size, model, args.calibrate_limit) if args.int8 else None
     rows = layer_sensitivity(model, gate, precision, depth=args.sensitivity_depth, limit=args.gate_limit,
-                             calibration=batches)
-    print(f"mean IU change with one layer at a time in {precision} (worst first; nothing written); float32: "
+                             calibration=batches, backend=args.gate_backend)
+    where = f" ({args.gate_backend})" if args.int8 else ""
+    print(f"mean IU change with one layer at a time in {precision}{where} (worst first; nothing written); float32: "
           f"{100 * rows[0]['reference_miou']:.2f} on {rows[0]['images']} image(s)")
     print(format_sensitivity(rows))
     return 0
