@@ -234,7 +234,7 @@ def export(model: nn.Module, path: str | Path, fmt: str, example_size: tuple[int
     raise FcnsegError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
-def _runtime(module: str, extra: str):
+def require_runtime(module: str, extra: str):
     """The runtime package ``module``, or a one-line error saying which extra installs it."""
     import importlib
 
@@ -258,7 +258,7 @@ class OnnxRuntimeModel:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        ort = _runtime("onnxruntime", "onnx")
+        ort = require_runtime("onnxruntime", "onnx")
         path = _onnx_file(path)
         options = ort.SessionOptions()
         if threads:
@@ -292,7 +292,7 @@ class OpenVinoModel:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, precision: str = "f32", shapes: int = 4):
-        ov = _runtime("openvino", "openvino")
+        ov = require_runtime("openvino", "openvino")
         path = _onnx_file(path)
         if precision not in ("f32", "bf16"):
             raise FcnsegError(f"OpenVINO precision must be f32 or bf16, got {precision!r}")

@@ -216,9 +216,9 @@ def check_precision_arguments(args: argparse.Namespace) -> None:
         raise FcnsegError("--gate-backend chooses where the gate scores the int8 model: add --gate-dataset and "
                           "--gate-root")
     if args.gate_backend == "openvino":
-        from ..export import _runtime
+        from ..export import require_runtime
 
-        _runtime("openvino", "openvino")  # missing: said now, not after the export and the quantization
+        require_runtime("openvino", "openvino")  # missing: said now, not after the export and the quantization
     if args.sensitivity and not args.gate_dataset:
         raise FcnsegError("--sensitivity measures mean IU: add --gate-dataset and --gate-root")
     if args.gate_limit is not None and args.gate_limit < 1:

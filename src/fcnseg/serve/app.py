@@ -150,15 +150,7 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
     models = dict(models)  # the caller's dict stays theirs
     default_model = next(iter(models))
     metrics = ServeMetrics()
-
-    def run_batch(key: Hashable, images: list) -> Sequence[Prediction]:
-        name, _size, probs = key
-        return models[name].predict(images, probs=probs)
-
-    batcher = MicroBatcher(run_batch, max_batch=settings.max_batch, window_s=settings.batch_window_ms / 1000,
-                           workers=settings.workers, max_queue=settings.max_queue,
-                           on_batch=metrics.batch_size.observe)
-    metrics.queue_depth.set_function(lambda: batcher.depth)
+    batcher = _batcher_for(models, settings, metrics)
     # decoding and encoding images is CPU work too: a few threads at a time, so that a burst of uploads
     # neither starves the inference threads nor holds many decoded images at once
     codec_slots: list[anyio.CapacityLimiter] = []  # made in the lifespan, inside the server's event loop
@@ -225,6 +217,21 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _batcher_for(models: dict[str, Segmenter], settings: ServeSettings, metrics: ServeMetrics) -> MicroBatcher:
+    """The micro-batcher that runs ``models`` on batches of one key (model name, image size, probabilities
+    wanted), its batch sizes and queue depth reported in ``metrics``."""
+
+    def run_batch(key: Hashable, images: list) -> Sequence[Prediction]:
+        name, _size, probs = key
+        return models[name].predict(images, probs=probs)
+
+    batcher = MicroBatcher(run_batch, max_batch=settings.max_batch, window_s=settings.batch_window_ms / 1000,
+                           workers=settings.workers, max_queue=settings.max_queue,
+                           on_batch=metrics.batch_size.observe)
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    return batcher
 
 
 def _add_middleware(app: FastAPI, settings: ServeSettings, metrics: ServeMetrics) -> None:
