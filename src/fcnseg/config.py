@@ -82,7 +82,7 @@ class TrainConfig:
 
     # numerics and speed
     amp: Union[bool, str] = "auto"  # autocast (bf16 on CPU; on CUDA see amp_dtype); auto: bf16 only where this
-    #   device runs it natively and a timed probe on a batch of the training crop finds it 10% faster (logged,
+    #   device runs it natively and a timed probe on a batch of the training crop finds it 25% faster (logged,
     #   kept in version.json and reused on resume)
     amp_dtype: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16 (with a gradient scaler)
     channels_last: bool = True  # NHWC activations and weights: oneDNN's fast path on CPUs
