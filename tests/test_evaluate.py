@@ -233,3 +233,28 @@ def test_scoring_in_worker_processes_counts_exactly(one_thread, monkeypatch):
     assert taken and torch.equal(got.mat, want)
     taken.clear()
     assert torch.equal(evaluation.evaluate_model(model, dataset, batch_size=3, workers=0).mat, want) and not taken
+
+
+def test_validation_scores_in_float32_when_training_in_bf16(tmp_path, monkeypatch):
+    """A run trained with bf16 autocast is still validated in float32: the mean IU that picks the best checkpoint
+    is the one ``fcnseg evaluate`` reports for the saved file by default, not the bf16 one."""
+    import fcnseg.evaluation
+
+    data = make_folder_dataset(tmp_path / "data", n_train=4, n_val=3, size=(33, 45))
+    real, dtypes = fcnseg.evaluation.evaluate_model, []
+
+    def spy(*args, **kwargs):
+        dtypes.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fcnseg.evaluation, "evaluate_model", spy)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "1",
+                 "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0", "--no-progress", "--no-plots",
+                 "--amp", "--out", str(run)]) == 0
+    assert json.loads((run / "version.json").read_text())["amp"]["dtype"] == "bfloat16"  # it did train in bf16
+    assert dtypes == [None]  # one validation, in float32
+    out = tmp_path / "s.json"
+    assert _evaluate(data, run / "checkpoints" / "last.safetensors", "--json", str(out)) == 0
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["val"]
+    assert val["mean_iou"] == json.loads(out.read_text())["mean_iou"]
