@@ -1,6 +1,5 @@
 """benchmarks/same_seed.py: same-seed pairs of finished runs are checked to differ only in the speed settings, and
 compared by hand-checkable numbers."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,15 +7,12 @@ import pytest
 
 from fcnseg.config import TrainConfig, dump_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "same_seed.py"
+from tiny_models import load_script
 
 
 @pytest.fixture(scope="module")
 def same_seed():
-    spec = importlib.util.spec_from_file_location("same_seed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/same_seed.py")
 
 
 def make_run(path: Path, *, before: bool, finals: list[float], seconds: float, epochs: int = 2, seed: int = 3,
@@ -73,32 +69,3 @@ def test_a_before_run_must_be_the_old_loop_and_a_folder_a_run(same_seed, tmp_pat
     with pytest.raises(SystemExit):
         same_seed.main([str(a), str(n), "--also", "70.1"])
 
-
-def test_layout_precision_benchmark_runs_and_finds_no_error_in_float64(tmp_path):
-    """benchmarks/layout_precision.py at a tiny size: it prints both layouts and every layer, and its error measure
-    is zero for a float64 pass against itself (so a non-zero figure is the float32 arithmetic, not the harness)."""
-    import os
-    import subprocess
-    import sys
-
-    import torch
-
-    script = SCRIPT.parent / "layout_precision.py"
-    spec = importlib.util.spec_from_file_location("layout_precision", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    layer = torch.nn.BatchNorm2d(4).train()
-    x = torch.randn(2, 4, 6, 7, generator=torch.Generator().manual_seed(0)) + 5
-    y64, dx64 = module.layer_pass(layer, x, False, torch.float64)
-    again, dx_again = module.layer_pass(layer, x, False, torch.float64)
-    assert module.relative(again, y64) == 0.0 and module.relative(dx_again, dx64) == 0.0
-    y32, _ = module.layer_pass(layer, x, True)
-    assert 0.0 < module.relative(y32, y64) < 1e-4
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, str(script), "--batch", "1", "--size", "40", "48"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert any(line.startswith("NCHW ") for line in lines) and any(line.startswith("channels-last ") for line in lines)
-    assert sum(line.startswith("batch norm, train mode") for line in lines) == 2

@@ -1,17 +1,15 @@
 """Maintainer scripts under scripts/ that the docs rely on."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from tiny_models import load_script
+
+
 def test_plot_curves_script_joins_training_stages(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "plot_curves_script", Path(__file__).resolve().parents[1] / "scripts" / "plot_curves.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/plot_curves.py")
     runs = []
     for name, epochs in (("s1", 3), ("s2", 2)):
         run = tmp_path / name

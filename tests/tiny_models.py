@@ -7,6 +7,7 @@ its own for a while uses ``temporarily_registered``.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -24,6 +25,19 @@ import fcnseg
 from fcnseg.checkpoint import make_record, save_checkpoint
 from fcnseg.models import FCN, Backbone
 from fcnseg.registry import temporarily_registered
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """A script of the repository (``benchmarks/...``, ``scripts/...``) imported as a module, so tests call its
+    functions; its ``main`` does not run."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- models ----------------------------------------------------------------------------------------------
