@@ -1,7 +1,9 @@
 """How exact is float32 training arithmetic in each memory layout? Errors against a float64 reference, NCHW next to
 channels-last: first one forward and backward pass of a whole model in train mode (logits, parameter gradients),
 then single layers (output and input gradient), to find which layer loses precision. The third row of the first
-table runs the channels-last net with its train-mode batch norms computed on NCHW copies (``batch_norm_in_nchw``).
+table runs the channels-last net with its train-mode batch norms computed on NCHW copies (``batch_norm_in_nchw``), the
+fourth with fcnseg's exact channels-last batch norm (``fcnseg.train.batchnorm``, what ``fcnseg train`` uses); the
+last two columns of the second table are that one's.
 
     OMP_NUM_THREADS=2 python benchmarks/layout_precision.py --checkpoint camvid --batch 4 --size 360 480
 
@@ -45,31 +47,39 @@ def batch_norm_in_nchw(model: nn.Module) -> nn.Module:
 
 
 def model_pass(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, channels_last: bool,
-               exact_batch_norm: bool = False):
-    """Logits and parameter gradients of one train-mode forward and backward pass (a copy of ``model``)."""
+               batch_norm: str = "native"):
+    """Logits and parameter gradients of one train-mode forward and backward pass (a copy of ``model``), its
+    batch norms PyTorch's (``native``), computed on NCHW copies (``nchw``) or fcnseg's exact ones (``exact``)."""
+    from fcnseg.train.batchnorm import exact_batch_norm
     from fcnseg.train.engine import SegmentationLoss
 
     model = copy.deepcopy(model).train()
-    if exact_batch_norm:
+    if batch_norm == "nchw":
         batch_norm_in_nchw(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    logits = model(images)
+    with exact_batch_norm(batch_norm == "exact"):
+        logits = model(images)
     loss_sum, norm = SegmentationLoss()(logits, masks)
     (loss_sum / norm).backward()
     return logits.detach(), {k: p.grad.detach() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def layer_pass(layer: nn.Module, x: torch.Tensor, channels_last: bool, dtype: torch.dtype = torch.float32):
-    """Output and input gradient of ``layer`` (a copy, in ``dtype``) on ``x``, against a fixed random cotangent."""
+def layer_pass(layer: nn.Module, x: torch.Tensor, channels_last: bool, dtype: torch.dtype = torch.float32,
+               exact: bool = False):
+    """Output and input gradient of ``layer`` (a copy, in ``dtype``; ``exact``: inside fcnseg's
+    ``exact_batch_norm``) on ``x``, against a fixed random cotangent."""
+    from fcnseg.train.batchnorm import exact_batch_norm
+
     layer = copy.deepcopy(layer).to(dtype)
     x = x.to(dtype).clone().requires_grad_(True)
     xi = x
     if channels_last:
         layer.to(memory_format=torch.channels_last)
         xi = x.contiguous(memory_format=torch.channels_last)
-    y = layer(xi)
+    with exact_batch_norm(exact):
+        y = layer(xi)
     cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
     (y * cotangent).sum().backward()
     return y.detach(), x.grad.detach()
@@ -106,22 +116,23 @@ def main() -> None:
     ref_logits, ref_grads = model_pass(copy.deepcopy(model).double(), images.double(), masks, False)
     print(f"\n{args.checkpoint}, one train-mode pass, batch {args.batch} at {args.size[0]}x{args.size[1]}:")
     print(f"{'layout':34s} {'logits':>10s} {'gradients: median':>18s} {'90th pct':>10s}")
-    for name, channels_last, exact in (("NCHW", False, False), ("channels-last", True, False),
-                                       ("channels-last, batch norm in NCHW", True, True)):
-        logits, grads = model_pass(model, images, masks, channels_last, exact)
+    for name, channels_last, batch_norm in (("NCHW", False, "native"), ("channels-last", True, "native"),
+                                            ("channels-last, batch norm in NCHW", True, "nchw"),
+                                            ("channels-last, exact batch norm", True, "exact")):
+        logits, grads = model_pass(model, images, masks, channels_last, batch_norm)
         errors = sorted(relative(grads[k], ref_grads[k]) for k in grads)
         print(f"{name:34s} {relative(logits, ref_logits):10.1e} "
               f"{statistics.median(errors):18.1e} {errors[int(0.9 * (len(errors) - 1))]:10.1e}")
 
-    print(f"\n{'layer':40s} {'NCHW out':>9s} {'grad':>9s} {'CL out':>9s} {'grad':>9s}")
+    print(f"\n{'layer':40s} {'NCHW out':>9s} {'grad':>9s} {'CL out':>9s} {'grad':>9s} {'exact out':>9s} {'grad':>9s}")
     for name, (make, shape, mean, train) in LAYERS.items():
         torch.manual_seed(0)
         layer = make().train(train)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)) + mean
         ref_y, ref_dx = layer_pass(layer, x, False, torch.float64)
         row = []
-        for channels_last in (False, True):
-            y, dx = layer_pass(layer, x, channels_last)
+        for channels_last, exact in ((False, False), (True, False), (True, True)):
+            y, dx = layer_pass(layer, x, channels_last, exact=exact)
             row += [relative(y, ref_y), relative(dx, ref_dx)]
         print(f"{name:40s} " + " ".join(f"{e:9.1e}" for e in row))
 

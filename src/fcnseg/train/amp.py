@@ -56,9 +56,9 @@ AMP_MIN_GAIN = 1.25
 
 
 def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor, masks: torch.Tensor,
-                    dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS) -> float:
+                    dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS, exact_batch_norm: bool = False) -> float:
     """Median seconds of a forward and backward pass on ``images`` with autocast ``dtype`` (None: full
-    precision), in this process, leaving no trace on the model: gradients, batch-norm statistics and random
+    precision; ``exact_batch_norm`` as the training step takes it), in this process, leaving no trace on the model: gradients, batch-norm statistics and random
     streams are as they were. (The process itself keeps what the passes did to its allocator and oneDNN's
     caches; ``probe_train_step`` runs this in a fresh process so that the run does not.)"""
     device = images.device
@@ -73,7 +73,7 @@ def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: 
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                with engine.autocast(device, dtype):
+                with engine.autocast(device, dtype), engine.exact_batch_norm(exact_batch_norm):
                     logits = model(images)
                 loss_sum, norm = loss_fn(logits, masks)
                 (loss_sum / norm.clamp_min(1)).backward()
@@ -94,7 +94,8 @@ PROBE_TIMEOUT_S = 600  # a probe process that takes longer than this is given up
 
 
 def probe_train_step(arch: str, model_kwargs: dict, loss_fn: engine.SegmentationLoss, images: torch.Tensor,
-                     num_classes: int, dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS) -> float:
+                     num_classes: int, dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS,
+                     exact_batch_norm: bool = False) -> float:
     """``time_train_step`` in a fresh Python process, with this process's torch thread count: the process builds
     the registered architecture ``arch`` (random weights; the time does not depend on them) and times it on random
     data of ``images``' shape and memory format, so nothing the timed passes do (allocations, oneDNN's kernel
@@ -107,7 +108,8 @@ def probe_train_step(arch: str, model_kwargs: dict, loss_fn: engine.Segmentation
            and not images.is_contiguous(),
            "loss": {"weight": None if weight is None else weight.tolist(), "reduction": loss_fn.reduction,
                     "sample": loss_fn.sample, "ignore_index": loss_fn.ignore_index},
-           "dtype": _dtype_name(dtype), "steps": int(steps), "threads": torch.get_num_threads()}
+           "dtype": _dtype_name(dtype), "steps": int(steps), "threads": torch.get_num_threads(),
+           "exact_batch_norm": bool(exact_batch_norm)}
     bootstrap = ("import sys; sys.path[:0] = sys.argv[1:]; from fcnseg.train.amp import _probe_child; "
                  "_probe_child()")
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
@@ -140,22 +142,25 @@ def _probe_child() -> None:
     loss = job["loss"]
     loss_fn = engine.SegmentationLoss(loss["weight"], loss["reduction"], loss["sample"], loss["ignore_index"])
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[job["dtype"]]
-    print(time_train_step(model, loss_fn.to(device), images, masks, dtype, steps=job["steps"]), flush=True)
+    print(time_train_step(model, loss_fn.to(device), images, masks, dtype, steps=job["steps"],
+                          exact_batch_norm=job.get("exact_batch_norm", False)), flush=True)
 
 
 def probe_or_time_here(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor,
-                       masks: torch.Tensor, dtype: torch.dtype | None, *, arch: str, model_kwargs: dict) -> float:
+                       masks: torch.Tensor, dtype: torch.dtype | None, *, arch: str, model_kwargs: dict,
+                       exact_batch_norm: bool = False) -> float:
     """``probe_train_step`` for ``model``, built in the probe process as the registered ``arch`` with
     ``model_kwargs``; where that process fails (an architecture registered only in this process), ``time_train_step``
     here, and the log says so."""
     try:
         classes = getattr(model, "num_classes", None) or int(masks.max()) + 1
-        return probe_train_step(arch, model_kwargs, loss_fn, images, int(classes), dtype)
+        return probe_train_step(arch, model_kwargs, loss_fn, images, int(classes), dtype,
+                                exact_batch_norm=exact_batch_norm)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         # expected for an architecture registered in this process only: said, not warned
         logger.info("amp auto: could not time %s in a fresh process (%s); timing it in this one",
                     _dtype_name(dtype), (str(e).splitlines()[0] if str(e) else type(e).__name__)[:200])
-        return time_train_step(model, loss_fn, images, masks, dtype)
+        return time_train_step(model, loss_fn, images, masks, dtype, exact_batch_norm=exact_batch_norm)
 
 
 def native_autocast(device: torch.device) -> tuple[bool, str]:
@@ -191,7 +196,8 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
         return None, {"amp": "auto", "dtype": "float32",
                       "reason": "no training-shaped batch to time (no fixed crop_size, or several heads)"}
     # looked up now, so that tests can stand in for the clock
-    timer = timer or functools.partial(probe_or_time_here, arch=cfg.model, model_kwargs=cfg.model_kwargs)
+    timer = timer or functools.partial(probe_or_time_here, arch=cfg.model, model_kwargs=cfg.model_kwargs,
+                                       exact_batch_norm=cfg.exact_batch_norm)
     images, masks = batch
     images, masks = images.to(device), masks.to(device)
     if cfg.channels_last:

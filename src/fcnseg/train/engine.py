@@ -32,6 +32,7 @@ from ..errors import FcnsegError
 from ..metrics import ConfusionMatrix
 from ..modes import eval_mode
 from ..tta import class_ids
+from .batchnorm import exact_batch_norm
 
 
 class NonFiniteLossError(FcnsegError):
@@ -120,6 +121,7 @@ class StepOptions:
     grad_clip: float = 0.0  # clip the gradient norm to this (0: off)
     on_nonfinite: str = "stop"  # stop: raise NonFiniteLossError; skip: skip the step and count it
     channels_last: bool = False
+    exact_batch_norm: bool = False  # fcnseg.train.batchnorm's exact channels-last batch norm in the forward pass
     progress: bool = True  # a tqdm bar
 
 
@@ -257,7 +259,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
         window, last_in_window = _window(b, accumulate, total)
         sync = contextlib.nullcontext() if last_in_window or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast(device, options.amp_dtype):
+            with autocast(device, options.amp_dtype), exact_batch_norm(options.exact_batch_norm):
                 logits = model(images)  # (B, K, H, W)
             loss_sum, norm = loss_fn(logits, masks)
             norm, bad, bad_anywhere = _shared_normaliser(loss_sum, norm, world)

@@ -313,7 +313,7 @@ def setup_run(cfg: TrainConfig, info: dst.DistInfo, resume: bool = False,
               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               engine.StepOptions(accumulate=cfg.accumulate, amp_dtype=dtype, grad_clip=cfg.grad_clip,
                                  on_nonfinite=cfg.on_nonfinite, channels_last=cfg.channels_last,
-                                 progress=cfg.progress and info.main),
+                                 exact_batch_norm=cfg.exact_batch_norm, progress=cfg.progress and info.main),
               batches_per_epoch, steps_per_epoch, total_steps, names, command=command, amp=decision)
     trained_s = 0.0
     if resume:
