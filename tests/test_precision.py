@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import fcnseg
+from fcnseg.checkpoint import read_record
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 from fcnseg.optimize import optimize
@@ -161,12 +162,22 @@ def test_bfloat16_export_prints_the_change_and_refuses_beyond_the_tolerance(setu
     assert code == 1 and out.is_file()  # kept for inspection
     assert "float32 100.00" in captured.out and "mean IU drops by" in captured.err
     assert "file kept" in captured.err and len(captured.err.strip().splitlines()) == 1
+    # the file keeps what the gate measured, in its metadata and in the .json beside it
+    candidate = float(re.search(r"candidate ([\d.]+)", captured.out).group(1))
+    gate = read_record(out)["precision_gate"]
+    assert gate == json.loads(out.with_suffix(".json").read_text())["precision_gate"]
+    assert gate["passed"] is False and gate["max_drop_points"] == 0.3 and gate["images"] == 3
+    assert (gate["precision"], gate["scored_in"], gate["dataset"], gate["split"]) == ("bfloat16", "pytorch", "folder",
+                                                                                      "val")
+    assert gate["float32_mean_iou"] == 100.0 and round(gate["mean_iou"], 2) == candidate
+    assert gate["change_points"] == pytest.approx(gate["mean_iou"] - 100.0) and gate["change_points"] < -0.3
     # the fragile layer kept float32: the same export passes, and the record says how to run it
     out2 = tmp / "fragile-bf16-kept.safetensors"
     assert _export(fragile_ckpt, out2, tmp / "data", "--format", "safetensors", "--dtype", "bfloat16",
                    "--keep-float32", "fc.fc7", "--max-miou-drop", "5") == 0
     record = json.loads(out2.with_suffix(".json").read_text())
     assert record["inference_dtype"] == "bfloat16" and record["float32_layers"] == ["fc.fc7"]
+    assert record["precision_gate"]["passed"] is True and record["precision_gate"]["max_drop_points"] == 5
     assert record["stored_dtype"] == "bfloat16"
     from safetensors import safe_open
 
@@ -233,6 +244,8 @@ def test_onnx_bfloat16_export_is_gated_as_openvino_runs_it(setup, capsys):
     assert "OpenVINO bf16 parity at 48x64" in stdout
     line = [ln for ln in stdout.splitlines() if ln.startswith("mean IU on 3 image(s)")]
     assert len(line) == 1 and "float32 100.00" in line[0], stdout
+    gate = onnx_record(out)["precision_gate"]
+    assert (gate["precision"], gate["scored_in"], gate["passed"]) == ("bfloat16", "openvino", code == 0)
     if native_bf16_cpu():
         assert code == 1 and "mean IU drops by" in stderr and "file kept" in stderr
     else:
@@ -252,6 +265,11 @@ def test_int8_export_is_gated_by_mean_iu(setup, capsys):
     line = [ln for ln in captured.out.splitlines() if ln.startswith("mean IU on 3 image(s)")]
     assert len(line) == 1 and "float32 100.00" in line[0]
     assert code == 1 and out.is_file() and "more than --max-miou-drop 0.0 (file kept" in captured.err
+    from fcnseg.export import onnx_record
+
+    gate = onnx_record(out)["precision_gate"]
+    assert (gate["precision"], gate["scored_in"], gate["passed"]) == ("int8", "onnxruntime", False)
+    assert onnx_record(out)["quantization"]["weight_bits"] in (7, 8)  # the rest of the record is kept
 
 
 @pytest.mark.slow  # an ONNX export, an int8 quantization and two OpenVINO compilations, in children

@@ -442,6 +442,7 @@ def test_imagenet_weights_from_the_hub_cache_are_read_without_unpickling(tmp_pat
     ("model_kwargs", {"upsample": "deconv", "skips": [16]}, "'skips' is not a build argument"),
     ("classes", ["a", "b"], "2 names for 11 classes"),
     ("colors", [[1, 2, 3]], "1 colours for 11 classes"),
+    ("precision_gate", "passed", "must be an object, got str"),
 ])
 def test_each_bad_field_is_named_in_one_line(field, value, message):
     record = {"arch": TINY_ARCH, "num_classes": 11, field: value}

@@ -223,6 +223,18 @@ def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] |
     return path
 
 
+def add_to_checkpoint_record(path: str | Path, fields: dict[str, Any]) -> None:
+    """Add ``fields`` to the record of the checkpoint ``path`` (in the file and in the .json beside it); the
+    tensors are written back unchanged, in the dtypes they are stored in."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    record = CheckpointRecord.parse({**read_record(path).to_dict(), **fields}, path).to_dict()
+    state = load_file(str(path))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"fcnseg": json.dumps(record)}))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+
+
 def read_record(path: str | Path) -> CheckpointRecord:
     """The checked record stored in a checkpoint's metadata (or in the .json beside it)."""
     from safetensors import safe_open

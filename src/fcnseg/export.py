@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write
+from .checkpoint import add_to_checkpoint_record, atomic_write
 from .errors import FcnsegError
 from .modes import eval_mode
 from .outputs import output_file
@@ -347,6 +347,28 @@ def onnx_record(path: Path) -> CheckpointRecord | dict[str, Any]:
         raise FcnsegError(f"{path}: not a readable ONNX file ({str(e).strip().splitlines()[0][:200]})") from None
     meta = {p.key: p.value for p in proto.metadata_props}
     return CheckpointRecord.from_json(meta[METADATA_KEY], path) if METADATA_KEY in meta else {}
+
+
+def add_to_record(path: str | Path, fields: dict[str, Any]) -> None:
+    """Add ``fields`` to the record inside a written file: an fcnseg ONNX export (its metadata) or a safetensors
+    checkpoint (its metadata and the .json beside it), each rewritten atomically. Used to keep what the precision
+    gate measured with the file it measured."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        add_to_checkpoint_record(path, fields)
+        return
+    import onnx
+
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    record = json.loads(meta.get(METADATA_KEY, "{}"))
+    record.update(fields)
+    meta[METADATA_KEY] = json.dumps(CheckpointRecord.parse(record, path).to_dict())
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
 
 
 class OnnxRuntimeModule(nn.Module):

@@ -274,7 +274,7 @@ def _check_optional_fields(data: dict, bad) -> None:
     if size is not None and not (isinstance(size, list) and len(size) == 2
                                  and all(_is_int(v) and 1 <= v <= 100000 for v in size)):
         raise bad("working_size", "must be [height, width] in pixels, whole numbers from 1 to 100000")
-    for field in ("metrics", "provenance", "quantization"):
+    for field in ("metrics", "provenance", "quantization", "precision_gate"):
         if field in data and not isinstance(data[field], dict):
             raise bad(field, f"must be an object, got {type(data[field]).__name__}")
 

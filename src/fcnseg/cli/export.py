@@ -246,7 +246,8 @@ def run_precision(args: argparse.Namespace, model, size: tuple[int, int]) -> int
         from ..checkpoint import open_model
 
         print(f"gate: the int8 model scored in {args.gate_backend}")
-        return _gate(args, model, open_model(args.out, backend=args.gate_backend), gate, ready=True)
+        return _gate(args, model, open_model(args.out, backend=args.gate_backend), gate, ready=True,
+                     path=args.out, precision="int8", scored_in=args.gate_backend)
     if args.fmt == "onnx":
         return _export_onnx_bfloat16(args, model, gate, size)
     return _export_bfloat16(args, model, gate)
@@ -261,16 +262,32 @@ def _check_layer(model, name: str) -> None:
         raise FcnsegError(f"--keep-float32 {name}: the model has no layer of that name") from None
 
 
-def _gate(args: argparse.Namespace, model, candidate, gate, ready: bool) -> int:
+def _gate(args: argparse.Namespace, model, candidate, gate, ready: bool, path, precision: str,
+          scored_in: str) -> int:
+    """Score ``candidate`` (the written file ``path``, run as it will be) against ``model`` on the gate's split,
+    keep the result in the file's record (``precision_gate``), then pass or refuse."""
+    import math
+
     from ..errors import FcnsegError
+    from ..export import add_to_record
     from ..precision import miou_change
 
     if gate is None:
         return 0
     change = miou_change(model, candidate, gate, limit=args.gate_limit, candidate_ready=ready)
     print(change.describe())
-    if change.exceeds(args.max_miou_drop):
-        raise FcnsegError(f"{args.out}: mean IU drops by {change.drop_points:.2f} points, more than "
+    refused = change.exceeds(args.max_miou_drop)
+
+    def points(v: float) -> float | None:  # JSON has no NaN: an undefined score is null
+        return None if math.isnan(v) else round(100 * v, 4)
+
+    add_to_record(path, {"precision_gate": {
+        "precision": precision, "scored_in": scored_in, "dataset": args.gate_dataset, "split": args.gate_split,
+        "images": change.images, "float32_mean_iou": points(change.reference), "mean_iou": points(change.candidate),
+        "change_points": None if math.isnan(change.drop_points) else round(-change.drop_points, 4),
+        "max_drop_points": args.max_miou_drop, "passed": not refused}})
+    if refused:
+        raise FcnsegError(f"{path}: mean IU drops by {change.drop_points:.2f} points, more than "
                           f"--max-miou-drop {args.max_miou_drop} (file kept for inspection)")
     return 0
 
@@ -288,7 +305,7 @@ def _export_bfloat16(args: argparse.Namespace, model, gate) -> int:
     print(f"wrote {path} (bfloat16 weights, {path.stat().st_size / 2**20:.1f} MB)")
     # gated as it will run: the file itself, loaded back and converted
     written = optimize(load_checkpoint(path), "bfloat16", keep_float32=args.keep_float32, inplace=True)
-    return _gate(args, model, written, gate, ready=True)
+    return _gate(args, model, written, gate, ready=True, path=path, precision="bfloat16", scored_in="pytorch")
 
 
 def _export_onnx_bfloat16(args: argparse.Namespace, model, gate, size: tuple[int, int]) -> int:
@@ -307,7 +324,7 @@ def _export_onnx_bfloat16(args: argparse.Namespace, model, gate, size: tuple[int
           f"class agreement {100 * r['class_agreement']:.3f}%")
     print(f"wrote {path} (onnx float32 graph for OpenVINO bf16 precision: run it with --backend openvino "
           f"--dtype bfloat16, {path.stat().st_size / 2**20:.1f} MB)")
-    return _gate(args, model, runtime, gate, ready=True)
+    return _gate(args, model, runtime, gate, ready=True, path=path, precision="bfloat16", scored_in="openvino")
 
 
 def _print_sensitivity(args: argparse.Namespace, model, gate, size: tuple[int, int]) -> int:
