@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 # the settings a pair may differ in: the speed settings under test, and where and how a run reports
-SPEED_KEYS = {"amp", "amp_dtype", "channels_last"}
+SPEED_KEYS = {"amp", "amp_dtype", "channels_last", "exact_batch_norm"}
 FREE_KEYS = SPEED_KEYS | {"out", "root", "progress", "plots", "workers", "time_budget_min"}
 
 
@@ -70,7 +70,10 @@ def check_pair(before: dict[str, Any], now: dict[str, Any]) -> None:
 def summarise(run: dict[str, Any]) -> dict[str, Any]:
     rows, cfg = run["rows"], run["config"]
     val = {r["epoch"]: r["val"] for r in rows if "val" in r}
-    return {"name": run["path"].name, "layout": "channels-last" if cfg.get("channels_last") else "NCHW",
+    # runs from before exact_batch_norm existed used PyTorch's own channels-last batch norm
+    layout = ("NCHW" if not cfg.get("channels_last") else
+              "channels-last" + ("" if cfg.get("exact_batch_norm") else ", native batch norm"))
+    return {"name": run["path"].name, "layout": layout,
             "precision": run["amp"].get("dtype", "float32"),
             "s_epoch": statistics.median(r["seconds"] for r in rows),
             "img_s": statistics.median(r["images_per_s"] for r in rows),

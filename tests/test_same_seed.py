@@ -16,12 +16,12 @@ def same_seed():
 
 
 def make_run(path: Path, *, before: bool, finals: list[float], seconds: float, epochs: int = 2, seed: int = 3,
-             lr: float = 2e-3, dtype: str = "float32") -> Path:
+             lr: float = 2e-3, dtype: str = "float32", exact_batch_norm: bool = True) -> Path:
     """A run directory as fcnseg train leaves it: resolved config, one metrics row per epoch (validated at each),
     version.json with the amp decision."""
     path.mkdir(parents=True)
     cfg = TrainConfig(model="m", dataset="camvid", epochs=epochs, seed=seed, lr=lr, out=str(path),
-                      amp=False if before else "auto", channels_last=not before)
+                      amp=False if before else "auto", channels_last=not before, exact_batch_norm=exact_batch_norm)
     (path / "config.yaml").write_text(dump_config(cfg))
     rows = [{"epoch": e + 1, "seconds": seconds, "images_per_s": 8 / seconds, "elapsed_s": seconds * (e + 1),
              "val": {"mean_iou": finals[e] / 100, "pixel_accuracy": 0.9}} for e in range(len(finals))]
@@ -37,6 +37,10 @@ def test_pairs_are_compared_with_speed_up_difference_and_interval(same_seed, tmp
     out = capsys.readouterr().out
     assert "| before3 | 3 | NCHW | float32 | 100.0 | 0.08 | 200 | 60.00 / 70.00 | **70.00** | 90.00 |" in out
     assert "| now3 | 3 | channels-last | float32 | 50.0 |" in out
+    # a "now" run with PyTorch's own batch norm pairs with the same "before", and its table row says so
+    n2 = make_run(tmp_path / "now3n", before=False, finals=[61.0, 69.5], seconds=45.0, exact_batch_norm=False)
+    assert same_seed.main([str(b), str(n2)]) == 0
+    assert "| now3n | 3 | channels-last, native batch norm | float32 | 45.0 |" in capsys.readouterr().out
     assert "| pair, seed 3 | | | | 2.00x | 2.00x | 2.00x | | **-0.40** | |" in out
     assert "3 pair(s), final val mIU now - before: -0.40, -0.53, +0.03; 2 of 3 within 0.5 points" in out
     # mean -0.30, sd 0.2934, t(0.975, 2) = 4.303: half-width 0.729
@@ -44,7 +48,7 @@ def test_pairs_are_compared_with_speed_up_difference_and_interval(same_seed, tmp
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(lr=1e-3), "differ in lr: a same-seed pair differs only in amp, amp_dtype, channels_last"),
+    (dict(lr=1e-3), "differ in lr: a same-seed pair differs only in amp, amp_dtype, channels_last, exact_batch_norm"),
     (dict(seed=4), "differ in seed"),
     (dict(finals=[61.0]), "the run has not finished (1 of 2 epochs"),
 ])
