@@ -70,9 +70,8 @@ def check_pair(before: dict[str, Any], now: dict[str, Any]) -> None:
 def summarise(run: dict[str, Any]) -> dict[str, Any]:
     rows, cfg = run["rows"], run["config"]
     val = {r["epoch"]: r["val"] for r in rows if "val" in r}
-    # runs from before exact_batch_norm existed used PyTorch's own channels-last batch norm
     layout = ("NCHW" if not cfg.get("channels_last") else
-              "channels-last" + ("" if cfg.get("exact_batch_norm") else ", native batch norm"))
+              "channels-last" + (", exact batch norm" if cfg.get("exact_batch_norm") else ""))
     return {"name": run["path"].name, "layout": layout,
             "precision": run["amp"].get("dtype", "float32"),
             "s_epoch": statistics.median(r["seconds"] for r in rows),

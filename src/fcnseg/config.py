@@ -86,8 +86,9 @@ class TrainConfig:
     #   kept in version.json and reused on resume)
     amp_dtype: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16 (with a gradient scaler)
     channels_last: bool = True  # NHWC activations and weights: oneDNN's fast path on CPUs
-    exact_batch_norm: bool = True  # train-mode batch norm in channels-last with NCHW's precision on the CPU (PyTorch's
-    #   own kernel is 20x less exact there, at about the same speed: fcnseg/train/batchnorm.py)
+    exact_batch_norm: bool = False  # train-mode batch norm in channels-last with NCHW's precision on the CPU (PyTorch's
+    #   own kernel is 20x less exact there); off by default: it cost 13% of the CamVid recipe's speed on a 2-core Xeon
+    #   and its same-seed run ended no closer to the NCHW run (fcnseg/train/batchnorm.py, docs/results.md)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
