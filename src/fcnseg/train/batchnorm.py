@@ -13,7 +13,7 @@ precision, and its weight and bias gradients (about 1e-5 relative) left the whol
 NCHW net has them, so computing those exactly too (one more pass) did not pay. The whole net then trains as
 exactly as in NCHW (logits 1.7e-6 against 2.8e-5; gradients 6.3e-4 median against 8.6e-3), but more slowly: the
 CamVid recipe at 4.03 against 4.63 images/s on a 2-core Xeon (``benchmarks/train_speed.py``, 13%), and its
-same-seed run ended 0.54 points behind the NCHW run, as the runs with PyTorch's kernel do. So it is not the
+same-seed run ended 0.55 points behind the NCHW run, as the runs with PyTorch's kernel do. So it is not the
 default. Every other call (NCHW, eval mode, other dtypes and devices) goes to PyTorch unchanged.
 """
 from __future__ import annotations
