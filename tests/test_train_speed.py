@@ -77,6 +77,22 @@ def test_amp_auto_takes_each_precisions_best_of_alternating_probes(monkeypatch):
     assert decision["timings_s"] == {"float32": [0.3, 0.21], "bfloat16": [0.25, 0.2]}
 
 
+def test_a_slow_first_probe_of_a_short_step_does_not_hand_bf16_the_win(monkeypatch):
+    """The tiny nets of the tests: a cold first float32 pass over 0.1 s (a busy machine), then a few ms each. The
+    best float32 time decides that the step is too short, as it does where the first pass is already fast (a
+    run chose bf16 here once, and its same-seed twin float32)."""
+    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: True)
+    seconds = iter([0.13, 0.0049, 0.005, 0.013])
+
+    def clock(model, loss_fn, images, masks, dtype):
+        return next(seconds)
+
+    dtype, decision = amp_mod.choose_amp(TrainConfig(amp="auto"), nn.Conv2d(3, 3, 1), SegmentationLoss(), _batch(),
+                                         CPU, timer=clock)
+    assert dtype is None and decision["dtype"] == "float32" and "too short" in decision["reason"]
+    assert decision["float32_step_s"] == 0.013 and decision["timings_s"]["bfloat16"] == [0.0049, 0.005]
+
+
 def test_amp_true_or_false_is_taken_as_set(monkeypatch):
     monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: False)
     clock = _Clock(0.1, 0.2)

@@ -214,10 +214,15 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     for dtype in order[1:]:  # the first float32 probe is the one above
         timed[dtype].append(timer(model, loss_fn, images, masks, dtype))
     full, half = min(timed[None]), min(timed[torch.bfloat16])
+    timings = {_dtype_name(k): [round(t, 4) for t in v] for k, v in timed.items()}
+    if full < AMP_MIN_STEP_S:  # the first pass was slow (a cold start, a busy machine); the best one is not
+        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(full, 4), "timings_s": timings,
+                      "reason": f"a float32 step takes {full:.3f} s at best, under {AMP_MIN_STEP_S} s: too short "
+                                f"for bf16 to pay"}
     dtype = torch.bfloat16 if half * AMP_MIN_GAIN <= full else None
     return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on a training-shaped batch",
                    "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4),
-                   "timings_s": {_dtype_name(k): [round(t, 4) for t in v] for k, v in timed.items()}}
+                   "timings_s": timings}
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:
