@@ -83,7 +83,8 @@ class TrainConfig:
     # numerics and speed
     amp: Union[bool, str] = "auto"  # autocast (bf16 on CPU; on CUDA see amp_dtype); auto: bf16 only where this
     #   device runs it natively and a timed probe on a batch of the training crop finds it 25% faster (logged,
-    #   kept in version.json and reused on resume)
+    #   kept in version.json and reused on resume); a timed choice can differ between runs of one command on a busy
+    #   machine, so set true or false where two runs must match bit for bit
     amp_dtype: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16 (with a gradient scaler)
     channels_last: bool = True  # NHWC activations and weights: oneDNN's fast path on CPUs
     exact_batch_norm: bool = False  # train-mode batch norm in channels-last with NCHW's precision on the CPU (PyTorch's
