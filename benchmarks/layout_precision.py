@@ -1,9 +1,9 @@
 """How exact is float32 training arithmetic in each memory layout? Errors against a float64 reference, NCHW next to
 channels-last: first one forward and backward pass of a whole model in train mode (logits, parameter gradients),
 then single layers (output and input gradient), to find which layer loses precision. The third row of the first
-table runs the channels-last net with its train-mode batch norms computed on NCHW copies (``batch_norm_in_nchw``), the
-fourth with fcnseg's exact channels-last batch norm (``fcnseg.train.batchnorm``, ``exact_batch_norm: true``); the
-last two columns of the second table are that one's.
+table runs the channels-last net with its train-mode batch norms computed on NCHW copies (``batch_norm_in_nchw``),
+the fourth with fcnseg's exact channels-last batch norm (``fcnseg.train.batchnorm``, ``exact_batch_norm: true``);
+the last two columns of the second table are that one's.
 
     OMP_NUM_THREADS=2 python benchmarks/layout_precision.py --checkpoint camvid --batch 4 --size 360 480
 

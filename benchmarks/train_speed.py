@@ -32,7 +32,7 @@ CONFIGS = {
     "before": {"channels_last": False, "amp": False, "optimizer_step": "plain"},
     "now": {},  # fcnseg train's defaults
     "channels_last": {"channels_last": True, "amp": False, "optimizer_step": "plain"},
-    "exact_bn": {"exact_batch_norm": True},  # "now" with fcnseg's exact channels-last batch norm (fcnseg.train.batchnorm)
+    "exact_bn": {"exact_batch_norm": True},  # "now" with the exact channels-last batch norm (train/batchnorm.py)
     "bf16": {"channels_last": True, "amp": True, "optimizer_step": "default"},
     "compile": {"compile": True},  # "now" with the model under torch.compile (inductor; needs a C++ compiler)
 }

@@ -198,8 +198,6 @@ def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] |
     """Write ``path`` (.safetensors) and its ``.json`` record atomically. ``dtype`` (e.g. float16)
     stores floating tensors compactly; they are cast back to float32 on load. Tensors whose names
     start with one of ``keep_float32`` (e.g. ``"score_fr."``) are stored in float32 all the same."""
-    from safetensors.torch import save_file
-
     from .outputs import output_file
 
     path = Path(path)
@@ -217,22 +215,26 @@ def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] |
         if dtype is not None and v.is_floating_point() and not k.startswith(tuple(keep_float32)):
             v = v.to(dtype)
         state[k] = v.contiguous()
-    meta = {"fcnseg": json.dumps(record)}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    _write_checkpoint(path, state, record)
     return path
+
+
+def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+    """``path`` (tensors, the record in its metadata) and the record as ``.json`` beside it, each atomically."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"fcnseg": json.dumps(record)}))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def add_to_checkpoint_record(path: str | Path, fields: dict[str, Any]) -> None:
     """Add ``fields`` to the record of the checkpoint ``path`` (in the file and in the .json beside it); the
     tensors are written back unchanged, in the dtypes they are stored in."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = Path(path)
     record = CheckpointRecord.parse({**read_record(path).to_dict(), **fields}, path).to_dict()
-    state = load_file(str(path))
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"fcnseg": json.dumps(record)}))
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    _write_checkpoint(path, load_file(str(path)), record)
 
 
 def read_record(path: str | Path) -> CheckpointRecord:

@@ -196,12 +196,19 @@ def quantize_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.nda
                               "weights": f"int8 per channel, {weight_bits}-bit range", "weight_bits": weight_bits,
                               "activations": "uint8, min/max calibration", "calibration_batches": len(batches),
                               "float_nodes": len(float_nodes), "only": list(only)}
+    _save_with_metadata(proto, {**meta, METADATA_KEY: json.dumps(record)}, dst)
+    return dst
+
+
+def _save_with_metadata(proto, meta: dict[str, str], path: Path) -> None:
+    """Write the ONNX ``proto`` to ``path`` atomically, its metadata replaced by ``meta``."""
+    import onnx
+
     del proto.metadata_props[:]
-    for key, value in {**meta, METADATA_KEY: json.dumps(record)}.items():
+    for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    atomic_write(dst, lambda tmp: onnx.save_model(proto, tmp))
-    return dst
+    atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
 
 
 def export_torchscript(model: nn.Module, path: str | Path, example_size: tuple[int, int] = (256, 320)) -> Path:
@@ -361,14 +368,9 @@ def add_to_record(path: str | Path, fields: dict[str, Any]) -> None:
 
     proto = onnx.load(str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
-    record = json.loads(meta.get(METADATA_KEY, "{}"))
-    record.update(fields)
-    meta[METADATA_KEY] = json.dumps(CheckpointRecord.parse(record, path).to_dict())
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
+    record = {**json.loads(meta.get(METADATA_KEY, "{}")), **fields}
+    _save_with_metadata(proto, {**meta, METADATA_KEY: json.dumps(CheckpointRecord.parse(record, path).to_dict())},
+                        path)
 
 
 class OnnxRuntimeModule(nn.Module):

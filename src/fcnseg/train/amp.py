@@ -58,9 +58,10 @@ AMP_MIN_GAIN = 1.25
 def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: torch.Tensor, masks: torch.Tensor,
                     dtype: torch.dtype | None, steps: int = AMP_PROBE_STEPS, exact_batch_norm: bool = False) -> float:
     """Median seconds of a forward and backward pass on ``images`` with autocast ``dtype`` (None: full
-    precision; ``exact_batch_norm`` as the training step takes it), in this process, leaving no trace on the model: gradients, batch-norm statistics and random
-    streams are as they were. (The process itself keeps what the passes did to its allocator and oneDNN's
-    caches; ``probe_train_step`` runs this in a fresh process so that the run does not.)"""
+    precision; ``exact_batch_norm`` as the training step takes it), in this process, leaving no trace on the
+    model: gradients, batch-norm statistics and random streams are as they were. (The process itself keeps what
+    the passes did to its allocator and oneDNN's caches; ``probe_train_step`` runs this in a fresh process so that
+    the run does not.)"""
     device = images.device
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -204,9 +205,7 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
         images = images.contiguous(memory_format=torch.channels_last)
     first = timer(model, loss_fn, images, masks, None)
     if first < AMP_MIN_STEP_S:
-        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(first, 4),
-                      "reason": f"a float32 step takes {first:.3f} s, under {AMP_MIN_STEP_S} s: too short for bf16 "
-                                f"to pay"}
+        return None, _too_short(first)
     # float32, bf16, bf16, float32: a machine that speeds up or slows down while it is timed favours neither,
     # and each precision's best time stands for it (noise on a shared machine only ever adds time)
     timed = {None: [first], torch.bfloat16: []}
@@ -216,13 +215,17 @@ def choose_amp(cfg: TrainConfig, model: nn.Module, loss_fn: engine.SegmentationL
     full, half = min(timed[None]), min(timed[torch.bfloat16])
     timings = {_dtype_name(k): [round(t, 4) for t in v] for k, v in timed.items()}
     if full < AMP_MIN_STEP_S:  # the first pass was slow (a cold start, a busy machine); the best one is not
-        return None, {"amp": "auto", "dtype": "float32", "float32_step_s": round(full, 4), "timings_s": timings,
-                      "reason": f"a float32 step takes {full:.3f} s at best, under {AMP_MIN_STEP_S} s: too short "
-                                f"for bf16 to pay"}
+        return None, {**_too_short(full), "timings_s": timings}
     dtype = torch.bfloat16 if half * AMP_MIN_GAIN <= full else None
     return dtype, {"amp": "auto", "dtype": _dtype_name(dtype), "reason": "timed on a training-shaped batch",
                    "float32_step_s": round(full, 4), "bfloat16_step_s": round(half, 4),
                    "timings_s": timings}
+
+
+def _too_short(step_s: float) -> dict[str, Any]:
+    """amp auto's float32 decision for a step of ``step_s`` seconds, under ``AMP_MIN_STEP_S``."""
+    return {"amp": "auto", "dtype": "float32", "float32_step_s": round(step_s, 4),
+            "reason": f"a float32 step takes {step_s:.3f} s, under {AMP_MIN_STEP_S} s: too short for bf16 to pay"}
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str:

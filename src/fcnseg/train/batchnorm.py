@@ -5,21 +5,21 @@ other in float32, so its batch mean and variance carry relative errors of about 
 activation where the NCHW kernel's are near 1e-7; the whole CamVid net's train-mode logits came out 20 times less
 exact in channels-last than in NCHW, and its gradients 14 times (``benchmarks/layout_precision.py``).
 
-Inside ``exact_batch_norm()`` (``fcnseg train`` with ``exact_batch_norm: true``) those calls compute the batch statistics with cascaded sums instead (the mean in
-one pass over the (pixels, channels) view, the variance around it in row chunks that stay in cache, accumulated
-in float64) and normalise with the fast channels-last eval-mode kernel given those statistics. The backward pass
-is PyTorch's own kernel fed the exact mean and inverse standard deviation: its input gradient then matches NCHW's
-precision, and its weight and bias gradients (about 1e-5 relative) left the whole net's gradient errors where the
-NCHW net has them, so computing those exactly too (one more pass) did not pay. The whole net then trains as
-exactly as in NCHW (logits 1.7e-6 against 2.8e-5; gradients 6.3e-4 median against 8.6e-3), but more slowly: the
-CamVid recipe at 4.03 against 4.63 images/s on a 2-core Xeon (``benchmarks/train_speed.py``, 13%), and its
-same-seed run ended 0.55 points behind the NCHW run, as the runs with PyTorch's kernel do. So it is not the
-default. Every other call (NCHW, eval mode, other dtypes and devices) goes to PyTorch unchanged.
+Inside ``exact_batch_norm()`` (``fcnseg train`` with ``exact_batch_norm: true``) those calls compute the batch
+statistics with cascaded sums instead (the mean in one pass over the (pixels, channels) view, the variance around it
+in row chunks that stay in cache, accumulated in float64) and normalise with the fast channels-last eval-mode kernel
+given those statistics. The backward pass is PyTorch's own kernel fed the exact mean and inverse standard deviation:
+its input gradient then matches NCHW's precision, and its weight and bias gradients (about 1e-5 relative) left the
+whole net's gradient errors where the NCHW net has them, so computing those exactly too (one more pass) did not pay.
+The whole net then trains as exactly as in NCHW (logits 1.7e-6 against 2.8e-5; gradients 6.3e-4 median against
+8.6e-3), but more slowly: the CamVid recipe at 4.03 against 4.63 images/s on a 2-core Xeon
+(``benchmarks/train_speed.py``, 13%), and its same-seed run ended 0.55 points behind the NCHW run, as the runs with
+PyTorch's kernel do. So it is not the default. Every other call (NCHW, eval mode, other dtypes and devices) goes to
+PyTorch unchanged.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -93,12 +93,7 @@ class _ExactBatchNormMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def exact_batch_norm(enabled: bool = True) -> Iterator[None]:
-    """Within the block (this thread), train-mode batch norms of float32 channels-last CPU tensors use the exact
+def exact_batch_norm(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """A block (this thread) in which train-mode batch norms of float32 channels-last CPU tensors use the exact
     statistics of ``batch_norm``; nothing changes with ``enabled`` false."""
-    if not enabled:
-        yield
-        return
-    with _ExactBatchNormMode():
-        yield
+    return _ExactBatchNormMode() if enabled else contextlib.nullcontext()
