@@ -1,9 +1,12 @@
 """Training throughput of the CamVid recipe, side by side in one run: "before" (NCHW float32 activations, no
-autocast, the optimiser's plain per-tensor loop: the recipe as it ran before issue 16) and "now" (what
-``fcnseg train`` does by default: channels-last, ``amp: auto`` decided by its timed probe, the fused
-optimiser step). Optional extra configurations: "channels_last" (fp32, plain optimiser), "exact_bn" ("now" with
-``exact_batch_norm: true``: channels-last batch norm as exact as NCHW's, and what that costs), "bf16" (autocast
-forced on) and "compile" ("now" under ``torch.compile``, to see whether it wins on this CPU).
+autocast, the optimiser's plain per-tensor loop, glibc malloc's defaults: the recipe as it ran before issue 16)
+and "now" (what ``fcnseg train`` does by default: channels-last, ``amp: auto`` decided by its timed probe, the
+fused optimiser step, freed memory reused: ``fcnseg.optimize.reuse_freed_memory``). Optional extra
+configurations: "system_malloc" ("now" with glibc's defaults, ``--malloc system``), "channels_last" (fp32,
+plain optimiser), "exact_bn" ("now" with ``exact_batch_norm: true``: channels-last batch norm as exact as
+NCHW's, and what that costs), "flush_denormal" ("now" with subnormal floats flushed to zero), "bf16" (autocast
+forced on) and "compile" ("now" under ``torch.compile``, to see whether it wins on this CPU). The table also
+shows each process's peak resident memory.
 
 Each configuration runs in a fresh Python process (imports, oneDNN's kernel cache and the allocator start
 cold alike) and builds the run as ``fcnseg train`` does (``fcnseg.train.run.setup_run``: same seed, same
@@ -17,8 +20,10 @@ The backbone starts from random weights (no download; the speed does not depend 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,8 +34,10 @@ RECIPE = Path(__file__).resolve().parent.parent / "configs" / "camvid_fcn8s_effi
 
 # the speed settings of each configuration; the rest of the recipe is the same for all
 CONFIGS = {
-    "before": {"channels_last": False, "amp": False, "optimizer_step": "plain"},
+    "before": {"channels_last": False, "amp": False, "optimizer_step": "plain", "malloc": "system"},
     "now": {},  # fcnseg train's defaults
+    "system_malloc": {"malloc": "system"},  # "now" with glibc malloc's defaults (fcnseg train --malloc system)
+    "flush_denormal": {"flush_denormal": True},  # "now" with subnormal floats flushed to zero (as inference does)
     "channels_last": {"channels_last": True, "amp": False, "optimizer_step": "plain"},
     "exact_bn": {"exact_batch_norm": True},  # "now" with the exact channels-last batch norm (train/batchnorm.py)
     "bf16": {"channels_last": True, "amp": True, "optimizer_step": "default"},
@@ -74,13 +81,18 @@ def worker(spec: dict) -> dict:
 
     import fcnseg  # noqa: F401  (fills the registry)
     from fcnseg.config import load_config
-    from fcnseg.optimize import flush_denormal
+    from fcnseg.optimize import flush_denormal, reuse_freed_memory, reusing_freed_memory
     from fcnseg.train import distributed as dst
     from fcnseg.train import engine
     from fcnseg.train.loader import Seeded, make_loader
     from fcnseg.train.run import setup_run
 
-    with flush_denormal(), tempfile.TemporaryDirectory(prefix="fcnseg-train-speed-") as tmp:
+    settings = dict(spec["settings"])
+    if settings.pop("malloc", "reuse") == "reuse":  # as the fcnseg train command does, first thing
+        reuse_freed_memory()
+    flushing = settings.pop("flush_denormal", False)
+    flush = flush_denormal() if flushing else contextlib.nullcontext()  # fcnseg train does not flush
+    with flush, tempfile.TemporaryDirectory(prefix="fcnseg-train-speed-") as tmp:
         cfg = load_config(spec["config"])
         cfg.root, cfg.out = spec["root"], str(Path(tmp) / "run")
         cfg.pretrained, cfg.progress, cfg.plots, cfg.val_split = False, False, False, None
@@ -90,7 +102,6 @@ def worker(spec: dict) -> dict:
             cfg.dataset = "folder"
         if spec["threads"]:
             cfg.threads = spec["threads"]
-        settings = dict(spec["settings"])
         step = settings.pop("optimizer_step", "default")
         compiled = settings.pop("compile", False)
         if "amp" not in settings:
@@ -128,6 +139,8 @@ def worker(spec: dict) -> dict:
         return {"images_per_second": len(timed) * cfg.batch_size / seconds, "seconds": seconds, "compiled": compiled,
                 "steps": len(timed), "batch_size": cfg.batch_size, "channels_last": cfg.channels_last,
                 "exact_batch_norm": cfg.exact_batch_norm,
+                "malloc": "reuse" if reusing_freed_memory() else "system", "flush_denormal": flushing,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "amp": run.amp, "optimizer_step": "plain" if step == "plain" else
                 ("fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach")
                  else "plain"), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -184,16 +197,17 @@ def main() -> int:
         return amp["dtype"] + (f" (auto: {amp['reason']})" if amp.get("amp") == "auto" else "")
 
     width = max(8, *(len(autocast(r["amp"])) for _, r in rows))
-    head = (f"{'configuration':<14} {'layout':<26} {'autocast':<{width}} {'optimizer':<9} {'img/s':>7} "
-            f"{'x ' + rows[0][0]:>9}")
+    head = (f"{'configuration':<14} {'layout':<26} {'autocast':<{width}} {'optimizer':<9} {'malloc':<6} "
+            f"{'peak MiB':>8} {'img/s':>7} {'x ' + rows[0][0]:>9}")
     print(head)
     print("-" * len(head))
     base = rows[0][1]["images_per_second"]
     for name, r in rows:
         layout = ("NCHW" if not r["channels_last"] else "channels-last, exact BN" if r.get("exact_batch_norm")
-                  else "channels-last") + (" compiled" if r.get("compiled") else "")
-        print(f"{name:<14} {layout:<26} {autocast(r['amp']):<{width}} "
-              f"{r['optimizer_step']:<9} {r['images_per_second']:>7.2f} {r['images_per_second'] / base:>9.2f}")
+                  else "channels-last") + (" compiled" if r.get("compiled") else "") \
+            + (", FTZ" if r.get("flush_denormal") else "")
+        print(f"{name:<14} {layout:<26} {autocast(r['amp']):<{width}} {r['optimizer_step']:<9} {r['malloc']:<6} "
+              f"{r['peak_rss_mib']:>8.0f} {r['images_per_second']:>7.2f} {r['images_per_second'] / base:>9.2f}")
     probe = next((r["amp"] for _, r in rows if "float32_step_s" in r["amp"]), None)
     if probe:
         print(f"amp auto's probe (forward and backward on a training-shaped batch): {probe['float32_step_s']} s float32, "

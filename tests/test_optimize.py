@@ -212,3 +212,40 @@ def test_the_cli_flushes_subnormals_only_while_a_model_command_runs(monkeypatch,
         pass
     assert seen == {"predict": supported, "models": False}
     assert not _flushing()  # the setting ends with the command
+
+
+_FAULTS_CHILD = """
+import resource, sys
+import torch
+from fcnseg.optimize import reuse_freed_memory, reusing_freed_memory
+if sys.argv[1] == "reuse":
+    assert reuse_freed_memory() and reusing_freed_memory()
+else:
+    assert not reusing_freed_memory()
+def blocks(n):
+    for _ in range(n):
+        x = torch.ones(16 << 20)  # 64 MiB: above glibc's largest mmap threshold
+        del x
+        small = [object() for _ in range(1000)]  # other allocations in between, as in a real step
+blocks(8)  # the heap settles (an aligned block may not fit the first holes)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+blocks(20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_reuse_freed_memory_stops_faulting_in_large_blocks_again():
+    """With glibc's defaults each 64 MiB block is a fresh mapping whose 16384 pages fault in again; after
+    ``reuse_freed_memory`` (in a child: the setting is process-wide) freed blocks are reused."""
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_CHILD, mode], capture_output=True, text=True,
+                             check=True, timeout=120)
+        return int(out.stdout.split()[-1])
+
+    system, reuse = faults("system"), faults("reuse")
+    assert system > 20 * 16384 * 0.9, system  # every block faulted in anew
+    assert reuse < 5 * 16384, reuse  # a quarter of that at most: freed blocks were reused

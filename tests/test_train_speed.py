@@ -192,3 +192,49 @@ def test_an_architecture_only_this_process_knows_is_timed_here_and_logged(caplog
                                              arch="tiny_fcn8s", model_kwargs={})
     assert seconds > 0
     assert "could not time float32 in a fresh process" in caplog.text and "tiny_fcn8s" in caplog.text
+
+
+@pytest.mark.parametrize("flags, want", [([], [()]), (["--malloc", "system"], [])])
+def test_fcnseg_train_reuses_freed_memory_unless_told_not_to(tmp_path, monkeypatch, flags, want):
+    """The command (its process is the run's) opts in to glibc keeping freed blocks, before training;
+    ``--malloc system`` keeps the C library's defaults. ``fit`` itself never touches the allocator."""
+    import fcnseg.train
+    from fcnseg.cli import main
+
+    calls, order = [], []
+    monkeypatch.setattr(fcnseg.optimize, "reuse_freed_memory", lambda *a: calls.append(a) or order.append("malloc"))
+    monkeypatch.setattr(fcnseg.train, "fit", lambda cfg, **kw: order.append("fit") or {})
+    root = make_folder_dataset(tmp_path / "data")
+    assert main(["train", "--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "run"), *flags]) == 0
+    assert calls == want and order[-1] == "fit" and order[:-1] == ["malloc"] * len(want)
+
+
+@pytest.mark.parametrize("reusing", [True, False])
+def test_the_probe_process_allocates_as_the_training_process_does(monkeypatch, reusing):
+    """The timing child is told whether this process reuses freed memory, and does the same before timing."""
+    import io
+    import subprocess
+
+    jobs = []
+
+    def child(args, input, **kw):  # the parent's side: capture the job; the child's side runs here below
+        jobs.append(json.loads(input))
+        return subprocess.CompletedProcess(args, 0, stdout="0.25\n", stderr="")
+
+    monkeypatch.setattr(fcnseg.optimize, "_reusing", reusing)
+    monkeypatch.setattr(amp_mod.subprocess, "run", child)
+    images, masks = _batch()
+    seconds = amp_mod.probe_train_step("fcn8s_efficientnet_lite0", {}, SegmentationLoss(), images, 3, None, steps=1)
+    assert seconds == 0.25
+    assert jobs[0]["reuse_freed_memory"] is reusing
+
+    opted = []
+    monkeypatch.setattr(amp_mod, "reuse_freed_memory", lambda: opted.append(True))
+    monkeypatch.setattr(amp_mod, "time_train_step", lambda *a, **kw: 0.5)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(jobs[0])))
+    threads = torch.get_num_threads()
+    try:
+        amp_mod._probe_child()
+    finally:
+        torch.set_num_threads(threads)
+    assert opted == ([True] if reusing else [])

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..config import TrainConfig
 from ..modes import train_mode
+from ..optimize import reuse_freed_memory, reusing_freed_memory
 from . import engine
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def probe_train_step(arch: str, model_kwargs: dict, loss_fn: engine.Segmentation
            "loss": {"weight": None if weight is None else weight.tolist(), "reduction": loss_fn.reduction,
                     "sample": loss_fn.sample, "ignore_index": loss_fn.ignore_index},
            "dtype": _dtype_name(dtype), "steps": int(steps), "threads": torch.get_num_threads(),
-           "exact_batch_norm": bool(exact_batch_norm)}
+           "exact_batch_norm": bool(exact_batch_norm), "reuse_freed_memory": reusing_freed_memory()}
     bootstrap = ("import sys; sys.path[:0] = sys.argv[1:]; from fcnseg.train.amp import _probe_child; "
                  "_probe_child()")
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
@@ -129,6 +130,8 @@ def _probe_child() -> None:
     from ..registry import build_model
 
     job = json.loads(sys.stdin.read())
+    if job.get("reuse_freed_memory"):  # allocate as the training process does
+        reuse_freed_memory()
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
     model = build_model(job["arch"], num_classes=job["num_classes"], **{**job["model_kwargs"], "pretrained": False})
