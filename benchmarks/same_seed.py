@@ -14,7 +14,12 @@ convolutions sum in a different order.
     python benchmarks/same_seed.py runs/before3 runs/now3 [runs/before4 runs/now4 ...] [--also 70.76:70.23 ...]
 
 ``--also BEFORE:NOW`` adds the final val mean IU (in points) of pairs measured earlier whose run directories
-are gone, to the summary only.
+are gone, to the summary only. ``--control A B`` (repeatable) shows the old loop against itself: two "before"
+runs of one seed that differ only in where their sums round (``threads``, e.g. ``--threads 1``), the spread a
+same-seed comparison has without any change to the loop; controls are shown apart and not counted as pairs.
+
+    fcnseg train ... --out runs/before3t1 --seed 3 --no-amp --no-channels-last --threads 1
+    python benchmarks/same_seed.py runs/before3 runs/now3 --control runs/before3 runs/before3t1
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from typing import Any
 # the settings a pair may differ in: the speed settings under test, and where and how a run reports
 SPEED_KEYS = {"amp", "amp_dtype", "channels_last", "exact_batch_norm"}
 FREE_KEYS = SPEED_KEYS | {"out", "root", "progress", "plots", "workers", "time_budget_min"}
+# what the two runs of a control (the old loop against itself) may differ in: where their sums round, and
+# exact_batch_norm, which only acts on channels-last tensors
+CONTROL_KEYS = {"out", "root", "progress", "plots", "workers", "time_budget_min", "threads", "exact_batch_norm"}
 
 
 class PairError(Exception):
@@ -56,15 +64,32 @@ def read_run(path: Path) -> dict[str, Any]:
     return {"config": config, "rows": rows, "amp": amp, "path": path}
 
 
+def _differ(a: dict[str, Any], b: dict[str, Any], free: set[str]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+
+
+def _old_loop(run: dict[str, Any]) -> None:
+    if run["config"].get("amp") is not False or run["config"].get("channels_last"):
+        raise PairError(f"{run['path']}: a 'before' run trains with --no-amp --no-channels-last")
+
+
 def check_pair(before: dict[str, Any], now: dict[str, Any]) -> None:
     """The two runs must share every setting but the speed (and reporting) ones, and "before" must be the old loop."""
-    a, b = before["config"], now["config"]
-    differ = sorted(k for k in set(a) | set(b) if k not in FREE_KEYS and a.get(k) != b.get(k))
+    differ = _differ(before["config"], now["config"], FREE_KEYS)
     if differ:
         raise PairError(f"{before['path']} and {now['path']} differ in {', '.join(differ)}: a same-seed pair differs "
                         f"only in {', '.join(sorted(SPEED_KEYS))}")
-    if a.get("amp") is not False or a.get("channels_last"):
-        raise PairError(f"{before['path']}: a 'before' run trains with --no-amp --no-channels-last")
+    _old_loop(before)
+
+
+def check_control(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Both runs are the old loop, and they differ in nothing but where their sums round (and reporting)."""
+    _old_loop(a)
+    _old_loop(b)
+    differ = _differ(a["config"], b["config"], CONTROL_KEYS)
+    if differ:
+        raise PairError(f"{a['path']} and {b['path']} differ in {', '.join(differ)}: a control differs only in "
+                        f"{', '.join(sorted(CONTROL_KEYS))}")
 
 
 def summarise(run: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +104,11 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
             "wall_s": rows[-1]["elapsed_s"],
             "val": {e: 100 * v["mean_iou"] for e, v in val.items()},
             "final": 100 * rows[-1]["val"]["mean_iou"], "pa": 100 * rows[-1]["val"]["pixel_accuracy"]}
+
+
+def _threads(run: dict[str, Any]) -> str:
+    n = run["config"].get("threads")
+    return f"{n} thread{'' if n == 1 else 's'}"
 
 
 def interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -103,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="run directories in pairs: BEFORE NOW [BEFORE NOW ...]")
     p.add_argument("--also", nargs="*", type=parse_also, default=[], metavar="BEFORE:NOW",
                    help="final val mean IUs (points) of earlier pairs, added to the summary")
+    p.add_argument("--control", nargs=2, type=Path, action="append", default=[], metavar=("A", "B"),
+                   help="two 'before' runs of one seed that differ only in threads: the old loop against itself")
     p.add_argument("--tolerance", type=float, default=0.5, help="the accuracy target, in mean IU points")
     args = p.parse_args(argv)
     if len(args.runs) % 2:
@@ -112,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs = list(zip(runs[::2], runs[1::2]))
         for before, now in pairs:
             check_pair(before, now)
+        controls = [(read_run(a), read_run(b)) for a, b in args.control]
+        for a, b in controls:
+            check_control(a, b)
     except PairError as e:
         print(f"same_seed: {e}", file=sys.stderr)
         return 2
@@ -119,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | seed | layout | precision | s / epoch (median) | img/s (median) | wall s | val mIU by epoch | "
           "final | pixel acc. |")
     print("|---|---:|---|---|---:|---:|---:|---|---:|---:|")
-    diffs = []
+    def row(s: dict[str, Any], seed) -> None:
+        by_epoch = " / ".join(f"{v:.2f}" for v in s["val"].values())
+        print(f"| {s['name']} | {seed} | {s['layout']} | {s['precision']} | {s['s_epoch']:.1f} | {s['img_s']:.2f} | "
+              f"{s['wall_s']:.0f} | {by_epoch} | **{s['final']:.2f}** | {s['pa']:.2f} |")
+
+    diffs, noise = [], []
     for before, now in pairs:
         seed = before["config"].get("seed")
         s_b, s_n = summarise(before), summarise(now)
-        for s in (s_b, s_n):
-            by_epoch = " / ".join(f"{v:.2f}" for v in s["val"].values())
-            print(f"| {s['name']} | {seed} | {s['layout']} | {s['precision']} | {s['s_epoch']:.1f} | {s['img_s']:.2f} | "
-                  f"{s['wall_s']:.0f} | {by_epoch} | **{s['final']:.2f}** | {s['pa']:.2f} |")
+        row(s_b, seed)
+        row(s_n, seed)
         diffs.append(s_n["final"] - s_b["final"])
         print(f"| pair, seed {seed} | | | | {s_b['s_epoch'] / s_n['s_epoch']:.2f}x | {s_n['img_s'] / s_b['img_s']:.2f}x | "
               f"{s_b['wall_s'] / s_n['wall_s']:.2f}x | | **{diffs[-1]:+.2f}** | |")
@@ -138,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         mean, lo, hi = interval(diffs)
         print(f"mean {mean:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}], standard deviation "
               f"{statistics.stdev(diffs):.2f}")
+    if controls:
+        print("\nthe old loop against itself (same seed, other threads):")
+    for a, b in controls:
+        s_a, s_b = summarise(a), summarise(b)
+        noise.append(s_b["final"] - s_a["final"])
+        print(f"  seed {a['config'].get('seed')}: {s_a['name']} ({_threads(a)}) {s_a['final']:.2f}, "
+              f"{s_b['name']} ({_threads(b)}) {s_b['final']:.2f}: {noise[-1]:+.2f} points")
     return 0
 
 

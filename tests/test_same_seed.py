@@ -16,12 +16,13 @@ def same_seed():
 
 
 def make_run(path: Path, *, before: bool, finals: list[float], seconds: float, epochs: int = 2, seed: int = 3,
-             lr: float = 2e-3, dtype: str = "float32", exact_batch_norm: bool = False) -> Path:
+             lr: float = 2e-3, dtype: str = "float32", exact_batch_norm: bool = False, threads: int = 2) -> Path:
     """A run directory as fcnseg train leaves it: resolved config, one metrics row per epoch (validated at each),
     version.json with the amp decision."""
     path.mkdir(parents=True)
     cfg = TrainConfig(model="m", dataset="camvid", epochs=epochs, seed=seed, lr=lr, out=str(path),
-                      amp=False if before else "auto", channels_last=not before, exact_batch_norm=exact_batch_norm)
+                      amp=False if before else "auto", channels_last=not before, exact_batch_norm=exact_batch_norm,
+                      threads=threads)
     (path / "config.yaml").write_text(dump_config(cfg))
     rows = [{"epoch": e + 1, "seconds": seconds, "images_per_s": 8 / seconds, "elapsed_s": seconds * (e + 1),
              "val": {"mean_iou": finals[e] / 100, "pixel_accuracy": 0.9}} for e in range(len(finals))]
@@ -73,3 +74,20 @@ def test_a_before_run_must_be_the_old_loop_and_a_folder_a_run(same_seed, tmp_pat
     with pytest.raises(SystemExit):
         same_seed.main([str(a), str(n), "--also", "70.1"])
 
+
+
+def test_a_control_shows_the_old_loop_against_itself_apart_from_the_pairs(same_seed, tmp_path, capsys):
+    b = make_run(tmp_path / "before3", before=True, finals=[60.0, 70.16], seconds=100.0)
+    n = make_run(tmp_path / "now3", before=False, finals=[61.0, 69.62], seconds=50.0)
+    b1 = make_run(tmp_path / "before3t1", before=True, finals=[59.0, 69.30], seconds=150.0, threads=1)
+    assert same_seed.main([str(b), str(n), "--control", str(b), str(b1)]) == 0
+    out = capsys.readouterr().out
+    assert "1 pair(s), final val mIU now - before: -0.54; 0 of 1 within 0.5 points" in out
+    assert "seed 3: before3 (2 threads) 70.16, before3t1 (1 thread) 69.30: -0.86 points" in out
+    # a control is two old-loop runs that differ in threads only
+    for other, message in ((n, "a 'before' run trains with --no-amp --no-channels-last"),
+                           (make_run(tmp_path / "lr", before=True, finals=[1.0, 2.0], seconds=1.0, lr=1e-3),
+                            "differ in lr: a control differs only in")):
+        assert same_seed.main([str(b), str(n), "--control", str(b), str(other)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
