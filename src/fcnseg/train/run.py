@@ -694,7 +694,9 @@ def _run_settings(cfg: TrainConfig, device: torch.device):
 def fit(cfg: TrainConfig, resume: bool = False, command: Sequence[str] | None = None) -> dict[str, Any]:
     """Train per ``cfg`` into the run directory ``cfg.out``; return the summary: the last validation scores
     (if any), ``epoch``, ``step``, ``skipped_steps``, ``skipped_samples``, ``listing_problems``, ``filled_slots``.
-    ``command`` (the caller's command line) is recorded in version.json and the checkpoints' provenance."""
+    ``command`` (the caller's command line) is recorded in version.json and the checkpoints' provenance.
+    The process's allocator is left as it is: ``fcnseg train`` first calls
+    ``fcnseg.optimize.reuse_freed_memory()`` (faster CPU steps), which a program calling ``fit`` may do too."""
     cfg.validate()
     output_dir(cfg.out, what="run directory")  # before any data is read
     info = dst.setup(cfg.device)
