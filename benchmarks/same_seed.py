@@ -32,10 +32,11 @@ from typing import Any
 
 # the settings a pair may differ in: the speed settings under test, and where and how a run reports
 SPEED_KEYS = {"amp", "amp_dtype", "channels_last", "exact_batch_norm"}
-FREE_KEYS = SPEED_KEYS | {"out", "root", "progress", "plots", "workers", "time_budget_min"}
+REPORT_KEYS = {"out", "root", "progress", "plots", "workers", "time_budget_min"}
+FREE_KEYS = SPEED_KEYS | REPORT_KEYS
 # what the two runs of a control (the old loop against itself) may differ in: where their sums round, and
 # exact_batch_norm, which only acts on channels-last tensors
-CONTROL_KEYS = {"out", "root", "progress", "plots", "workers", "time_budget_min", "threads", "exact_batch_norm"}
+CONTROL_KEYS = REPORT_KEYS | {"threads", "exact_batch_norm"}
 
 
 class PairError(Exception):
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {s['name']} | {seed} | {s['layout']} | {s['precision']} | {s['s_epoch']:.1f} | {s['img_s']:.2f} | "
               f"{s['wall_s']:.0f} | {by_epoch} | **{s['final']:.2f}** | {s['pa']:.2f} |")
 
-    diffs, noise = [], []
+    diffs = []
     for before, now in pairs:
         seed = before["config"].get("seed")
         s_b, s_n = summarise(before), summarise(now)
@@ -180,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nthe old loop against itself (same seed, other threads):")
     for a, b in controls:
         s_a, s_b = summarise(a), summarise(b)
-        noise.append(s_b["final"] - s_a["final"])
         print(f"  seed {a['config'].get('seed')}: {s_a['name']} ({_threads(a)}) {s_a['final']:.2f}, "
-              f"{s_b['name']} ({_threads(b)}) {s_b['final']:.2f}: {noise[-1]:+.2f} points")
+              f"{s_b['name']} ({_threads(b)}) {s_b['final']:.2f}: {s_b['final'] - s_a['final']:+.2f} points")
     return 0
 
 

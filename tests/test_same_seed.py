@@ -75,7 +75,6 @@ def test_a_before_run_must_be_the_old_loop_and_a_folder_a_run(same_seed, tmp_pat
         same_seed.main([str(a), str(n), "--also", "70.1"])
 
 
-
 def test_a_control_shows_the_old_loop_against_itself_apart_from_the_pairs(same_seed, tmp_path, capsys):
     b = make_run(tmp_path / "before3", before=True, finals=[60.0, 70.16], seconds=100.0)
     n = make_run(tmp_path / "now3", before=False, finals=[61.0, 69.62], seconds=50.0)

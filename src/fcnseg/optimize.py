@@ -73,6 +73,19 @@ def flush_denormal() -> Iterator[bool]:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_reusing = False  # reuse_freed_memory() succeeded in this process
+
+
+def _glibc():
+    """This process's C library when it is glibc (whose malloc the functions below tune), else None."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl and others have different semantics)
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def reuse_freed_memory(keep_bytes: int = 2**31 - 1, top_pad_bytes: int = 64 << 20) -> bool:
@@ -88,21 +101,13 @@ def reuse_freed_memory(keep_bytes: int = 2**31 - 1, top_pad_bytes: int = 64 << 2
     process keeps its peak memory until it exits. So it belongs to a program's entry point that runs one big
     job (``fcnseg train`` calls it unless ``--malloc system``), not to a library call.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl and others have different semantics)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    global _reusing
+    libc = _glibc()
+    if libc is None:
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, keep_bytes), (_M_TOP_PAD, top_pad_bytes))
-    global _reusing
-    _reusing = all(mallopt(param, value) == 1 for param, value in settings)
+    _reusing = all(libc.mallopt(param, value) == 1 for param, value in settings)
     return _reusing
-
-
-_reusing = False  # reuse_freed_memory() succeeded in this process
 
 
 def reusing_freed_memory() -> bool:
@@ -113,12 +118,9 @@ def reusing_freed_memory() -> bool:
 def return_freed_memory() -> None:
     """Process-wide opt-in: hand heap pages freed by a conversion (the float32 weights a bfloat16 copy
     replaced) back to the OS with glibc's ``malloc_trim``, which otherwise keeps them; no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    libc = _glibc()
+    if libc is not None:  # elsewhere: nothing to do
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------------------------------
