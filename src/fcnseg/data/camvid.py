@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import FcnsegError
 from .base import IGNORE_INDEX, SegmentationDataset, check_split, pair_folders, register_dataset
+from .dev import carve
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                   "Pedestrian", "Bicyclist"]
@@ -16,9 +17,16 @@ CAMVID_VOID = 11
 
 @register_dataset("camvid")
 def camvid(root: Path, split: str, transforms=None, skip_bad: bool = False) -> SegmentationDataset:
-    """SegNet's CamVid: ``root/{train,val,test}`` RGB images, ``root/{split}annot`` label maps (0..10, 11 void)."""
-    check_split("camvid", split, ("train", "val", "test"))
-    files, names, problems = pair_folders(root / split, root / f"{split}annot", mask_name=lambda s: f"{s}.png")
+    """SegNet's CamVid: ``root/{train,val,test}`` RGB images, ``root/{split}annot`` label maps (0..10, 11 void).
+    ``dev`` and ``fit`` are carved from train by the shipped dev list (``fcnseg.data.dev``): choose on dev,
+    train on fit, report val."""
+    check_split("camvid", split, ("train", "val", "test", "dev", "fit"))
+    folder = "train" if split in ("dev", "fit") else split
+    files, names, problems = pair_folders(root / folder, root / f"{folder}annot", mask_name=lambda s: f"{s}.png")
+    if folder != split:
+        keep = carve("camvid", split, names)
+        by_name = dict(zip(names, files))
+        files, names = [by_name[n] for n in keep], keep
     value_map = {i: i for i in range(len(CAMVID_CLASSES))} | {CAMVID_VOID: IGNORE_INDEX}
     return SegmentationDataset(name="camvid", root=root, split=split, files=files, names=names,
                                classes=CAMVID_CLASSES, colors=CAMVID_COLORS, transforms=transforms,

@@ -18,6 +18,7 @@ import numpy as np
 from ..checkpoint import default_palette
 from ..errors import FcnsegError
 from .base import IGNORE_INDEX, SegmentationDataset, check_split, holdout_split, read_list, register_dataset
+from .dev import carve
 from .io import DataFileError, image_size
 
 SIFTFLOW_CLASSES = ["awning", "balcony", "bird", "boat", "bridge", "building", "bus", "car", "cow", "crosswalk",
@@ -41,7 +42,8 @@ DERIVED = "derived from semantic labels (fcnseg's SIFTFLOW_GEOMETRY table)"
 def siftflow(root: Path, split: str, transforms=None, skip_bad: bool = False, split_list: str | Path | None = None,
              val_fraction: float = 0.1, seed: int = 0, labels: str = "semantic") -> SegmentationDataset:
     """SIFT Flow. Splits: ``trainval`` (trainval.txt), ``test`` (test.txt), and ``train``/``val``: trainval with a
-    fixed ``val_fraction`` held out by ``seed``. ``split_list`` reads the names from a file you give instead.
+    fixed ``val_fraction`` held out by ``seed``; ``dev`` (the shipped dev list, a tenth of trainval) and ``fit``
+    (train less dev) for choosing on dev and reporting val. ``split_list`` reads the names from a file you give instead.
     ``labels``: 'semantic' (33 classes), 'geometric' (3; from ``geolabels/`` or derived, see ``label_source``) or
     'both' (a (2, H, W) mask per image for the two-headed net; ``SiftFlowBothDataset``)."""
     if labels not in ("semantic", "geometric", "both"):
@@ -49,10 +51,12 @@ def siftflow(root: Path, split: str, transforms=None, skip_bad: bool = False, sp
     if split_list is not None:
         names = read_list(Path(split_list))
     else:
-        check_split("siftflow", split, ("train", "val", "trainval", "test"))
+        check_split("siftflow", split, ("train", "val", "trainval", "test", "dev", "fit"))
         names = read_list(root / ("test.txt" if split == "test" else "trainval.txt"))
-        if split in ("train", "val"):
-            names = holdout_split(names, split, val_fraction, seed)
+        if split in ("train", "val", "dev", "fit"):
+            names = holdout_split(names, "val" if split == "val" else "train", val_fraction, seed)
+        if split in ("dev", "fit"):
+            names = carve("siftflow", split, names)
     classes, source, folder = SIFTFLOW_CLASSES, "semantic label files", "labels"
     value_map = {0: IGNORE_INDEX} | {v: v - 1 for v in range(1, len(SIFTFLOW_CLASSES) + 1)}
     if labels == "both":
