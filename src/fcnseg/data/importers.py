@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ..checkpoint import atomic_write, default_palette
 from ..errors import FcnsegError
@@ -323,6 +323,8 @@ def _labelme_bitmap(raw: Any, w: int, h: int) -> np.ndarray | str:
                 if im.width > w or im.height > h:  # checked from the header, before decoding
                     return f"mask bitmap is {im.width}x{im.height}, larger than the {w}x{h} image"
                 return np.asarray(im.convert("L")) > 0
+    except UnidentifiedImageError:
+        return f"unreadable mask bitmap (not one of the formats fcnseg reads: {', '.join(READABLE_FORMATS)})"
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
         return f"unreadable mask bitmap ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
