@@ -30,7 +30,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Convert polygon/box/RLE annotations into OUT/images, OUT/masks (palette PNGs of "
                                     "class ids), OUT/classes.txt (name R G B; line 0 is the background) and "
                                     "OUT/splits/{train,val,all}.txt. Shapes that cannot be converted are listed, one "
-                                    "line each. Later shapes are drawn over earlier ones (CVAT: by z_order).")
+                                    "line each. Later shapes are drawn over earlier ones (CVAT: by z_order). "
+                                    "Labels named void/ignore become ignored pixels (255). Images are read only "
+                                    "from inside the export's folders. docs/own-data.md lists every check.")
     i.add_argument("src", type=Path, metavar="SRC",
                    help="labelme: a .json file or a folder of them; coco: the instances .json; cvat: annotations.xml")
     i.add_argument("--from", dest="fmt", required=True, choices=("labelme", "coco", "cvat"), help="the tool's format")
