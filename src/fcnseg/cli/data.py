@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..data.download import DEFAULT_LIMITS
-from ..errors import show_path
+from ..errors import printable, show_path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,7 +30,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Convert polygon/box/RLE annotations into OUT/images, OUT/masks (palette PNGs of "
                                     "class ids), OUT/classes.txt (name R G B; line 0 is the background) and "
                                     "OUT/splits/{train,val,all}.txt. Shapes that cannot be converted are listed, one "
-                                    "line each. Later shapes are drawn over earlier ones (CVAT: by z_order).")
+                                    "line each. Later shapes are drawn over earlier ones (CVAT: by z_order). "
+                                    "Labels named void/ignore become ignored pixels (255). Images are read only "
+                                    "from inside the export's folders. docs/own-data.md lists every check.")
     i.add_argument("src", type=Path, metavar="SRC",
                    help="labelme: a .json file or a folder of them; coco: the instances .json; cvat: annotations.xml")
     i.add_argument("--from", dest="fmt", required=True, choices=("labelme", "coco", "cvat"), help="the tool's format")
@@ -44,6 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="what pixels outside every shape are (default background; ignore: left out of training)")
     i.add_argument("--val-fraction", type=float, default=0.1, help="share of images listed in splits/val.txt")
     i.add_argument("--seed", type=int, default=0, help="seed of the train/val partition")
+    i.add_argument("--allow-outside", action="store_true",
+                   help="follow image names that lead outside the export's folders (absolute, '..', links)")
     i.set_defaults(_data=run_import)
 
     r = dsub.add_parser("rank", help="rank unlabelled images by the model's mean uncertainty (label the top ones next)")
@@ -129,12 +133,15 @@ def run_import(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     report = import_annotations(args.fmt, args.src, args.out, images=args.images, background=args.background,
                                 unlabelled=args.unlabelled, classes=classes, val_fraction=args.val_fraction,
-                                seed=args.seed)
+                                seed=args.seed, allow_outside=args.allow_outside)
     for msg in report.problems:
-        print(f"fcnseg: {msg}", file=sys.stderr)
-    print(f"imported {report.images} images, {report.shapes} shapes, {len(report.classes)} classes "
-          f"({', '.join(report.classes)}) into {report.out}; splits: {report.train} train, {report.val} val"
-          + (f"; {len(report.problems)} left out (listed above)" if report.problems else ""))
+        print(f"fcnseg: {printable(msg)}", file=sys.stderr)
+    if report.ignored:
+        print("drawn as ignored pixels (mask value 255), not as a class: "
+              + ", ".join(f"{n} shapes labelled {label!r}" for label, n in report.ignored.items()))
+    print(printable(f"imported {report.images} images, {report.shapes} shapes, {len(report.classes)} classes "
+                    f"({', '.join(report.classes)}) into {report.out}; splits: {report.train} train, {report.val} val"
+                    + (f"; {len(report.problems)} left out (listed above)" if report.problems else "")))
     return 1 if report.problems else 0
 
 

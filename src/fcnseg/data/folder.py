@@ -29,8 +29,12 @@ def _read_classes(path: Path) -> tuple[list[str], list[list[int]] | None, int | 
     """Names, colours and the ``ignore_value:`` line's value (None when absent)."""
     if not path.is_file():
         raise FcnsegError(f"{path}: class list not found; write one class per line as 'name' or 'name R G B'")
+    try:
+        text = path.read_text(encoding="utf-8")  # as fcnseg writes it, whatever the locale
+    except (OSError, UnicodeDecodeError) as e:
+        raise FcnsegError(f"{path}: unreadable class list ({e}); save it as UTF-8 text") from None
     names, colors, ignore_value = [], [], None
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -154,7 +154,7 @@ def cached_hha(depth_path: str | Path, cache_dir: str | Path, intrinsics=NYUDV2_
     from PIL import Image
 
     from ..checkpoint import atomic_write
-    from .io import DataFileError, read_depth
+    from .io import READABLE_FORMATS, DataFileError, read_depth
 
     depth_path = Path(depth_path)
     try:
@@ -165,7 +165,7 @@ def cached_hha(depth_path: str | Path, cache_dir: str | Path, intrinsics=NYUDV2_
     path = Path(cache_dir) / f"{key}.png"
     if path.is_file():
         try:
-            with Image.open(path) as im:
+            with Image.open(path, formats=READABLE_FORMATS) as im:
                 return np.asarray(im.convert("RGB"))
         except OSError:
             pass  # a damaged cache entry is recomputed and replaced

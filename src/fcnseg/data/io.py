@@ -9,6 +9,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import FcnsegError
 
+READABLE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM", "GIF")
+
 _EXIF_ORIENTATION = 0x0112
 
 # file suffixes taken for images wherever a folder is listed (datasets, ``fcnseg predict`` inputs)
@@ -45,13 +47,15 @@ def _open(path: Path, what: str) -> Image.Image:
     if size == 0:
         raise DataFileError(f"{path}: empty {what} file (0 bytes)")
     try:
-        im = Image.open(path)
+        # only the formats fcnseg means to read: Pillow would hand EPS to Ghostscript, an outside program
+        im = Image.open(path, formats=READABLE_FORMATS)
         im.load()
     except Image.DecompressionBombError as e:
         raise DataFileError(f"{path}: {what} refused by Pillow's decompression-bomb limit ({e}); if the file is "
                             f"trusted, raise PIL.Image.MAX_IMAGE_PIXELS before loading") from None
     except UnidentifiedImageError:
-        raise DataFileError(f"{path}: unreadable {what} (not an image format Pillow recognises)") from None
+        raise DataFileError(f"{path}: unreadable {what} (not one of the formats fcnseg reads: "
+                            f"{', '.join(READABLE_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         kind = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "unreadable"
@@ -132,7 +136,7 @@ def median_image_size(paths, limit: int = 64) -> list[int] | None:
     step = max(1, len(paths) // limit) if limit else 1
     for path in list(paths)[::step][:limit or None]:
         try:
-            with Image.open(path) as im:
+            with Image.open(path, formats=READABLE_FORMATS) as im:
                 w, h = im.size
                 if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways
                     w, h = h, w
