@@ -9,6 +9,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import FcnsegError
 
+READABLE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM", "GIF")
+
 _EXIF_ORIENTATION = 0x0112
 
 # file suffixes taken for images wherever a folder is listed (datasets, ``fcnseg predict`` inputs)
