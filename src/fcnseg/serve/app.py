@@ -391,14 +391,23 @@ def _add_error_handlers(app: FastAPI, settings: ServeSettings, metrics: ServeMet
 
 
 def _key_check(settings: ServeSettings):
-    """The dependency that refuses a request without ``settings.api_key`` (none set: every request passes)."""
+    """The dependency that refuses a request without ``settings.api_key`` (none set: every request passes).
+    With a key, the OpenAPI document names both ways to send it (its security schemes)."""
+    if settings.api_key is None:
+        def no_key() -> None:
+            return None
 
-    expected = settings.api_key.encode("utf-8") if settings.api_key is not None else None
+        return no_key
 
-    def require_key(request: Request) -> None:
-        if expected is None:
-            return
-        # the header's bytes as sent (a UTF-8 key arrives as UTF-8 bytes), compared in constant time
+    from fastapi.security import APIKeyHeader, HTTPBearer
+
+    expected = settings.api_key.encode("utf-8")
+    as_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key given to fcnseg serve")
+    as_bearer = HTTPBearer(auto_error=False, description="the key given to fcnseg serve, as a bearer token")
+
+    def require_key(request: Request, _header=Depends(as_header), _bearer=Depends(as_bearer)) -> None:
+        # the header's bytes as sent (a UTF-8 key arrives as UTF-8 bytes; the parsed values above are
+        # latin-1 text), compared in constant time
         raw = dict(request.headers.raw)
         given = raw.get(b"x-api-key", b"")
         auth = raw.get(b"authorization", b"")
