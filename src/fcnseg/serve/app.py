@@ -431,11 +431,11 @@ async def read_upload(request: Request, settings: ServeSettings, allowed_s: floa
     envelope = limit + (MULTIPART_SLACK if ctype == "multipart/form-data" else 0)
     if declared is not None:
         try:
-            too_big = int(declared) > envelope
+            declared = int(declared)
         except ValueError:
             raise UploadError(400, "bad_request", "Content-Length is not a number") from None
-        if too_big:  # refuse before reading a byte
-            raise UploadError(413, "upload_too_large", f"upload of {clip(declared, 20)} bytes is larger than the "
+        if declared > envelope:  # refuse before reading a byte
+            raise UploadError(413, "upload_too_large", f"upload of {declared} bytes is larger than the "
                                                        f"limit of {limit} bytes")
     received = [0]
     form = None
@@ -463,7 +463,7 @@ async def read_upload(request: Request, settings: ServeSettings, allowed_s: floa
     except BaseException as e:
         if form is not None:
             await form.close()
-        of = f"{received[0]} of {clip(declared, 20) if declared else 'an unstated number of'} bytes"
+        of = f"{received[0]} of {declared if declared is not None else 'an unstated number of'} bytes"
         if isinstance(e, TimeoutError):
             flag = "--body-timeout" if settings.body_timeout_s <= settings.timeout_s else "--timeout"
             raise UploadError(408, "body_timeout", f"the upload did not arrive within {allowed_s:.3g} s ({of} came; "
