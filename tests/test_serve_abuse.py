@@ -389,3 +389,41 @@ def test_schemathesis_finds_nothing_against_a_live_server(tmp_path, seg, api_key
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "No issues found" in done.stdout and "passed" in done.stdout
+
+
+def test_freed_memory_is_handed_back_once_the_last_request_in_flight_is_answered(seg, ckpt, monkeypatch):
+    # issue 30 finding 6: repeated rounds reached 6.1 GB and memory was not returned
+    import uvicorn
+
+    from fcnseg.cli import serve as serve_cli
+    from fcnseg.serve import app as app_module
+
+    trims, depth_at_trim = [], []
+    app = create_app({"tiny": seg}, ServeSettings(return_memory=True))
+    monkeypatch.setattr(app_module, "return_freed_memory",
+                        lambda: (trims.append(1), depth_at_trim.append(app.state.in_flight.count)))
+    data = png_bytes(random_image(40, 48, 9))
+
+    async def go(client):
+        answers = await asyncio.gather(*(client.post("/v1/segment", content=data) for _ in range(4)))
+        for _ in range(100):  # the trim runs in a thread after the last answer
+            if trims:
+                break
+            await asyncio.sleep(0.02)
+        return answers
+
+    assert all(r.status_code == 200 for r in run_async(app, go))
+    assert trims and depth_at_trim == [0] * len(trims) and len(trims) < 4  # once the burst is over, not per request
+    untrimmed = []
+    quiet = create_app({"tiny": seg})  # a library user's app leaves the allocator alone
+    monkeypatch.setattr(app_module, "return_freed_memory", lambda: untrimmed.append(1))
+    assert run_async(quiet, lambda c: c.post("/v1/segment", content=data)).status_code == 200
+    assert untrimmed == []
+    # `fcnseg serve`, the program's entry point, opts in
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.append(self.config))
+    monkeypatch.setattr(serve_cli, "check_port", lambda host, port: None)
+    assert main(["serve", "--checkpoint", f"m={ckpt}", "--body-timeout", "3"]) == 0
+    settings = served[0].app.state.settings
+    assert settings.return_memory and settings.body_timeout_s == 3
+    assert main(["serve", "--checkpoint", f"m={ckpt}", "--body-timeout", "0"]) == 1

@@ -377,7 +377,8 @@ def _add_error_handlers(app: FastAPI, settings: ServeSettings, metrics: ServeMet
         metrics.rejects.labels("invalid_request").inc()
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error_response(422, "invalid_request", f"{clip(where, 80)[1:-1]}: {first.get('msg', 'invalid value')}"[:300])
+        # neither part echoes the request's values; cut anyway, as every message that names client input
+        return _error_response(422, "invalid_request", f"{where[:80]}: {first.get('msg', 'invalid value')}"[:300])
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
