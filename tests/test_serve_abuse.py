@@ -215,7 +215,9 @@ def test_fcnseg_serve_refuses_an_empty_or_unsendable_api_key_in_one_line(ckpt, c
     # issue 30 finding 12: `--api-key ''` served with no authentication and no warning
     assert main(["serve", "--checkpoint", str(ckpt), "--api-key", ""]) == 1
     err = capsys.readouterr().err
-    assert err == "fcnseg: error: --api-key: the API key is empty: give a non-empty key, or none to serve without one\n"
+    assert err == (
+        "fcnseg: error: --api-key: the API key is empty, which would let anyone in: give a non-empty key, or serve "
+        "without one\n")
     monkeypatch.setenv("FCNSEG_API_KEY", "")
     assert main(["serve", "--checkpoint", str(ckpt)]) == 1
     assert capsys.readouterr().err.startswith("fcnseg: error: $FCNSEG_API_KEY: the API key is empty")

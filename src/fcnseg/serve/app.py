@@ -79,7 +79,7 @@ class ServeSettings:
 def check_api_key(key: str) -> None:
     """Refuse a key that would serve without protection ('') or that no client could send in a header."""
     if not key:
-        raise ValueError("the API key is empty: give a non-empty key, or none to serve without one")
+        raise ValueError("the API key is empty, which would let anyone in: give a non-empty key, or serve without one")
     if key != key.strip() or not key.isprintable():
         raise ValueError("the API key has leading or trailing spaces or control characters, which an HTTP "
                          "header cannot carry; choose another")

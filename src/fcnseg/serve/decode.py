@@ -32,17 +32,6 @@ def clip(text: object, limit: int = 80) -> str:
     return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(str(text))} characters)"
 
 
-async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
-    """All of ``chunks``, refusing (413) as soon as more than ``limit`` bytes have arrived, so an
-    oversized body is never held in memory."""
-    buf = bytearray()
-    async for chunk in chunks:
-        buf += chunk
-        if len(buf) > limit:
-            raise too_large(limit)
-    return bytes(buf)
-
-
 async def spool_limited(chunks: AsyncIterator[bytes], limit: int, spool_bytes: int,
                         progress: list[int] | None = None) -> BinaryIO:
     """``chunks`` written to a temporary file that stays in memory up to ``spool_bytes`` and moves to disk
