@@ -26,8 +26,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="most images of the same model and size run as one batch (default 8)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long a request waits for companions of its size (default 5 ms)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 503 (default 64)")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds, then 504 (default 30)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="segmentation requests in flight (uploading, waiting or running) before 503 (default 64)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="per-request deadline in seconds, upload included, then 504 (default 30)")
+    p.add_argument("--body-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="the whole upload must arrive within this many seconds, then 408 (default 15)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB, then 413 (default 20)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels, then 413 (default 40M)")
     p.add_argument("--api-key", default=None,
@@ -95,20 +99,32 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import FcnsegError
     from ..serve import ServeSettings, create_app
+    from ..serve.app import check_api_key
     from .predict import load_segmenter
 
-    api_key = args.api_key or os.environ.get("FCNSEG_API_KEY") or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FCNSEG_API_KEY")
+    if api_key is not None:
+        source = "--api-key" if args.api_key is not None else "$FCNSEG_API_KEY"
+        try:
+            check_api_key(api_key)
+        except ValueError as e:  # an empty key must not quietly serve without one
+            raise FcnsegError(f"{source}: {e}") from None
     for flag, value in (("--workers-threads", args.workers_threads), ("--max-batch", args.max_batch),
                         ("--max-queue", args.max_queue), ("--max-pixels", args.max_pixels)):
         if value < 1:
             raise FcnsegError(f"{flag} {value}: expected at least 1")
-    if args.timeout <= 0 or args.max_upload_mb <= 0 or args.batch_window_ms < 0:
-        raise FcnsegError("--timeout and --max-upload-mb must be positive, --batch-window-ms at least 0")
+    for flag, value in (("--timeout", args.timeout), ("--body-timeout", args.body_timeout),
+                        ("--max-upload-mb", args.max_upload_mb)):
+        if not value > 0:
+            raise FcnsegError(f"{flag} {value}: expected a positive number")
+    if not args.batch_window_ms >= 0:
+        raise FcnsegError(f"--batch-window-ms {args.batch_window_ms}: expected at least 0")
     try:
         settings = ServeSettings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                                  workers=args.workers_threads, max_queue=args.max_queue, timeout_s=args.timeout,
                                  max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
-                                 api_key=api_key, cors_origins=tuple(args.cors_origin))
+                                 api_key=api_key, cors_origins=tuple(args.cors_origin),
+                                 body_timeout_s=args.body_timeout, return_memory=True)
     except ValueError as e:
         raise FcnsegError(str(e)) from None
     specs = model_specs(args.checkpoint)

@@ -2,12 +2,13 @@
 CLI uses (through the micro-batcher, off the event loop), and serves the web page in ``static/``."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import io
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -17,17 +18,20 @@ import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from ..inference import Prediction, Segmenter
+from ..optimize import return_freed_memory
 from ..uncertainty import normalized_entropy, to_png_array
 from ..visualize import overlay, palette_image
+from . import schema
 from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
-from .decode import UploadError, decode_image, limited_stream, read_limited
+from .decode import UploadError, clip, decode_image, limited_stream, spool_limited, too_large
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -53,13 +57,32 @@ class ServeSettings:
     retry_after_s: int = 1
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    # the whole body must arrive within this (and within timeout_s), else 408: a stalled upload holds
+    # a connection and a queue place, never more
+    body_timeout_s: float = 15.0
+    # an upload's bytes stay in memory up to this size and go to a temporary file beyond
+    spool_bytes: int = 1 << 20
+    # hand freed heap memory back to the OS (glibc malloc_trim) whenever the last request in flight is
+    # answered; process-wide, so the program opts in (``fcnseg serve`` does), not the app by default
+    return_memory: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "workers", "max_queue", "max_upload_bytes", "max_pixels"):
+        for name in ("max_batch", "workers", "max_queue", "max_upload_bytes", "max_pixels", "spool_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.timeout_s <= 0 or self.batch_window_ms < 0:
-            raise ValueError("timeout_s must be positive and batch_window_ms non-negative")
+        if self.timeout_s <= 0 or self.body_timeout_s <= 0 or self.batch_window_ms < 0:
+            raise ValueError("timeout_s and body_timeout_s must be positive and batch_window_ms non-negative")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
+
+
+def check_api_key(key: str) -> None:
+    """Refuse a key that would serve without protection ('') or that no client could send in a header."""
+    if not key:
+        raise ValueError("the API key is empty, which would let anyone in: give a non-empty key, or serve without one")
+    if key != key.strip() or not key.isprintable():
+        raise ValueError("the API key has leading or trailing spaces or control characters, which an HTTP "
+                         "header cannot carry; choose another")
 
 
 class OutputFormat(str, Enum):
@@ -70,6 +93,10 @@ class OutputFormat(str, Enum):
 
 # Accept media types -> format, for clients that negotiate instead of passing ?format=
 _ACCEPT = {"application/json": OutputFormat.json, "image/png": OutputFormat.mask, "image/jpeg": OutputFormat.overlay}
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was read (nobody is left to answer)."""
 
 
 class ServeError(Exception):
@@ -120,6 +147,19 @@ def class_shares(mask: np.ndarray, seg: Segmenter) -> list[dict[str, Any]]:
             for i, (name, c) in enumerate(zip(seg.classes, counts))]
 
 
+def entropy_png(probs, band_values: int = 4 << 20) -> bytes:
+    """The normalised-entropy map of (K, H, W) probabilities as an 8-bit PNG, computed in bands of rows so
+    that the float32 work copies hold at most ``band_values`` values at a time, whatever the image size."""
+    from PIL import Image
+
+    k, h, w = probs.shape
+    rows = max(1, band_values // max(1, k * w))
+    out = np.empty((h, w), np.uint8)
+    for y in range(0, h, rows):
+        out[y:y + rows] = to_png_array(normalized_entropy(probs[:, y:y + rows]))
+    return _png_bytes(Image.fromarray(out, mode="L"))
+
+
 def render(fmt: OutputFormat, name: str, seg: Segmenter, image, pred: Prediction, alpha: float,
            include_mask: bool) -> Response:
     """The response body for one prediction (runs in a worker thread: PNG/JPEG encoding is CPU work)."""
@@ -136,9 +176,7 @@ def render(fmt: OutputFormat, name: str, seg: Segmenter, image, pred: Prediction
         body["mask_png"] = _b64(_png_bytes(palette_image(mask, seg.colors)))
         body["mask_ids"] = _b64(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())  # row-major class ids
     if pred.probs is not None:
-        from PIL import Image
-
-        body["uncertainty_png"] = _b64(_png_bytes(Image.fromarray(to_png_array(normalized_entropy(pred.probs)), mode="L")))
+        body["uncertainty_png"] = _b64(entropy_png(pred.probs))
     return JSONResponse(body)
 
 
@@ -151,6 +189,8 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
     default_model = next(iter(models))
     metrics = ServeMetrics()
     batcher = _batcher_for(models, settings, metrics)
+    in_flight = InFlight(settings.max_queue, settings.return_memory)
+    metrics.in_flight.set_function(lambda: in_flight.count)
     # decoding and encoding images is CPU work too: a few threads at a time, so that a burst of uploads
     # neither starves the inference threads nor holds many decoded images at once
     codec_slots: list[anyio.CapacityLimiter] = []  # made in the lifespan, inside the server's event loop
@@ -169,47 +209,58 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
 
     app = FastAPI(title="fcnseg", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.batcher, app.state.metrics, app.state.models = settings, batcher, metrics, models
+    app.state.in_flight = in_flight
 
     _add_middleware(app, settings, metrics)
     _add_error_handlers(app, settings, metrics)
     require_key = _key_check(settings)
+    keyed = schema.errors(401) if settings.api_key else {}
 
     # -- endpoints ---------------------------------------------------------------------------------
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=schema.Health)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "models": list(models), "queue_depth": batcher.depth}
 
-    @app.get("/metrics", dependencies=[Depends(require_key)])
+    @app.get("/metrics", dependencies=[Depends(require_key)], response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}, **keyed})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    @app.get("/v1/models", dependencies=[Depends(require_key)], response_model=schema.ModelList, responses=keyed)
     async def list_models() -> dict[str, Any]:
         return {"default": default_model, "models": [model_info(n, s) for n, s in models.items()]}
 
-    @app.post("/v1/segment", dependencies=[Depends(require_key)])
+    @app.post("/v1/segment", dependencies=[Depends(require_key)], response_class=JSONResponse,
+              openapi_extra={"requestBody": schema.IMAGE_BODY},
+              responses={200: schema.SEGMENT_OK, **keyed,
+                         **schema.errors(400, 404, 408, 413, 415, 422, 500, 503, 504)})
     async def segment(request: Request,
                       model: str | None = Query(None, description="a loaded model's name (default: the first)"),
                       format: OutputFormat | None = Query(None, description="mask, overlay or json (default: by Accept)"),  # noqa: A002
                       uncertainty: bool = Query(False, description="JSON: add the normalised-entropy map as a PNG"),
                       include_mask: bool = Query(False, description="JSON: add the mask (palette PNG and raw ids)"),
                       alpha: float = Query(0.5, ge=0.0, le=1.0, description="overlay colour weight")) -> Response:
-        deadline = time.monotonic() + settings.timeout_s  # the whole request, upload and decoding included
+        start = time.monotonic()
+        deadline = start + settings.timeout_s  # the whole request, upload and decoding included
         name = model or default_model
         if name not in models:
-            raise ServeError(404, "unknown_model", f"no model {name!r}; loaded: {', '.join(models)}")
+            raise ServeError(404, "unknown_model", f"no model {clip(name)}; loaded: {', '.join(models)}")
         fmt = choose_format(format, request.headers.get("accept"))
-        batcher.check_capacity()  # refuse overload before reading and decoding the upload
-        data = await read_upload(request, settings.max_upload_bytes)
-        image = await in_codec_thread(decode_image, data, settings.max_pixels)
         want_probs = fmt is OutputFormat.json and uncertainty
-        key = (name, image.size, want_probs)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded(f"the upload alone took longer than {settings.timeout_s:g} s")
-        pred = await batcher.submit(key, image, left)
-        return await in_codec_thread(render, fmt, name, models[name], image, pred, alpha, include_mask)
+        batcher.check_capacity()  # refuse overload before reading and decoding the upload
+        with in_flight.place():  # from here to the answer this request holds one of --max-queue places
+            allowed = min(settings.body_timeout_s, deadline - time.monotonic())
+            async with read_upload(request, settings, allowed) as upload:
+                values = models[name].num_classes if want_probs else 1
+                image = await in_codec_thread(decode_image, upload, settings.max_pixels, values)
+            key = (name, image.size, want_probs)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"the upload alone took longer than {settings.timeout_s:g} s")
+            pred = await batcher.submit(key, image, left)
+            return await in_codec_thread(render, fmt, name, models[name], image, pred, alpha, include_mask)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -217,6 +268,34 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+class InFlight:
+    """Requests admitted and not yet answered, uploads included: at most ``limit`` at once (past that, 503
+    before a byte of the upload is read). With ``return_memory``, heap memory freed by a burst is handed
+    back to the OS when the last of them is answered."""
+
+    def __init__(self, limit: int, return_memory: bool = False) -> None:
+        self.limit, self.return_memory = limit, return_memory
+        self.count = 0
+        self._trimming = False
+
+    @contextmanager
+    def place(self):
+        if self.count >= self.limit:
+            raise QueueFull(f"{self.count} requests are already in flight (limit {self.limit})")
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count and self.return_memory and not self._trimming:
+                self._trimming = True  # one trim at a time, off the event loop (it walks the whole heap)
+                done = asyncio.get_running_loop().run_in_executor(None, return_freed_memory)
+                done.add_done_callback(self._trimmed)
+
+    def _trimmed(self, _fut) -> None:
+        self._trimming = False
 
 
 def _batcher_for(models: dict[str, Segmenter], settings: ServeSettings, metrics: ServeMetrics) -> MicroBatcher:
@@ -266,13 +345,22 @@ def _add_error_handlers(app: FastAPI, settings: ServeSettings, metrics: ServeMet
     @app.exception_handler(UploadError)
     async def on_upload_error(request: Request, exc: UploadError):
         metrics.rejects.labels(exc.code).inc()
-        return _error_response(exc.status, exc.code, exc.message)
+        # a body cut short or refused unread: close the connection rather than read the rest of it
+        unread = {"Connection": "close"} if exc.status in (408, 413) else None
+        return _error_response(exc.status, exc.code, exc.message, unread)
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request: Request, exc: ClientGone):
+        metrics.rejects.labels("client_disconnected").inc()
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s %s: %s disconnected during the upload, %s", request.method, request.url.path, client, exc)
+        return Response(status_code=499)  # nobody reads it; the server drops it
 
     @app.exception_handler(QueueFull)
     async def on_queue_full(request: Request, exc: QueueFull):
         metrics.rejects.labels("queue_full").inc()
         return _error_response(503, "queue_full", f"server busy: {exc}; retry later",
-                               {"Retry-After": str(settings.retry_after_s)})
+                               {"Retry-After": str(settings.retry_after_s), "Connection": "close"})
 
     @app.exception_handler(ShuttingDown)
     async def on_shutting_down(request: Request, exc: ShuttingDown):
@@ -289,7 +377,8 @@ def _add_error_handlers(app: FastAPI, settings: ServeSettings, metrics: ServeMet
         metrics.rejects.labels("invalid_request").inc()
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return _error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid value')}")
+        # neither part echoes the request's values; cut anyway, as every message that names client input
+        return _error_response(422, "invalid_request", f"{where[:80]}: {first.get('msg', 'invalid value')}"[:300])
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
@@ -303,51 +392,90 @@ def _add_error_handlers(app: FastAPI, settings: ServeSettings, metrics: ServeMet
 
 
 def _key_check(settings: ServeSettings):
-    """The dependency that refuses a request without ``settings.api_key`` (none set: every request passes)."""
+    """The dependency that refuses a request without ``settings.api_key`` (none set: every request passes).
+    With a key, the OpenAPI document names both ways to send it (its security schemes)."""
+    if settings.api_key is None:
+        def no_key() -> None:
+            return None
 
-    def require_key(request: Request) -> None:
-        if not settings.api_key:
-            return
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization") or ""
-        if not given and auth.lower().startswith("bearer "):
+        return no_key
+
+    from fastapi.security import APIKeyHeader, HTTPBearer
+
+    expected = settings.api_key.encode("utf-8")
+    as_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key given to fcnseg serve")
+    as_bearer = HTTPBearer(auto_error=False, description="the key given to fcnseg serve, as a bearer token")
+
+    def require_key(request: Request, _header=Depends(as_header), _bearer=Depends(as_bearer)) -> None:
+        # the header's bytes as sent (a UTF-8 key arrives as UTF-8 bytes; the parsed values above are
+        # latin-1 text), compared in constant time
+        raw = dict(request.headers.raw)
+        given = raw.get(b"x-api-key", b"")
+        auth = raw.get(b"authorization", b"")
+        if not given and auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+        if not hmac.compare_digest(given, expected):
             raise ServeError(401, "unauthorized", "missing or wrong API key (send it as X-API-Key or "
                                                   "Authorization: Bearer)", {"WWW-Authenticate": "Bearer"})
 
     return require_key
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    """The image bytes of a multipart upload (its first file) or of a raw body, never more than ``limit``."""
+@asynccontextmanager
+async def read_upload(request: Request, settings: ServeSettings, allowed_s: float):
+    """The image of a multipart upload (its first file) or of a raw body, as a binary file rewound to its
+    start: never more than ``settings.max_upload_bytes`` (413), all of it within ``allowed_s`` seconds
+    (408), in memory up to ``settings.spool_bytes`` and in a temporary file beyond; closed on exit."""
+    limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     envelope = limit + (MULTIPART_SLACK if ctype == "multipart/form-data" else 0)
     if declared is not None:
         try:
-            too_big = int(declared) > envelope
+            declared = int(declared)
         except ValueError:
             raise UploadError(400, "bad_request", "Content-Length is not a number") from None
-        if too_big:  # refuse before reading a byte
-            raise UploadError(413, "upload_too_large", f"upload of {declared} bytes is larger than the limit "
-                                                       f"of {limit} bytes")
-    if ctype != "multipart/form-data":
-        return await read_limited(request.stream(), limit)
-    parser = MultiPartParser(request.headers, limited_stream(request.stream(), envelope), max_files=1, max_fields=8,
-                             max_part_size=64 << 10)
+        if declared > envelope:  # refuse before reading a byte
+            raise UploadError(413, "upload_too_large", f"upload of {declared} bytes is larger than the "
+                                                       f"limit of {limit} bytes")
+    received = [0]
+    form = None
     try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        raise UploadError(400, "bad_multipart", f"malformed multipart upload ({e.message})") from None
+        with anyio.fail_after(allowed_s):
+            if ctype != "multipart/form-data":
+                upload = await spool_limited(request.stream(), limit, settings.spool_bytes, received)
+            else:
+                # starlette spools each file part to a temporary file above 1 MB itself
+                parser = MultiPartParser(request.headers, limited_stream(request.stream(), envelope, received),
+                                         max_files=1, max_fields=8, max_part_size=64 << 10)
+                try:
+                    form = await parser.parse()
+                except MultiPartException as e:
+                    raise UploadError(400, "bad_multipart", f"malformed multipart upload ({clip(e.message, 120)})") \
+                        from None
+                files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+                if not files:
+                    raise UploadError(400, "missing_image", "the multipart upload holds no file; send the image as a "
+                                                            "file field (e.g. -F image=@photo.jpg)")
+                if (files[0].size or 0) > limit:
+                    raise too_large(limit)
+                upload = files[0].file
+                upload.seek(0)
+    except BaseException as e:
+        if form is not None:
+            await form.close()
+        of = f"{received[0]} of {declared if declared is not None else 'an unstated number of'} bytes"
+        if isinstance(e, TimeoutError):
+            flag = "--body-timeout" if settings.body_timeout_s <= settings.timeout_s else "--timeout"
+            raise UploadError(408, "body_timeout", f"the upload did not arrive within {allowed_s:.3g} s ({of} came; "
+                                                   f"{flag} sets the limit)") from None
+        if isinstance(e, ClientDisconnect):
+            raise ClientGone(f"after {of}") from None
+        raise
     try:
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not files:
-            raise UploadError(400, "missing_image", "the multipart upload holds no file; send the image as a file "
-                                                    "field (e.g. -F image=@photo.jpg)")
-        data = await files[0].read(limit + 1)
-        if len(data) > limit:
-            raise UploadError(413, "upload_too_large", f"upload is larger than the limit of {limit} bytes")
-        return data
+        yield upload
     finally:
-        await form.close()
+        if form is not None:
+            await form.close()
+        else:
+            upload.close()

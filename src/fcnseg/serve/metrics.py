@@ -10,7 +10,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class ServeMetrics:
-    """Requests by endpoint and status, latency, queue depth, batch sizes and rejects by reason."""
+    """Requests by endpoint and status, latency, requests in flight, queue depth, batch sizes and rejects by reason."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -18,6 +18,8 @@ class ServeMetrics:
                                 registry=self.registry)
         self.latency = Histogram("fcnseg_request_latency_seconds", "time to answer a request", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("fcnseg_requests_in_flight", "segmentation requests admitted and not yet answered, "
+                               "uploads included (at most --max-queue)", registry=self.registry)
         self.queue_depth = Gauge("fcnseg_queue_depth", "segmentation requests waiting or running",
                                  registry=self.registry)
         self.batch_size = Histogram("fcnseg_batch_size", "images per inference batch",
