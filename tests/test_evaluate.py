@@ -104,10 +104,10 @@ def test_an_exported_onnx_model_scores_like_its_checkpoint(trained, tmp_path):
     assert _evaluate(data, onnx_path, "--amp") == 1  # ONNX Runtime runs the float32 graph only: refused
 
 
+@pytest.mark.openvino
 def test_openvino_scores_in_bf16_inference_precision(trained, tmp_path, capsys):
     """``--backend openvino --dtype bfloat16`` scores the exported file in OpenVINO's bf16 inference precision
     (the fast path on CPUs with bf16 units), so its mean IU can be compared with float32's before it is used."""
-    pytest.importorskip("openvino")
     data, run, _ = trained
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(onnx_path),

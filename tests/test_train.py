@@ -160,6 +160,27 @@ def test_accumulation_matches_a_larger_batch():
     assert torch.allclose(results[0], results[1], atol=1e-6)
 
 
+def test_each_step_uses_only_its_own_batchs_gradients():
+    """Three optimiser steps in one epoch match three hand-written SGD steps, each from cleared gradients."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, 6, 6), torch.randint(0, 3, (6, 6, 6))
+    model, ref = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+    ref.load_state_dict(model.state_dict())
+    start = model.weight.detach().clone()
+    loader = [(x[i:i + 2], y[i:i + 2], torch.arange(i, i + 2)) for i in range(0, 6, 2)]
+    stats = train_one_epoch(model, loader, SegmentationLoss(reduction="sum"), torch.optim.SGD(model.parameters(), lr=0.1),
+                            device=torch.device("cpu"), options=StepOptions(progress=False))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for xb, yb, _ in loader:
+        opt.zero_grad()
+        (nn.functional.cross_entropy(ref(xb), yb, reduction="sum") / len(xb)).backward()
+        opt.step()
+    assert stats.steps == 3
+    assert not torch.allclose(model.weight, start)
+    torch.testing.assert_close(model.weight, ref.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bias, ref.bias, rtol=1e-5, atol=1e-6)
+
+
 def test_collate_explains_size_mismatch():
     from fcnseg.errors import FcnsegError
 
