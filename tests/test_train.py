@@ -205,7 +205,8 @@ def test_train_then_evaluate(tiny, data, tmp_path, capsys):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == 12
-    assert all(0 <= r["val"]["mean_iou"] <= 1 for r in rows)
+    # three epochs are too few to move the validation scores (test_overfit.py shows that they rise); the loss falls
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     version = json.loads((run / "version.json").read_text())
     assert version["fcnseg"] and "command" in version
 
@@ -221,8 +222,11 @@ def test_train_then_evaluate(tiny, data, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "mean IU" in table and "square" in table
     scores = json.loads(out_json.read_text())
-    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
-        assert 0.0 <= scores[key] <= 1.0
+    # the scores are the confusion matrix's (rows: ground truth): pixel accuracy, and mean IU over present classes
+    cm = torch.tensor(scores["confusion_matrix"], dtype=torch.float64)
+    assert scores["pixel_accuracy"] == pytest.approx(float(cm.diag().sum() / cm.sum()))
+    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag())
+    assert scores["mean_iou"] == pytest.approx(float(iou[~iou.isnan()].mean()))
     assert [c["name"] for c in scores["per_class"]] == ["background", "square", "disc"]
     assert {"name", "iou", "accuracy", "gt_pixels", "pred_pixels"} <= set(scores["per_class"][0])
     # the evaluation at original resolution (2 images of 32x40, first row void) matches the last validation
@@ -234,6 +238,7 @@ def test_train_then_evaluate(tiny, data, tmp_path, capsys):
 def test_same_seed_same_weights_and_a_fresh_run_refuses_an_existing_one(tiny, data, tmp_path):
     """Precision is set (--no-amp): amp auto decides by timing, and on a busy machine with bf16 units two runs
     of one command can time differently (this test's first run once chose bf16 from 0.43 s float32 steps)."""
+    from fcnseg import build_model
     from fcnseg.cli import main
 
     def train(out, seed, workers=0):
@@ -245,6 +250,9 @@ def test_same_seed_same_weights_and_a_fresh_run_refuses_an_existing_one(tiny, da
 
     a, b, c = train(tmp_path / "a", 1), train(tmp_path / "b", 1), train(tmp_path / "c", 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(1)  # two equal runs prove something only if training moved the weights: the backbone learns
+    start = build_model("tiny_fcn8s", num_classes=3).state_dict()
+    assert not any(torch.equal(a[k], start[k]) for k in a if k.startswith("backbone") and k.endswith("weight"))
     assert not all(torch.equal(a[k], c[k]) for k in a)
     # augmentation is seeded per sample, so even the number of loader workers does not matter
     d = train(tmp_path / "d", 1, workers=2)
