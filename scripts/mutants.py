@@ -5,9 +5,9 @@ replaces it, a one-line description and the tests that must catch it (pytest nod
 The working tree is never touched: every worker copies ``src/`` to a temporary folder, writes one mutated file
 there, runs the tests with ``PYTHONPATH`` on the copy (``-x``, a time cap per mutant) and puts the file back.
 
-Prints one line per mutant (killed, SURVIVED, ANCHOR-MISSING or ERROR) and ``N of M killed`` last; exits 1 when
-any mutant survives, any anchor does not match exactly once, or a test run errs (exit codes other than
-0 and 1, e.g. no tests collected).
+Prints one line per mutant (killed, SURVIVED, ANCHOR-MISSING, TIMEOUT or ERROR) and ``N of M killed`` last;
+exits 1 unless every mutant is killed: one that survives, an anchor that does not match exactly once, a run over
+the time cap or a test run that errs (pytest exit codes other than 0 and 1, e.g. no tests collected) all fail.
 
     python scripts/mutants.py                 # all, two at a time
     python scripts/mutants.py -k optimizer    # mutants whose name or description contains 'optimizer'
@@ -84,8 +84,8 @@ def run_one(m: Mutant, src: Path, timeout: float, extra: list[str]) -> tuple[str
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "killed", f"timed out after {timeout:.0f} s", time.monotonic() - t0
+    except subprocess.TimeoutExpired:  # not counted as killed: these bugs do not hang, the selection is too slow
+        return "TIMEOUT", f"over {timeout:.0f} s: narrow its tests or raise --timeout", time.monotonic() - t0
     finally:
         path.write_text(original)
     seconds = time.monotonic() - t0
