@@ -11,6 +11,7 @@ the time cap or a test run that errs (pytest exit codes other than 0 and 1, e.g.
 
     python scripts/mutants.py                 # all, two at a time
     python scripts/mutants.py -k optimizer    # mutants whose name or description contains 'optimizer'
+    python scripts/mutants.py -k golden -- -v # options it does not know go to pytest
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", type=Path, default=DEFAULT_LIST, help="the TOML list of mutants")
     ap.add_argument("-k", dest="select", default="", help="run only mutants whose name or description has this")
     ap.add_argument("-j", "--jobs", type=int, default=2, help="mutants run at once (each on one thread)")
-    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant before it counts as killed")
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant; a run over it fails as TIMEOUT")
     ap.add_argument("--check", action="store_true", help="only check that every anchor matches exactly once")
     args, extra = ap.parse_known_args(argv)
     mutants = [m for m in load(args.list) if args.select in m.name or args.select in m.why]
