@@ -11,7 +11,7 @@ the time cap or a test run that errs (pytest exit codes other than 0 and 1, e.g.
 
     python scripts/mutants.py                 # all, two at a time
     python scripts/mutants.py -k optimizer    # mutants whose name or description contains 'optimizer'
-    python scripts/mutants.py -k golden -- -v # options it does not know go to pytest
+    python scripts/mutants.py -k golden -v    # options it does not know go to pytest
 """
 from __future__ import annotations
 
