@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow test-all clean chromium
+.PHONY: venv demo test test-slow test-all mutants clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,9 @@ demo: $(STAMP)
 chromium:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-# the default run skips tests marked slow (pyproject addopts: -m 'not slow'); CI runs both groups (.ci/run)
+# the default run skips tests marked slow (pyproject addopts: -m 'not slow'); CI runs both groups (.ci/run).
+# Every optional part (OpenVINO, Playwright with Chromium, torchfcn) is installed, so none of their tests skips;
+# -ra lists any skip with its reason and the last line counts them.
 test: $(STAMP) chromium
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
@@ -34,6 +36,11 @@ test: $(STAMP) chromium
 # collected", would mean nothing is marked slow any more: it fails, as it should)
 test-slow: $(STAMP) chromium
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m slow
+
+# the mutation check: each curated one-line bug of scripts/mutants.toml, applied to a temporary copy of src/,
+# must make its tests fail; two at a time, one thread each, at most 240 s per mutant (within 15 minutes on 2 cores)
+mutants: $(STAMP)
+	$(PY) scripts/mutants.py --jobs 2
 
 test-all: $(STAMP) chromium
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m ''

@@ -2,6 +2,8 @@
 a tiny folder dataset and a fresh run directory (the helpers behind them live in tiny_models.py)."""
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -9,6 +11,28 @@ import pytest
 import torch
 
 from tiny_models import make_folder_dataset, random_image, tiny_checkpoint, tiny_models_registered
+
+
+# one marker per optional part (registered in pyproject.toml): a marked test skips, with the reason and the fix,
+# where the part is missing. CI (`make test`) installs all of them, so nothing is skipped there.
+OPTIONAL = {
+    "openvino": ("openvino", "pip install openvino: the 'openvino' extra"),
+    "browser": ("playwright.sync_api", "pip install playwright, then `make chromium`"),
+    "torchfcn": ("torchfcn", "pip install --no-deps torchfcn==1.9.7"),
+}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker, (module, fix) in OPTIONAL.items():
+        if item.get_closest_marker(marker) is None:
+            continue
+        if marker == "torchfcn":  # importing torchfcn itself needs its chainer-based 'fcn' (the tests stub it)
+            if importlib.util.find_spec(module) is None:
+                pytest.skip(f"{marker}: {module} is not installed ({fix})")
+        else:
+            pytest.importorskip(module, reason=f"{marker}: {module} is not installed ({fix})")
+        if marker == "browser" and not (shutil.which("chromium") or Path("/usr/bin/chromium").exists()):
+            pytest.skip("browser: Chromium is not installed (`make chromium`)")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from fcnseg import build_model
 from fcnseg.benchmark import RESULT_KEYS, benchmark, count_flops, format_results
 from fcnseg.cli import main
 
@@ -19,11 +20,14 @@ def test_count_flops_of_a_convolution():
 def test_benchmark_runs_in_a_fresh_process():
     r = benchmark({"model": "fcn32s_googlenet", "size": [64, 80], "warmup": 1, "iters": 2, "threads": 1,
                    "num_classes": 3}, env={"OMP_NUM_THREADS": "1"})
-    for key in RESULT_KEYS:
-        assert isinstance(r[key], float) and r[key] > 0, key
-    assert r["latency_ms_p95"] >= r["latency_ms_median"]
+    assert set(RESULT_KEYS) <= set(r)
+    # what the child computed, recomputed here: the FLOPs of this model at this size, and the rates from the median
+    want_gflops = count_flops(build_model("fcn32s_googlenet", num_classes=3).eval(), torch.zeros(1, 3, 64, 80)) / 1e9
+    assert r["gflops_per_batch"] == pytest.approx(want_gflops, rel=1e-9) and want_gflops > 1
+    assert r["latency_ms_min"] <= r["latency_ms_median"] <= r["latency_ms_p95"] and r["latency_ms_min"] > 0
     assert r["images_per_second"] == pytest.approx(1000 / r["latency_ms_median"])
-    assert r["gflops_per_batch"] > 1 and r["threads"] == 1 and r["size"] == [64, 80]
+    assert r["gflops_per_second"] == pytest.approx(want_gflops * 1000 / r["latency_ms_median"])
+    assert r["iters"] == 2 and r["threads"] == 1 and r["size"] == [64, 80] and r["batch"] == 1
     # the weights alone (24 MB in float32) are resident during inference, and counted
     assert r["peak_memory_mb"] > 20
     assert "clear_refs" in r["peak_memory_method"] or "ru_maxrss" in r["peak_memory_method"]

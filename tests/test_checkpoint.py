@@ -63,6 +63,17 @@ def test_half_precision_storage_loads_as_float32(model, tmp_path):
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weights_are_stored_in_the_asked_dtype(model, tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    path = save_checkpoint(model, tmp_path / "w.safetensors", dtype=dtype)
+    stored = load_file(str(path))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {dtype}
+    want = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    assert all(torch.equal(stored[k], want[k]) for k in want)
+
+
 def test_mistakes_are_fcnseg_errors(model, tmp_path):
     with pytest.raises(FcnsegError, match="no such checkpoint file"):
         fcnseg.load_checkpoint(tmp_path / "missing.safetensors")

@@ -183,7 +183,7 @@ def test_torchfcn_state_dict_gives_the_same_logits(variant, weights):
 
 
 @pytest.mark.slow  # two more VGG16-sized nets
-@pytest.mark.skipif(TORCHFCN is None, reason="torchfcn is not installed (pip install --no-deps torchfcn)")
+@pytest.mark.torchfcn
 def test_the_mirror_is_torchfcn(weights):
     for variant in ARCH_OF:
         with torch.device("meta"):

@@ -13,6 +13,7 @@ from PIL import Image
 from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.cli import main
 from fcnseg.data import DataFileError, build_dataset, build_transforms, list_datasets
+from fcnseg.data.base import IGNORE_INDEX
 from fcnseg.data.checks import check_dataset, load_class_weights, median_frequency_weights
 from fcnseg.errors import FcnsegError
 
@@ -262,6 +263,18 @@ def test_flip_and_jitter_are_paired_exactly():
         assert flipped or torch.equal(y, torch.from_numpy(np.array(mask)).long())
         # jitter changes colours but never which class a block shows (the blocks are far apart in colour)
         assert (classes_from_image(x, table) == y).float().mean() > 0.9
+
+
+def test_the_training_crop_pads_masks_with_the_ignore_index_and_images_with_zero():
+    image = Image.fromarray(np.full((20, 30, 3), 200, np.uint8))
+    mask = Image.fromarray(np.ones((20, 30), np.uint8))
+    t = build_transforms("folder", train=True, crop_size=(40, 50), scale_range=(1.0, 1.0), flip=False, jitter=0)
+    x, m = t(image, mask)
+    assert x.shape == (3, 40, 50) and m.shape == (40, 50)
+    assert int((m == 1).sum()) == 20 * 30 and int((m == IGNORE_INDEX).sum()) == 40 * 50 - 20 * 30
+    pad = m == IGNORE_INDEX
+    black = (torch.zeros(3) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(x[:, pad], black[:, None].expand(3, int(pad.sum())))
 
 
 def test_eval_preset_keeps_resolution_and_presets_exist():

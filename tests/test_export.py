@@ -126,6 +126,7 @@ def test_onnxruntime_backend_needs_an_onnx_file(exported):
 
 # -- OpenVINO ---------------------------------------------------------------------------------------
 
+@pytest.mark.openvino
 def test_openvino_backend_matches_the_eager_model(exported, tmp_path, capsys):
     """The same exported file run by OpenVINO: the eager model's logits at any size, the record from the file's
     metadata, compiled forms kept for the newest shapes only, and predict's masks equal to torch's."""
@@ -157,6 +158,7 @@ def test_openvino_backend_matches_the_eager_model(exported, tmp_path, capsys):
         OpenVinoModel(broken)
 
 
+@pytest.mark.openvino
 def test_openvino_opens_in_the_asked_precision(exported, tmp_path):
     """dtype bfloat16 opens an ONNX file in OpenVINO's bf16 inference precision (where the CPU has bf16 units, the
     compiled model says bf16 and its logits differ slightly from float32's); ONNX Runtime refuses it in one line.
@@ -294,6 +296,7 @@ def test_int8_only_some_layers(exported, tmp_path):
     assert not (tmp_path / "none.onnx").exists()
 
 
+@pytest.mark.openvino
 def test_int8_model_runs_in_openvino_as_in_onnx_runtime(int8_export):
     from fcnseg.export import OpenVinoModel
 

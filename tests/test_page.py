@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import sync_playwright
 
 from fcnseg.cli import main
 from fcnseg.inference import Segmenter
@@ -46,6 +45,8 @@ def site(assets):
 def browser():
     if not shutil.which(CHROMIUM):
         pytest.fail(f"no Chromium at {CHROMIUM}: run `make chromium` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright  # the browser marker skips without it
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b

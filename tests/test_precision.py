@@ -224,11 +224,11 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(setup, tmp_path, cap
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.openvino
 def test_onnx_bfloat16_export_is_gated_as_openvino_runs_it(setup, capsys):
     """--format onnx --dtype bfloat16 writes the float32 graph with a record saying bf16, and gates it as OpenVINO
     runs it in bf16 inference precision: on a CPU with bf16 units the fragile fc7 loses its signal there too, so
     the export is refused (file kept); elsewhere OpenVINO computes in float32 and the file passes unchanged."""
-    pytest.importorskip("openvino")
     pytest.importorskip("onnxscript")
     from fcnseg.export import onnx_record
     from fcnseg.optimize import native_bf16_cpu
@@ -273,10 +273,10 @@ def test_int8_export_is_gated_by_mean_iu(setup, capsys):
 
 
 @pytest.mark.slow  # an ONNX export, an int8 quantization and two OpenVINO compilations, in children
+@pytest.mark.openvino
 def test_int8_gate_scores_in_the_backend_asked_for(setup):
     """--gate-backend openvino: the gate's candidate mean IU is the one 'fcnseg evaluate --backend openvino' gives
     for the written file (OpenVINO's int8 kernels are not ONNX Runtime's)."""
-    pytest.importorskip("openvino")
     pytest.importorskip("onnxscript")
     tmp, ckpt, _ = setup
     out, data = tmp / "int8-ov.onnx", tmp / "data"

@@ -237,6 +237,40 @@ def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairs():
         assert torch.equal(crossed(x), before)
 
 
+def test_fold_batchnorm_uses_the_layers_eps():
+    """A large eps (0.1) makes leaving it out visible: the folded net must still give the BatchNorm's output."""
+    from fcnseg.inference import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, eps=0.1)).eval()
+    net[1].running_var.uniform_(0.2, 0.5)
+    net[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(1, 3, 12, 16)
+    with torch.no_grad():
+        before = net(x)
+        assert fold_batchnorm(net) == 1
+        assert isinstance(net[1], nn.Identity)
+        torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_in_training_mode_is_segmented_in_eval_mode_and_left_as_it_was():
+    """Dropout off and batch norm on its running statistics whatever mode the caller's model is in: the masks are
+    the eval-mode model's, and the caller's model stays in training mode."""
+    model = tiny_model(5)
+    with torch.no_grad():
+        model.fc.fc6.weight.normal_(0, 0.5)  # fc6 feeds the scores, so dropout after it would change them
+        model.score_fr.weight.normal_(0, 0.5)
+    model.train()
+    image = random_image(64, 80, 3)
+    masks = [Segmenter(model, mean=(0.5,) * 3, std=(0.25,) * 3)(image) for _ in range(2)]
+    assert model.training and model.fc.drop6.training
+    x = (torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        want = model.eval()(x).argmax(1)[0].numpy()
+    assert np.array_equal(masks[0], want) and np.array_equal(masks[1], want)
+    assert len(np.unique(want)) > 1
+
+
 def test_the_tta_module_gives_the_segmenters_probabilities():
     """evaluate --flip/--scales and Segmenter share one averaging: same probabilities for the same image."""
     from fcnseg.inference import TestTimeAugmentation

@@ -160,6 +160,27 @@ def test_accumulation_matches_a_larger_batch():
     assert torch.allclose(results[0], results[1], atol=1e-6)
 
 
+def test_each_step_uses_only_its_own_batchs_gradients():
+    """Three optimiser steps in one epoch match three hand-written SGD steps, each from cleared gradients."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, 6, 6), torch.randint(0, 3, (6, 6, 6))
+    model, ref = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+    ref.load_state_dict(model.state_dict())
+    start = model.weight.detach().clone()
+    loader = [(x[i:i + 2], y[i:i + 2], torch.arange(i, i + 2)) for i in range(0, 6, 2)]
+    stats = train_one_epoch(model, loader, SegmentationLoss(reduction="sum"), torch.optim.SGD(model.parameters(), lr=0.1),
+                            device=torch.device("cpu"), options=StepOptions(progress=False))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for xb, yb, _ in loader:
+        opt.zero_grad()
+        (nn.functional.cross_entropy(ref(xb), yb, reduction="sum") / len(xb)).backward()
+        opt.step()
+    assert stats.steps == 3
+    assert not torch.allclose(model.weight, start)
+    torch.testing.assert_close(model.weight, ref.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bias, ref.bias, rtol=1e-5, atol=1e-6)
+
+
 def test_collate_explains_size_mismatch():
     from fcnseg.errors import FcnsegError
 
@@ -184,7 +205,8 @@ def test_train_then_evaluate(tiny, data, tmp_path, capsys):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == 12
-    assert all(0 <= r["val"]["mean_iou"] <= 1 for r in rows)
+    # three epochs are too few to move the validation scores (test_overfit.py shows that they rise); the loss falls
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     version = json.loads((run / "version.json").read_text())
     assert version["fcnseg"] and "command" in version
 
@@ -200,8 +222,11 @@ def test_train_then_evaluate(tiny, data, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "mean IU" in table and "square" in table
     scores = json.loads(out_json.read_text())
-    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
-        assert 0.0 <= scores[key] <= 1.0
+    # the scores are the confusion matrix's (rows: ground truth): pixel accuracy, and mean IU over present classes
+    cm = torch.tensor(scores["confusion_matrix"], dtype=torch.float64)
+    assert scores["pixel_accuracy"] == pytest.approx(float(cm.diag().sum() / cm.sum()))
+    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag())
+    assert scores["mean_iou"] == pytest.approx(float(iou[~iou.isnan()].mean()))
     assert [c["name"] for c in scores["per_class"]] == ["background", "square", "disc"]
     assert {"name", "iou", "accuracy", "gt_pixels", "pred_pixels"} <= set(scores["per_class"][0])
     # the evaluation at original resolution (2 images of 32x40, first row void) matches the last validation
@@ -215,15 +240,18 @@ def test_same_seed_same_weights_and_a_fresh_run_refuses_an_existing_one(tiny, da
     of one command can time differently (this test's first run once chose bf16 from 0.43 s float32 steps)."""
     from fcnseg.cli import main
 
-    def train(out, seed, workers=0):
-        assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "2",
-                     "--batch-size", "3", "--lr", "0.01", "--crop-size", "24", "24", "--workers", str(workers),
+    def train(out, seed, workers=0, epochs=2):
+        assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data),
+                     "--epochs", str(epochs), "--batch-size", "3", "--lr", "0.01", "--crop-size", "24", "24", "--workers", str(workers),
                      "--seed", str(seed), "--val-split", "none", "--loss-sample", "0.5", "--no-progress",
                      "--no-amp", "--out", str(out)]) == 0
         return read_weights(out / "checkpoints" / "last.safetensors")
 
     a, b, c = train(tmp_path / "a", 1), train(tmp_path / "b", 1), train(tmp_path / "c", 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # two equal runs prove something only if training moves the weights: one epoch fewer ends elsewhere
+    e = train(tmp_path / "e", 1, epochs=1)
+    assert not any(torch.equal(a[k], e[k]) for k in a if k.startswith("backbone") and k.endswith("weight"))
     assert not all(torch.equal(a[k], c[k]) for k in a)
     # augmentation is seeded per sample, so even the number of loader workers does not matter
     d = train(tmp_path / "d", 1, workers=2)

@@ -58,6 +58,15 @@ def test_the_switch_is_where_the_channels_are_strongest_together():
     assert pool.switches[0].flatten().tolist() == [3]  # sums: 5, 3, 0, 6
 
 
+def test_the_switch_counts_negative_responses_by_their_size():
+    """Features before a ReLU (or after batch norm) are signed: a strong negative response is strong too."""
+    a = torch.tensor([[-6., 1.], [0., 0.]])
+    b = torch.tensor([[-2., 1.], [0., 0.]])  # signed sums: -8, 2, 0, 0; sizes: 8, 2, 0, 0
+    pool = SwitchMaxPool2d(2)
+    pool(torch.stack([a, b])[None])
+    assert pool.switches[0].flatten().tolist() == [0]
+
+
 def test_ceil_mode_and_overlapping_pools_unpool_to_the_input_size():
     for pool in (SwitchMaxPool2d(2, ceil_mode=True), SwitchMaxPool2d(3, 2, 1)):
         x = torch.randn(1, 4, 7, 9)

@@ -11,6 +11,15 @@ from fcnseg.visualize import colorize, overlay
 COLORS = [[10, 20, 30], [200, 100, 0], [0, 0, 255]]
 
 
+def test_the_default_palette_is_the_voc_colour_map():
+    from fcnseg.checkpoint import default_palette
+
+    voc = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
+           [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0], [192, 128, 0], [64, 0, 128], [192, 0, 128],
+           [64, 128, 128], [192, 128, 128], [0, 64, 0], [128, 64, 0], [0, 192, 0], [128, 192, 0], [0, 64, 128]]
+    assert default_palette(21) == voc
+
+
 def test_colorize_colours_ids_and_blacks_out_ignored_and_unknown_ids():
     mask = np.array([[0, 1, 2], [255, 7, 1]])
     rgb = colorize(mask, COLORS)
