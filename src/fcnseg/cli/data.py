@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..data.download import DEFAULT_LIMITS
 from ..errors import show_path
+from . import hold_output
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -126,6 +127,7 @@ def _identity(image, mask):
 def run_import(args: argparse.Namespace) -> int:
     from ..data.importers import import_annotations
 
+    hold_output(args, args.out)  # one import per folder: a second is refused, not mixed in
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     report = import_annotations(args.fmt, args.src, args.out, images=args.images, background=args.background,
                                 unlabelled=args.unlabelled, classes=classes, val_fraction=args.val_fraction,

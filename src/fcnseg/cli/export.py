@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import hold_output
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript and check it against the model",
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from .predict import check_checkpoint_name
 
     output_file(args.out, what="--out")
+    hold_output(args, args.out)  # one writer per file
     check_checkpoint_name(args.checkpoint)
     check_precision_arguments(args)
     if args.int8 or args.calibrate or args.int8_layers or args.int8_weight_bits:

@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..data.io import IMAGE_SUFFIXES
 from ..errors import printable, show_path
+from . import hold_output
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize import overlay, palette_image
 
     out: Path = output_dir(args.out, what="--out")  # before the model loads
+    hold_output(args, out)  # one writer per folder
     files, problems = expand_inputs(args.inputs)
     if not any(f.is_file() for f in files):  # inputs too are checked before the model loads
         for msg in problems:

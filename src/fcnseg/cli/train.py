@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..config import AMP_DTYPES, ON_NONFINITE, OPTIMIZERS, REDUCTIONS, SCHEDULES
+from . import hold_output
 
 # flag -> (config key, argparse keywords); every flag defaults to None so only given flags override
 FLAGS: dict[str, tuple[str, dict]] = {
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     warn_untrained_vgg(cfg)
+    hold_output(args, cfg.out, "--resume" if args.resume else "--out")  # one run writes a run directory
     if cfg.dataset == "folder" and not args.resume:
         from ..data.folder import split_source
 
