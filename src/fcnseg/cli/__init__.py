@@ -64,6 +64,12 @@ class _LogFormat(logging.Formatter):
         return f"fcnseg: warning: {msg}" if record.levelno >= logging.WARNING else msg
 
 
+def add_progress_argument(p: argparse.ArgumentParser, default: str = "when stderr is a terminal") -> None:
+    """The one progress flag of every command: --progress/--no-progress (None when neither is given)."""
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"progress bar (default: {default}); --no-progress: none")
+
+
 def hold_output(args: argparse.Namespace, path, what: str = "--out") -> None:
     """Take the lock of the output ``path`` for the rest of the command (one writer per output; see
     fcnseg.lock): a second writer is refused in one line naming the holder; a dead holder's lock is taken over
