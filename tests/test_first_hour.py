@@ -360,3 +360,23 @@ def test_out_at_a_dangling_symlink_says_so(tmp_path, tiny_ckpt, image_folder, ca
     line = error_line(capsys)
     assert line == (f"fcnseg: error: --out {link}: a symlink to {tmp_path / 'gone' / 'target'}, which does not exist; "
                     f"create its target or remove the link")  # before: "could not write (File exists)"
+
+
+# ---- set-up: README about Chromium, pyproject's licence ------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_says_make_test_installs_chromium_as_the_makefile_does():
+    makefile = (REPO / "Makefile").read_text()
+    assert "apt-get install -y chromium" in makefile and "\ntest: $(STAMP) chromium" in makefile
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "Both need only `python3`" not in readme  # before: make test said to need nothing else
+    assert "`make test` (and `test-slow`, `test-all`) also needs Chromium" in readme and "apt-get" in readme
+
+
+def test_pyproject_licence_is_an_spdx_expression():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"  # the deprecated {text = ...} table warned on every install
+    assert any(r.startswith("setuptools>=77") for r in project["build-system"]["requires"])
