@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
 
     from .predict import check_checkpoint_name
 
-    check_checkpoint_name(args.checkpoint)  # a typo is named as such, before the dataset flags are asked for
     if args.dense is None and args.dense_stride is not None:  # named as the flags are
         raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
     # before the model loads: a bad --json place must not cost a whole evaluation
@@ -66,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.json, what="--json")
     if args.confusion_png:
         output_file(args.confusion_png, what="--confusion-png")
+    check_checkpoint_name(args.checkpoint)  # a typo is named as such, before the dataset flags are asked for
     if args.threads:
         torch.set_num_threads(args.threads)
     scores = evaluate_checkpoint(
