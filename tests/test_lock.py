@@ -250,3 +250,16 @@ def test_two_trainings_into_one_run_directory(tmp_path):
     # the run directory is the first run's: its config, not the second's seed
     assert "seed: 0" in (run / "config.yaml").read_text()
     assert not lock_path(run).exists()
+
+
+def test_an_existing_folder_in_an_unwritable_parent_is_locked_inside(tmp_path, monkeypatch):
+    out = tmp_path / "home" / "me"
+    out.mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == out.parent else real_access(p, mode))
+    assert lock_path(out) == out / ".fcnseg-lock"  # --out ~: /home is not the user's to write
+    with OutputLock(out):
+        with pytest.raises(OutputLockedError):
+            OutputLock(out).acquire()
+    assert not (out / ".fcnseg-lock").exists()
+    assert lock_path(tmp_path / "home" / "new") == out.parent / ".new.fcnseg-lock"  # not a folder yet: beside it

@@ -23,8 +23,11 @@ class OutputLockedError(FcnsegError):
 
 def lock_path(output: str | os.PathLike) -> Path:
     """The lock file of ``output`` (a folder or a file): ``.NAME.fcnseg-lock`` beside it, so a folder that must
-    be new or empty stays so. Symlinks are followed, so two spellings of one output share one lock."""
+    be new or empty stays so; inside an existing folder whose parent cannot be written (``--out ~``).
+    Symlinks are followed, so two spellings of one output share one lock."""
     target = Path(os.path.abspath(output)).resolve()
+    if target.is_dir() and (target.parent == target or not os.access(target.parent, os.W_OK | os.X_OK)):
+        return target / ".fcnseg-lock"
     return target.parent / f".{target.name}.fcnseg-lock"
 
 
