@@ -309,9 +309,12 @@ def test_an_onnx_graph_of_another_size_is_one_line(tmp_path, image_folder, capsy
 
 # ---- finding 14: an ONNX record that disagrees with its graph --------------------------------------------------
 
-def test_onnx_whose_record_says_fewer_classes_than_the_graph_is_refused(tmp_path, image_folder, capsys):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_onnx_whose_record_says_fewer_classes_than_the_graph_is_refused(tmp_path, image_folder, capsys, backend):
     import onnx
 
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     from fcnseg.export import METADATA_KEY, export_onnx
 
     model = tiny_model(4)
@@ -327,7 +330,8 @@ def test_onnx_whose_record_says_fewer_classes_than_the_graph_is_refused(tmp_path
     record.update(num_classes=2, classes=record["classes"][:2], colors=record["colors"][:2])
     prop.value = json.dumps(record)
     onnx.save(m, str(path))
-    assert main(["predict", str(image_folder / "a.png"), "--checkpoint", str(path), "--out", str(tmp_path / "o")]) == 1
+    assert main(["predict", str(image_folder / "a.png"), "--checkpoint", str(path), "--backend", backend, "--out",
+                 str(tmp_path / "o")]) == 1
     line = error_line(capsys)
     assert line == (f"fcnseg: error: {path}: its record says 2 classes but the graph outputs 4 channels; the file "
                     f"was altered or mislabelled: export it again")

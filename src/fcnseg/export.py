@@ -372,7 +372,11 @@ class OpenVinoModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().contiguous().numpy()
         request = self._request(tuple(array.shape))
-        request.infer({0: array})
+        try:
+            request.infer({0: array})
+        except Exception as e:  # OpenVINO's own exception types, led by a source location line
+            raise FcnsegError(f"{self.path}: OpenVINO cannot run it on input {list(array.shape)} "
+                              f"({runtime_message(e)})") from None
         out = request.get_output_tensor(0).data.copy()
         _check_classes(self.path, self.record, out.shape[1] if out.ndim > 1 else None)
         return torch.from_numpy(out)
