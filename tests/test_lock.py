@@ -263,3 +263,21 @@ def test_an_existing_folder_in_an_unwritable_parent_is_locked_inside(tmp_path, m
             OutputLock(out).acquire()
     assert not (out / ".fcnseg-lock").exists()
     assert lock_path(tmp_path / "home" / "new") == out.parent / ".new.fcnseg-lock"  # not a folder yet: beside it
+
+
+def test_a_sigkilled_predict_leaves_a_lock_the_next_predict_takes_over(tmp_path, tiny_ckpt, image_folder):
+    launcher = write_launcher(tmp_path / "bin")
+    out = tmp_path / "masks"
+    argv = [sys.executable, str(launcher), "predict", str(image_folder), "--checkpoint", str(tiny_ckpt), "--out",
+            str(out)]
+    first = start(argv)
+    wait_for(lock_path(out), first)
+    os.kill(first.pid, signal.SIGKILL)  # no chance to release it
+    first.communicate(timeout=60)
+    assert json.loads(lock_path(out).read_text())["pid"] == first.pid
+    second = subprocess.run([*argv, "--overwrite"], env=env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert (f"fcnseg: --out {out}: taking over the lock of a process that is gone (PID {first.pid} is not running; "
+            f"PID {first.pid} on {socket.gethostname()}: fcnseg predict {image_folder}") in second.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "legend.png"]  # a folder: its own images
+    assert not lock_path(out).exists()

@@ -335,8 +335,11 @@ def check_checkpoint_name(checkpoint: str) -> None:
 
     path = Path(checkpoint)
     builtins = builtin_checkpoints()
-    if checkpoint in builtins or path.exists():
-        return
+    try:
+        if checkpoint in builtins or path.exists():
+            return
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file either
+        pass
     installed = ", ".join(builtins) or "none installed"
     if not any(c in checkpoint for c in "/\\."):  # a bare name: a built-in one
         close = difflib.get_close_matches(checkpoint, list(builtins), n=1, cutoff=0.6)
