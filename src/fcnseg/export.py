@@ -251,6 +251,23 @@ def require_runtime(module: str, extra: str):
         raise FcnsegError(f"the {module} backend needs {module}: pip install 'fcnseg[{extra}]'") from None
 
 
+def runtime_message(e: BaseException, limit: int = 300) -> str:
+    """A runtime's exception as one short line: OpenVINO's "Exception from src/...cpp:84:" location lines,
+    which come first and say nothing to a user, are dropped so that the reason itself is shown."""
+    lines = [ln.strip() for ln in str(e).splitlines()
+             if ln.strip() and not (ln.strip().startswith("Exception from ") and ln.strip().endswith(":"))]
+    text = " ".join(lines) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_classes(path: Path, record, outputs) -> None:
+    """A record that says K classes on a graph that scores another number is refused (masks with ids >= K)."""
+    said = record.get("num_classes") if record else None
+    if isinstance(said, int) and isinstance(outputs, int) and outputs != said:
+        raise FcnsegError(f"{path}: its record says {said} classes but the graph outputs {outputs} channels; the "
+                          f"file was altered or mislabelled: export it again")
+
+
 def _onnx_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -273,18 +290,31 @@ class OnnxRuntimeModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise FcnsegError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+            raise FcnsegError(f"{path}: ONNX Runtime cannot load it ({runtime_message(e)})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         # an exported file carries its checkpoint's record; a foreign ONNX file has none
         self.record: CheckpointRecord | dict[str, Any] = (
             CheckpointRecord.from_json(meta[METADATA_KEY], path) if METADATA_KEY in meta else {})
         self.input_name = self.session.get_inputs()[0].name
         shape = self.session.get_outputs()[0].shape
+        _check_classes(path, self.record, shape[1] if len(shape) > 1 else None)
         self.num_classes = int(self.record.get("num_classes") or (shape[1] if isinstance(shape[1], int) else 0))
         self.top_stride = int(self.record.get("top_stride", 32))
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # a foreign file may fix it
+        self.path = path
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
+        if self.fixed_batch is not None and x.shape[0] != self.fixed_batch and x.shape[0] % self.fixed_batch == 0:
+            # a graph with its batch size fixed (foreign exports often fix 1) runs the batch in pieces
+            return torch.cat([self(part) for part in x.split(self.fixed_batch)])
+        array = x.detach().float().cpu().contiguous().numpy()
+        try:
+            out = self.session.run(None, {self.input_name: array})[0]
+        except Exception as e:  # onnxruntime's own exception types: a shape the graph does not take
+            raise FcnsegError(f"{self.path}: ONNX Runtime cannot run it on input {list(array.shape)} "
+                              f"({runtime_message(e)})") from None
+        _check_classes(self.path, self.record, out.shape[1] if out.ndim > 1 else None)
         return torch.from_numpy(out)
 
 
@@ -311,13 +341,15 @@ class OpenVinoModel:
         try:
             self._model = self._core.read_model(str(path))
         except Exception as e:  # OpenVINO raises its own exception types for unreadable models
-            raise FcnsegError(f"{path}: OpenVINO cannot load it ({str(e).strip().splitlines()[0][:200]})") from None
+            raise FcnsegError(f"{path}: OpenVINO cannot load it ({runtime_message(e)})") from None
         self._config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self._shapes = max(1, int(shapes))
         self._requests: dict[tuple[int, ...], Any] = {}  # input shape -> infer request, oldest first
         out = self._model.output(0).get_partial_shape()
+        _check_classes(path, self.record, out[1].get_length() if out.rank.is_static and out.rank.get_length() > 1
+                       and out[1].is_static else None)
         self.num_classes = int(self.record.get("num_classes") or (out[1].get_length() if out[1].is_static else 0))
         self.top_stride = int(self.record.get("top_stride", 32))
         self.path = path
@@ -331,7 +363,7 @@ class OpenVinoModel:
                 request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
             except Exception as e:
                 raise FcnsegError(f"{self.path}: OpenVINO cannot run it on input {list(shape)} "
-                                  f"({str(e).strip().splitlines()[0][:200]})") from None
+                                  f"({runtime_message(e)})") from None
             while len(self._requests) >= self._shapes:
                 self._requests.pop(next(iter(self._requests)))
         self._requests[shape] = request  # the newest last
@@ -340,8 +372,14 @@ class OpenVinoModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().contiguous().numpy()
         request = self._request(tuple(array.shape))
-        request.infer({0: array})
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        try:
+            request.infer({0: array})
+        except Exception as e:  # OpenVINO's own exception types, led by a source location line
+            raise FcnsegError(f"{self.path}: OpenVINO cannot run it on input {list(array.shape)} "
+                              f"({runtime_message(e)})") from None
+        out = request.get_output_tensor(0).data.copy()
+        _check_classes(self.path, self.record, out.shape[1] if out.ndim > 1 else None)
+        return torch.from_numpy(out)
 
 
 def onnx_record(path: Path) -> CheckpointRecord | dict[str, Any]:

@@ -14,6 +14,7 @@ def output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """``path`` as a folder to write into: it is a folder (or can be created as one) in which files can be
     created. Creates nothing; raises a one-line ``FcnsegError`` naming ``what`` and the path otherwise."""
     path = Path(path)
+    _refuse_dangling(path, what)
     if path.exists() and not path.is_dir():
         raise FcnsegError(f"{what} {show_path(path)}: is a file, but a folder is needed; choose a folder name")
     _check_writable_folder(path if path.is_dir() else _nearest_existing(path, what), path, what)
@@ -24,6 +25,7 @@ def output_file(path: str | os.PathLike, what: str = "output file", overwrite: b
     """``path`` as a file to write: not a folder, not read-only, not existing unless ``overwrite``, in a folder
     that exists or can be created and in which files can be created. Creates nothing."""
     path = Path(path)
+    _refuse_dangling(path, what)
     if path.is_dir():
         raise FcnsegError(f"{what} {show_path(path)}: is a folder, but a file name is needed")
     if str(path).endswith(("/", os.sep)):
@@ -36,6 +38,13 @@ def output_file(path: str | os.PathLike, what: str = "output file", overwrite: b
     parent = path.parent
     _check_writable_folder(parent if parent.is_dir() else _nearest_existing(parent, what), path, what)
     return path
+
+
+def _refuse_dangling(path: Path, what: str) -> None:
+    """A symlink whose target is missing can be neither written through nor created ("File exists")."""
+    if path.is_symlink() and not path.exists():
+        raise FcnsegError(f"{what} {show_path(path)}: a symlink to {show_path(os.readlink(path))}, which does not "
+                          f"exist; create its target or remove the link")
 
 
 def _nearest_existing(path: Path, what: str) -> Path:

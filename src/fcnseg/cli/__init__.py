@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -63,9 +64,36 @@ class _LogFormat(logging.Formatter):
         return f"fcnseg: warning: {msg}" if record.levelno >= logging.WARNING else msg
 
 
+def add_progress_argument(p: argparse.ArgumentParser, default: str = "when stderr is a terminal") -> None:
+    """The one progress flag of every command: --progress/--no-progress (None when neither is given)."""
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"progress bar (default: {default}); --no-progress: none")
+
+
+def hold_output(args: argparse.Namespace, path, what: str = "--out") -> None:
+    """Take the lock of the output ``path`` for the rest of the command (one writer per output; see
+    fcnseg.lock): a second writer is refused in one line naming the holder; a dead holder's lock is taken over
+    with a message. Released when the command ends. In a distributed run only rank 0, the writer, holds it."""
+    from ..lock import OutputLock
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    lock = OutputLock(path, ["fcnseg", *getattr(args, "_argv", sys.argv[1:])], what=what,
+                      on_takeover=lambda m: print(f"fcnseg: {printable(m)}", file=sys.stderr))
+    stack = getattr(args, "_held", None)
+    if stack is None:  # run(args) called without main(): held until the interpreter exits
+        import atexit
+
+        atexit.register(lock.release)
+        lock.acquire()
+    else:
+        stack.enter_context(lock)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -79,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(), contextlib.ExitStack() as settings:
             warnings.showwarning = _one_line_warning
+            args._held = settings  # output locks (hold_output) are released here, however the command ends
             if args.command in FLUSH_DENORMAL:
                 from ..optimize import flush_denormal
 

@@ -16,19 +16,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="registered architecture (random weights), checkpoint, or .onnx file (onnxruntime or "
                         "openvino backend)")
-    p.add_argument("--size", type=int, nargs=2, default=(500, 500), metavar=("H", "W"))
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=int, nargs=2, default=(500, 500), metavar=("H", "W"), help="input height and width (default 500 500)")
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
                    help="onnxruntime or openvino: an .onnx file as is, or a model exported to a temporary ONNX file "
                         "first (openvino --dtype bfloat16: OpenVINO's bf16 inference precision)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations (default float32)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the default NCHW memory format")
     p.add_argument("--num-classes", type=int, default=21, help="classes for a registered architecture (default 21)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
+    p.add_argument("--iters", type=int, default=10, help="timed passes (default 10)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: PyTorch's choice)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     return p
 

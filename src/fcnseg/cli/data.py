@@ -8,13 +8,25 @@ from pathlib import Path
 
 from ..data.download import DEFAULT_LIMITS
 from ..errors import printable, show_path
+from . import add_progress_argument, hold_output
+
+# data rank: images larger than this are refused before they are read (a full-size probability map of K
+# classes costs 4 K bytes a pixel: 20 Mpx of 33 classes is 2.6 GB)
+RANK_MAX_PIXELS = 20_000_000
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("data", help="check, import (labelme, COCO, CVAT), rank by uncertainty, download datasets")
+    p = sub.add_parser("data", help="check, import (labelme, COCO, CVAT), rank by uncertainty, download datasets",
+                       description="Work on datasets: check a split, import a labelling tool's export as a folder "
+                                   "dataset, rank unlabelled images by the model's uncertainty, download a public "
+                                   "dataset. 'fcnseg data SUBCOMMAND --help' says more.")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
-    c = dsub.add_parser("check", help="read every image/mask pair, print one line per problem, then class weights")
+    c = dsub.add_parser("check", help="read every image/mask pair, print one line per problem, then class weights",
+                        description="Read every image/mask pair of a split and print one line per problem (unreadable "
+                                    "or truncated files, sizes that differ, labels out of range), then the pixel count "
+                                    "and frequency of each class and median-frequency class weights. Exit 1 when "
+                                    "there are problems.")
     c.add_argument("--dataset", required=True, help="dataset family (camvid, camvid32, siftflow, voc, nyudv2, folder)")
     c.add_argument("--root", required=True, type=Path, help="dataset root directory")
     c.add_argument("--split", required=True, help="split to scan, e.g. train, val, trainval")
@@ -23,7 +35,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--no-weights-json", action="store_true", help=argparse.SUPPRESS)  # old scripts: now the default
     c.add_argument("--ignore-value", type=int, default=None, metavar="V",
                    help="folder datasets: mask value V means 'not labelled' (e.g. 11 for CamVid-style void)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(c)
     c.set_defaults(_data=run_check)
 
     i = dsub.add_parser("import", help="turn a labelme, COCO or CVAT export into a folder dataset",
@@ -50,20 +62,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="follow image names that lead outside the export's folders (absolute, '..', links)")
     i.set_defaults(_data=run_import)
 
-    r = dsub.add_parser("rank", help="rank unlabelled images by the model's mean uncertainty (label the top ones next)")
+    r = dsub.add_parser("rank", help="rank unlabelled images by the model's mean uncertainty (label the top ones next)",
+                        description="Segment each image, average the per-pixel uncertainty (normalised entropy or "
+                                    "margin; 1 = no preference between classes) and write the images as CSV, most "
+                                    "uncertain first: the ones to label next. A barely trained model is uncertain "
+                                    "everywhere, and then the ranking means little (a warning says so).")
     r.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     r.add_argument("--checkpoint", required=True, help="built-in name, .safetensors checkpoint or run directory")
     r.add_argument("--out", required=True, type=Path, metavar="CSV", help="ranking as CSV, most uncertain first")
     r.add_argument("--measure", choices=("entropy", "margin"), default="entropy",
                    help="normalised entropy or 1 - (p1 - p2) (default entropy)")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    r.add_argument("--max-pixels", type=int, default=RANK_MAX_PIXELS, metavar="N",
+                   help=f"refuse images of more than N pixels before reading them (default {RANK_MAX_PIXELS:,}); "
+                        f"the full-size class probabilities take 4 bytes per pixel and class")
+    add_progress_argument(r, "on")
     r.set_defaults(_data=run_rank)
 
-    d = dsub.add_parser("download", help="download, verify and extract a public dataset (resumable)")
+    d = dsub.add_parser("download", help="download, verify and extract a public dataset (resumable)",
+                        description="Download a public dataset into --root, resuming a cut-off download, check each "
+                                    "archive's checksum and extract it within the limits below.")
     d.add_argument("name", help="what to fetch: voc2012, voc2011, sbd, voc (= voc2012 + sbd), camvid, siftflow")
     d.add_argument("--root", required=True, type=Path, help="directory to put the dataset in")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(d, "on")
     limits = d.add_argument_group("extraction limits", "An archive that would unpack to more is refused before "
                                   "anything is written (the defaults are about 4x the largest supported dataset).")
     limits.add_argument("--max-extract-gb", type=float, default=DEFAULT_LIMITS.max_bytes / 2**30, metavar="GB",
@@ -96,7 +117,7 @@ def run_check(args: argparse.Namespace) -> int:
     source = getattr(dataset, "split_source", None)
     print(f"scanning split {dataset.split!r} of {args.dataset}" + (f" ({source})" if source else ""))
     progress = None
-    if not args.no_progress and sys.stderr.isatty():
+    if args.progress or (args.progress is None and sys.stderr.isatty()):
         from tqdm import tqdm
 
         progress = lambda it: tqdm(it, desc=f"checking {args.dataset} {args.split}", unit="pair", leave=False)  # noqa: E731
@@ -130,6 +151,7 @@ def _identity(image, mask):
 def run_import(args: argparse.Namespace) -> int:
     from ..data.importers import import_annotations
 
+    hold_output(args, args.out)  # one import per folder: a second is refused, not mixed in
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     report = import_annotations(args.fmt, args.src, args.out, images=args.images, background=args.background,
                                 unlabelled=args.unlabelled, classes=classes, val_fraction=args.val_fraction,
@@ -149,22 +171,46 @@ def run_rank(args: argparse.Namespace) -> int:
     from ..errors import FcnsegError
     from ..outputs import output_file
     from ..uncertainty import rank_images
-    from .predict import expand_inputs, load_segmenter
+    from .predict import expand_inputs, load_segmenter, uniform_uncertainty
 
     output_file(args.out, what="--out", overwrite=False)  # before the images are read and the model loads
     files, problems = expand_inputs([str(i) for i in args.inputs])
+    files = [f for f in files if not too_many_pixels(f, args.max_pixels, problems)]
     for msg in problems:
         print(f"fcnseg: {msg}", file=sys.stderr)
     if not files:
         raise FcnsegError("no images to rank")
     seg = load_segmenter(args.checkpoint, device=args.device)
-    rows, failed = rank_images(seg, files, args.out, measure=args.measure, progress=not args.no_progress,
+    rows, failed = rank_images(seg, files, args.out, measure=args.measure, progress=args.progress is not False,
                                on_problem=lambda m: print(f"fcnseg: {m}", file=sys.stderr))
     print(f"ranked {len(rows)} images by mean {args.measure} uncertainty into {show_path(args.out)}"
           + (f"; {failed} failed" if failed else ""))
     for row in rows[:5]:
         print(f"  {row['mean_uncertainty']:.4f}  {row['image']}")
+    if warning := uniform_uncertainty([r["mean_uncertainty"] for r in rows]):
+        print(f"fcnseg: warning: {warning}", file=sys.stderr)
     return 1 if failed or problems else 0
+
+
+def too_many_pixels(path: Path, limit: int, problems: list[str]) -> bool:
+    """Whether the image's header says more than ``limit`` pixels (then a line is added to ``problems``);
+    a file that cannot be opened is left to be reported when it is read."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                pixels = im.width * im.height
+    except Exception:  # Pillow's own errors, a bomb over its hard limit: reported by the reader
+        return False
+    if pixels <= limit:
+        return False
+    problems.append(f"{show_path(path)}: {pixels:,} pixels, more than --max-pixels {limit:,}; shrink it first or "
+                    f"raise --max-pixels")
+    return True
 
 
 def run_download(args: argparse.Namespace) -> int:
@@ -177,6 +223,6 @@ def run_download(args: argparse.Namespace) -> int:
             raise FcnsegError(f"{flag} must be positive, got {value}")
     limits = ExtractLimits(max_bytes=int(args.max_extract_gb * 2**30), max_ratio=args.max_ratio,
                            max_members=args.max_members)
-    path = download_dataset(args.name, args.root, progress=not args.no_progress, limits=limits)
+    path = download_dataset(args.name, args.root, progress=args.progress is not False, limits=limits)
     print(f"{args.name} ready in {path}")
     return 0

@@ -23,7 +23,11 @@ DEFAULT_CAMVID = Path("../shared/datasets/camvid")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="segment a few CamVid street frames with the built-in model and write overlays")
+    p = sub.add_parser("demo", help="segment a few CamVid street frames with the built-in model and write overlays",
+                       description="Segment three CamVid street frames with the built-in CamVid model and write "
+                                   "OUT/<frame>.png (class ids), OUT/<frame>_overlay.jpg and OUT/legend.png: the "
+                                   "main job, on defaults. Frames come from --camvid DIR, else from a local copy, "
+                                   "else are downloaded once and checked against their sha256.")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--camvid", type=Path, default=None, metavar="DIR",
                    help=f"a local CamVid folder to take sample frames from (default: {DEFAULT_CAMVID} when it "

@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import output_file
     from ..train.report import plot_confusion, write_json
 
-    from ..errors import FcnsegError
+    from ..errors import FcnsegError, show_path
+
+    from .predict import check_checkpoint_name
 
     if args.dense is None and args.dense_stride is not None:  # named as the flags are
         raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.json, what="--json")
     if args.confusion_png:
         output_file(args.confusion_png, what="--confusion-png")
+    check_checkpoint_name(args.checkpoint)  # a typo is named as such, before the dataset flags are asked for
     if args.threads:
         torch.set_num_threads(args.threads)
     scores = evaluate_checkpoint(
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     aug = "" if tta == {"flip": False, "scales": [1.0]} else f", test-time flip={tta['flip']} scales={tta['scales']}"
     source = f", split from {scores['split_source']}" if scores.get("split_source") else ""
     what = f"{scores['dataset']} {scores['split']}"
-    print(f"{scores['arch']} on {what} ({scores['images']} images{aug}{source})")
+    print(f"{scores['arch'] or show_path(args.checkpoint)} on {what} ({scores['images']} images{aug}{source})")
     if "heads" in scores:  # a multi-head net: one table per head, with where its labels came from
         for name, head in scores["heads"].items():
             print(f"\nhead {name} (labels: {head.get('label_source') or 'the dataset'})")
@@ -86,5 +89,5 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, scores)
     if args.confusion_png:
         plot_confusion(scores["confusion_matrix"], [r["name"] for r in scores["per_class"]], args.confusion_png,
-                       title=f"{scores['arch']} on {what}")
+                       title=f"{scores['arch'] or show_path(args.checkpoint)} on {what}")
     return 0

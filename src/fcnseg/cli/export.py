@@ -4,17 +4,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import hold_output
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript and check it against the model",
-                       description="Export with dynamic batch, height and width, then run the exported file and the "
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or a bfloat16 safetensors checkpoint, "
+                                      "and check it against the model",
+                       description="Export to ONNX or TorchScript with dynamic batch, height and width, then run the "
+                                   "exported file and the "
                                    "PyTorch model on the same random inputs at two sizes and print the largest "
                                    "absolute logit difference and the share of pixels whose class agrees. With "
                                    "--int8 --calibrate IMAGES, quantize the ONNX model to int8 for ONNX Runtime.")
     p.add_argument("--checkpoint", default="camvid", help="built-in name, .safetensors checkpoint or run directory")
     p.add_argument("--format", dest="fmt", choices=("onnx", "torchscript", "safetensors"), required=True,
-                   help="safetensors: a bfloat16 checkpoint, with --dtype bfloat16 (see the precision gate)")
-    p.add_argument("--out", required=True, type=Path, help="output file (.onnx or .pt)")
+                   help="onnx, torchscript, or safetensors: a bfloat16 checkpoint, with --dtype bfloat16 (see the "
+                        "precision gate)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output file (.onnx, .pt for TorchScript, or .safetensors for --format safetensors)")
     p.add_argument("--size", type=int, nargs=2, default=(360, 480), metavar=("H", "W"),
                    help="input size for tracing and the first parity check (default 360 480); the second check "
                         "uses an odd size to show the height and width are dynamic")
@@ -79,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from .predict import check_checkpoint_name
 
     output_file(args.out, what="--out")
+    hold_output(args, args.out)  # one writer per file
     check_checkpoint_name(args.checkpoint)
     check_precision_arguments(args)
     if args.int8 or args.calibrate or args.int8_layers or args.int8_weight_bits:

@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..data.io import IMAGE_SUFFIXES
 from ..errors import printable, show_path
+from . import add_progress_argument, hold_output
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -45,7 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=None, metavar="S",
                    help="resize every photo by S before segmenting (instead of --max-side); the mask is resampled "
                         "back to the photo's size")
-    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
+    add_progress_argument(p, "on for two or more images")
+    p.add_argument("--quiet", dest="progress", action="store_false", help=argparse.SUPPRESS)  # the old spelling
     add_dense_arguments(p)
     return p
 
@@ -100,7 +102,11 @@ def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
     seen: set[Path] = set()
     unique = []
     for f in files:
-        key = f.resolve()
+        try:
+            key = f.resolve()
+        except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError on a symlink loop
+            problems.append(f"{show_path(f)}: cannot be read (a symlink loop)")
+            continue
         if key not in seen:
             seen.add(key)
             unique.append(f)
@@ -146,7 +152,11 @@ def run(args: argparse.Namespace) -> int:
     from ..uncertainty import to_png_array, uncertainty
     from ..visualize import overlay, palette_image
 
+    if not args.out.exists() and args.out.suffix.lower() in IMAGE_SUFFIXES:  # not a folder named result.png
+        raise FcnsegError(f"--out {show_path(args.out)}: predict writes a folder (OUT/<image>.png per image), and "
+                          f"this looks like an image file name; give a folder, e.g. --out {show_path(args.out.with_suffix(''))}")
     out: Path = output_dir(args.out, what="--out")  # before the model loads
+    hold_output(args, out)  # one writer per folder
     files, problems = expand_inputs(args.inputs)
     if not any(f.is_file() for f in files):  # inputs too are checked before the model loads
         for msg in problems:
@@ -162,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     seg = Segmenter(dense, inplace=True, **options) if dense is not None else \
         load_segmenter(args.checkpoint, backend=args.backend, **options)
 
+    mean_uncertainty: list[float] = []
+
     def names_of(stem: str) -> list[str]:
         return [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if args.overlay else []) + \
             ([f"{stem}_probs.npy"] if args.probs else []) + ([f"{stem}_uncertainty.png"] if args.uncertainty else [])
@@ -176,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
         if args.uncertainty:
             u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
+            mean_uncertainty.append(float(u.mean()) / 255)
             group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
         if args.probs:
             probs = pred.probs.numpy()
@@ -188,7 +201,20 @@ def run(args: argparse.Namespace) -> int:
         write_group(group, overwrite=args.overwrite)
 
     legends = {"legend.png": (seg.classes, seg.colors)}
-    return write_each(args, out, files, problems, names_of, write_one, legends)
+    code = write_each(args, out, files, problems, names_of, write_one, legends)
+    if args.uncertainty and (warning := uniform_uncertainty(mean_uncertainty)):
+        say(f"warning: {warning}")
+    return code
+
+
+def uniform_uncertainty(means: list[float], floor: float = 0.9) -> str | None:
+    """A warning when every image's mean uncertainty (0..1) is at least ``floor``: the model prefers no class
+    anywhere (barely trained), so its uncertainty maps and rankings say nothing about the images yet."""
+    if not means or min(means) < floor:
+        return None
+    span = f"{min(means):.3f}" if len(means) == 1 else f"{min(means):.3f} to {max(means):.3f}"
+    return (f"the model is near-uniformly uncertain (mean uncertainty {span} of 1 on every image): it is barely "
+            f"trained, so the uncertainty (and a ranking by it) means little yet; train it further first")
 
 
 def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: list[str],
@@ -247,7 +273,7 @@ def write_each(args: argparse.Namespace, out: Path, files: list[Path], problems:
         say(line)
     written = skipped = failed = stopped = 0
     todo = list(zip(files, stems))
-    bar = tqdm(todo, unit="image", disable=args.quiet or len(files) < 2, file=sys.stderr)
+    bar = tqdm(todo, unit="image", disable=args.progress is False or len(files) < 2, file=sys.stderr)
     for i, (path, stem) in enumerate(bar):
         there = [n for n in names_of(stem) if (out / n).exists()] if not args.overwrite else []
         if there:  # checked before the work; the exclusive write still catches a name taken meanwhile
@@ -300,15 +326,34 @@ def say(message: str, bar=None) -> None:
 
 
 def check_checkpoint_name(checkpoint: str) -> None:
-    """A name that is neither a path nor an installed built-in gets a one-line hint, not a path error."""
+    """A checkpoint that is neither an installed built-in name nor an existing file or folder gets one line,
+    the same from every command ("no such checkpoint file" for a path), with a close match as "did you mean"."""
+    import difflib
+
     from ..checkpoint import builtin_checkpoints
     from ..errors import FcnsegError
 
-    looks_like_name = not any(c in checkpoint for c in "/\\.") and not Path(checkpoint).exists()
-    if looks_like_name and checkpoint not in builtin_checkpoints():
-        installed = ", ".join(builtin_checkpoints()) or "none installed"
-        raise FcnsegError(f"built-in checkpoint {checkpoint!r} is not installed (built-in: {installed}); "
+    path = Path(checkpoint)
+    builtins = builtin_checkpoints()
+    try:
+        if checkpoint in builtins or path.exists():
+            return
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file either
+        pass
+    installed = ", ".join(builtins) or "none installed"
+    if not any(c in checkpoint for c in "/\\."):  # a bare name: a built-in one
+        close = difflib.get_close_matches(checkpoint, list(builtins), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FcnsegError(f"built-in checkpoint {checkpoint!r} is not installed ({hint}built-in: {installed}); "
                           f"pass --checkpoint PATH to a .safetensors checkpoint, run directory or .onnx file")
+    parent = path.parent
+    try:
+        near = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        near = []
+    close = difflib.get_close_matches(path.name, near, n=1, cutoff=0.6)
+    hint = f"; did you mean {show_path(parent / close[0])!r}?" if close else ""
+    raise FcnsegError(f"{show_path(checkpoint)}: no such checkpoint file (built-in checkpoints: {installed}){hint}")
 
 
 def load_segmenter(checkpoint: str, backend: str | None = None, **kwargs):

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from ..config import AMP_DTYPES, ON_NONFINITE, OPTIMIZERS, REDUCTIONS, SCHEDULES
+from . import hold_output
 
 # flag -> (config key, argparse keywords); every flag defaults to None so only given flags override
 FLAGS: dict[str, tuple[str, dict]] = {
@@ -23,15 +25,15 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                     help="check every sample first and leave out bad ones (counted in "
                                          "metrics.jsonl, each named once)")),
     "--workers": ("workers", dict(type=int, help="data loading processes")),
-    "--epochs": ("epochs", dict(type=int)),
+    "--epochs": ("epochs", dict(type=int, help="passes over the training split (also sets the schedule length)")),
     "--batch-size": ("batch_size", dict(type=int, help="images per step per process")),
     "--accumulate": ("accumulate", dict(type=int, help="micro-batches per optimiser step")),
-    "--optimizer": ("optimizer", dict(choices=OPTIMIZERS)),
+    "--optimizer": ("optimizer", dict(choices=OPTIMIZERS, help="sgd (the paper's, with --momentum) or adam")),
     "--lr": ("lr", dict(type=float, help="base learning rate")),
-    "--momentum": ("momentum", dict(type=float)),
-    "--weight-decay": ("weight_decay", dict(type=float)),
-    "--schedule": ("schedule", dict(choices=SCHEDULES)),
-    "--warmup-steps": ("warmup_steps", dict(type=int)),
+    "--momentum": ("momentum", dict(type=float, help="SGD momentum (ignored by adam)")),
+    "--weight-decay": ("weight_decay", dict(type=float, help="L2 penalty on the weights")),
+    "--schedule": ("schedule", dict(choices=SCHEDULES, help="how the learning rate changes over the run after the warm-up")),
+    "--warmup-steps": ("warmup_steps", dict(type=int, metavar="N", help="raise the learning rate linearly to --lr over the first N optimiser steps (from warmup_factor x --lr)")),
     "--max-steps": ("max_steps", dict(type=int, help="stop after N optimiser steps (also the schedule length)")),
     "--time-budget-min": ("time_budget_min", dict(type=float, metavar="MIN", help="stop after MIN minutes")),
     "--loss-reduction": ("loss_reduction", dict(choices=REDUCTIONS, help="sum: the paper's unnormalised loss")),
@@ -43,17 +45,17 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "--amp": ("amp", dict(action=argparse.BooleanOptionalAction,
                            help="mixed precision (bf16 on CPU); without --amp/--no-amp: auto, bf16 only where this "
                                 "CPU runs it natively and a timed probe finds it faster (the choice is in version.json)")),
-    "--amp-dtype": ("amp_dtype", dict(choices=AMP_DTYPES)),
-    "--channels-last": ("channels_last", dict(action=argparse.BooleanOptionalAction)),
+    "--amp-dtype": ("amp_dtype", dict(choices=AMP_DTYPES, help="the 16-bit type of --amp (bfloat16 on CPUs)")),
+    "--channels-last": ("channels_last", dict(action=argparse.BooleanOptionalAction, help="NHWC memory layout (often faster on CPUs)")),
     "--threads": ("threads", dict(type=int, help="torch CPU threads")),
     "--device": ("device", dict(help="auto, cpu, cuda, cuda:N")),
-    "--seed": ("seed", dict(type=int)),
+    "--seed": ("seed", dict(type=int, help="seed of initialisation, shuffling and augmentation (same seed: same run)")),
     "--eval-every": ("eval_every", dict(type=int, metavar="N", help="validate every N epochs")),
     "--val-limit": ("val_limit", dict(type=int, metavar="N", help="validate on the first N images only")),
     "--checkpoint-every-steps": ("checkpoint_every_steps", dict(type=int, metavar="N",
                                                                 help="also save the resume state every N steps")),
     "--plots": ("plots", dict(action=argparse.BooleanOptionalAction, help="PNG curves, grids, confusion matrix")),
-    "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bars")),
+    "--progress": ("progress", dict(action=argparse.BooleanOptionalAction, help="progress bars; --no-progress: none")),
     "--out": ("out", dict(metavar="RUN_DIR", help="run directory")),
 }
 
@@ -124,9 +126,11 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     warn_untrained_vgg(cfg)
+    hold_output(args, cfg.out, "--resume" if args.resume else "--out")  # one run writes a run directory
     if cfg.dataset == "folder" and not args.resume:
         from ..data.folder import split_source
 
+        check_folder_root(Path(cfg.root))
         kw = {k: cfg.dataset_kwargs[k] for k in ("val_fraction", "seed") if k in cfg.dataset_kwargs}
         print(f"training on split {cfg.split!r}: {split_source(Path(cfg.root), cfg.split, **kw)}")
         if cfg.val_split:
@@ -135,9 +139,76 @@ def run(args: argparse.Namespace) -> int:
         from ..optimize import reuse_freed_memory
 
         reuse_freed_memory()  # the process is the run's: a process-wide setting is the program's to make
+    started = time.monotonic()
     summary = fit(cfg, resume=bool(args.resume), command=["fcnseg", *sys.argv[1:]])
+    for warning in schedule_warnings(cfg, summary, time.monotonic() - started):
+        print(f"fcnseg: warning: {warning}", file=sys.stderr)
     print(closing_note(Path(cfg.out), summary))
     return 0
+
+
+def schedule_warnings(cfg, summary: dict, wall_s: float) -> list[str]:
+    """What a new user would not notice at the end of a run: it stopped inside the learning-rate warm-up, or
+    far short of its schedule, or well past its time budget (validation and start-up are not inside it)."""
+    from ..train.optim import lr_factor
+
+    step, total = summary.get("step", 0), summary.get("total_steps")
+    out = []
+    if step < cfg.warmup_steps:
+        reached = lr_factor(max(step - 1, 0), total or step, cfg.schedule, cfg.warmup_steps, cfg.warmup_factor)
+        out.append(f"the run ended after {step} optimiser steps, inside its {cfg.warmup_steps}-step learning-rate "
+                   f"warm-up: the rate reached only {reached * cfg.lr:.2g} of --lr {cfg.lr:g}, so the model is barely "
+                   f"trained; train longer (--epochs) or shorten --warmup-steps")
+    elif total and step < total / 2:
+        out.append(f"the run stopped after {step} of its {total} scheduled steps ({100 * step / total:.0f}%): its "
+                   f"learning rate never came down as the schedule plans; give it the time, or fewer --epochs "
+                   f"so that the schedule fits")
+    budget_s = (cfg.time_budget_min or 0) * 60
+    if budget_s and wall_s > 1.25 * budget_s + 10:
+        out.append(f"the run took {wall_s:.0f} s against --time-budget-min {cfg.time_budget_min:g} "
+                   f"({budget_s:.0f} s): the budget stops training steps, but start-up and the final validation "
+                   f"come on top; --val-limit N validates on fewer images")
+    return out
+
+
+# the marks of a labelling tool's raw export (what 'fcnseg data import --from' reads)
+def check_folder_root(root: Path) -> None:
+    """``--dataset folder`` needs images/, masks/ and classes.txt; a raw labelme, COCO or CVAT export there is
+    named as such with the 'fcnseg data import' command that converts it, before anything else is read."""
+    from ..errors import FcnsegError, show_path
+
+    if not root.is_dir() or (root / "images").is_dir() and (root / "masks").is_dir():
+        return  # a missing root, or a folder dataset: the dataset reader says what is wrong with it
+    found = _raw_export(root)
+    if found is not None:
+        fmt, src = found
+        raise FcnsegError(f"--root {show_path(root)}: a {fmt} export, not a folder dataset (images/, masks/, "
+                          f"classes.txt); convert it first: fcnseg data import {show_path(src)} --from {fmt} "
+                          f"--out DATASET, then train with --root DATASET")
+    if not (root / "images").is_dir():
+        raise FcnsegError(f"--root {show_path(root)}: no images/ folder; a folder dataset holds images/, masks/ and "
+                          f"classes.txt (fcnseg data import converts a labelme, COCO or CVAT export into one)")
+
+
+def _raw_export(root: Path) -> tuple[str, Path] | None:
+    """("labelme" | "coco" | "cvat", what to import) when ``root`` holds a tool's export, else None."""
+    import json
+
+    if (root / "annotations.xml").is_file():
+        return "cvat", root / "annotations.xml"
+    candidates = sorted(root.glob("*.json")) + sorted(root.glob("annotations/*.json"))
+    for path in candidates[:50]:
+        try:
+            if path.stat().st_size > 64 * 2**20:  # a big JSON beside images: COCO, by far the likeliest
+                return "coco", path
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(doc, dict) and "shapes" in doc:
+            return "labelme", root
+        if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
+            return "coco", path
+    return None
 
 
 def warn_untrained_vgg(cfg) -> None:

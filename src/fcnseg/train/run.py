@@ -661,7 +661,8 @@ def finish(run: Run) -> dict[str, Any]:
     if run.cfg.skip_bad:
         log(run.info, f"left out {counts['skipped_samples']} bad samples and {counts['listing_problems']} listing "
                       f"problems (--skip-bad); {counts['filled_slots']} batch slots filled by the next sample")
-    base = {"epoch": pos.epoch, "step": pos.step, "skipped_steps": run.skipped_steps, "amp": run.amp, **counts}
+    base = {"epoch": pos.epoch, "step": pos.step, "total_steps": run.total_steps, "skipped_steps": run.skipped_steps,
+            "amp": run.amp, **counts}
     if run.last_head_scores:  # a multi-head run: every head's scores, the first head's also at the top
         base["heads"] = {name: _summary(scores) for name, scores in run.last_head_scores.items()}
     return dict(_summary(run.last_scores), **base) if run.last_scores else base

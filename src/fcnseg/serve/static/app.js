@@ -122,13 +122,67 @@ async function segment() {
 }
 
 function classColor(c) {
-  return `rgb(${c.color[0]}, ${c.color[1]}, ${c.color[2]})`;
+  const k = c.display || c.color;
+  return `rgb(${k[0]}, ${k[1]}, ${k[2]})`;
+}
+
+// Colours a person can tell apart (Kelly's 22 colours of maximum contrast, less white and black): the source
+// of display colours for classes whose palette colours are near-identical.
+const DISTINCT = [
+  [243, 195, 0], [135, 86, 146], [243, 132, 0], [161, 202, 241], [190, 0, 50], [194, 178, 128], [132, 132, 130],
+  [0, 136, 86], [230, 143, 172], [0, 103, 165], [249, 147, 121], [96, 78, 151], [246, 166, 0], [179, 68, 108],
+  [220, 211, 0], [136, 45, 23], [141, 182, 0], [101, 69, 34], [226, 88, 34], [43, 61, 38],
+];
+const NEAR = 50;  // CIE76 colour difference (in CIELAB) under which two classes drawn side by side look alike
+
+function toLab(rgb) {  // sRGB 0..255 -> CIELAB under D65
+  const [r, g, b] = rgb.map((v) => { v /= 255; return v > 0.04045 ? ((v + 0.055) / 1.055) ** 2.4 : v / 12.92; });
+  const xyz = [(0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047, 0.2126 * r + 0.7152 * g + 0.0722 * b,
+               (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883];
+  const [fx, fy, fz] = xyz.map((t) => (t > 0.008856 ? Math.cbrt(t) : 7.787 * t + 16 / 116));
+  return [116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)];
+}
+
+function colorDistance(a, b) {
+  const p = toLab(a), q = toLab(b);
+  return Math.hypot(p[0] - q[0], p[1] - q[1], p[2] - q[2]);
+}
+
+// The colour each class present in the result is drawn in: its palette colour, unless that is near-identical
+// to the colour of a larger class (the VOC-style palettes of SIFT Flow give building, road and streetlight
+// teals 64 levels apart); then the distinct colour furthest from those taken. Display only: the downloaded
+// mask keeps the model's palette (the legend says when colours were changed). Returns how many changed.
+function displayColors(classes) {
+  const taken = [];
+  let changed = 0;
+  for (const c of [...classes].filter((c) => c.pixels > 0).sort((a, b) => b.share - a.share)) {
+    c.display = c.color;
+    if (taken.some((t) => colorDistance(t, c.color) < NEAR)) {
+      let best = c.color, bestDistance = -1;
+      for (const k of DISTINCT) {
+        const d = Math.min(...taken.map((t) => colorDistance(t, k)));
+        if (d > bestDistance) { best = k; bestDistance = d; }
+      }
+      c.display = best;
+      changed += 1;
+    }
+    taken.push(c.display);
+  }
+  return changed;
 }
 
 function buildLegend() {
   const items = [...state.result.classes].sort((a, b) => b.share - a.share);
+  const changed = displayColors(state.result.classes);
+  const absent = items.filter((c) => c.pixels === 0).length;
+  $("legendnote").textContent = changed ? `${changed} colour(s) differ from the mask file's palette, so that ` +
+    "classes with near-identical colours can be told apart." : "";
+  $("showabsent").hidden = absent === 0;
+  $("showabsent").setAttribute("aria-expanded", "false");
+  $("showabsent").textContent = `Show ${absent} class${absent === 1 ? "" : "es"} not in this photo`;
   $("legend").replaceChildren(...items.map((c) => {
     const li = document.createElement("li");
+    li.hidden = c.pixels === 0;  // a model of 33 classes finds a handful in one photo: the rest on request
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.classId = c.id;
@@ -152,6 +206,16 @@ function buildLegend() {
   }));
 }
 
+function toggleAbsent() {
+  const button = $("showabsent");
+  const show = button.getAttribute("aria-expanded") !== "true";
+  button.setAttribute("aria-expanded", String(show));
+  const absent = state.result.classes.filter((c) => c.pixels === 0).length;
+  button.textContent = show ? "Hide the classes not in this photo" :
+    `Show ${absent} class${absent === 1 ? "" : "es"} not in this photo`;
+  for (const b of $("legend").querySelectorAll("button.absent")) b.parentElement.hidden = !show;
+}
+
 function toggleClass(id, button) {
   if (state.hidden.has(id)) state.hidden.delete(id); else state.hidden.add(id);
   button.setAttribute("aria-pressed", String(!state.hidden.has(id)));
@@ -167,7 +231,8 @@ function drawMask() {
   const lut = state.result.classes.map((c) => {
     let alpha = state.hidden.has(c.id) ? 0 : 255;
     if (state.highlight !== null && state.highlight !== c.id && alpha) alpha = 40;  // dim the others
-    return [c.color[0], c.color[1], c.color[2], alpha];
+    const k = c.display || c.color;
+    return [k[0], k[1], k[2], alpha];
   });
   for (let i = 0, j = 0; i < state.ids.length; i++, j += 4) {
     const c = lut[state.ids[i]];
@@ -257,6 +322,7 @@ function setUp() {
   $("mask").addEventListener("pointermove", onPointer);
   $("dlmask").addEventListener("click", downloadMask);
   $("dloverlay").addEventListener("click", downloadOverlay);
+  $("showabsent").addEventListener("click", toggleAbsent);
   $("keyform").addEventListener("submit", (e) => {
     e.preventDefault();
     state.apiKey = $("apikey").value.trim();
