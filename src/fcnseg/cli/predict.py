@@ -47,7 +47,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "back to the photo's size")
     p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress bar")
     add_dense_arguments(p)
+    add_engine_arguments(p)
     return p
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("many machines (Ray Data; docs/scale.md)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: a pool of Ray actors, local or on a cluster, writing "
+                        "the same files and OUT/manifest.parquet; INPUT may also be a .txt/.csv/.parquet list of paths")
+    g.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="with --engine ray: join the Ray cluster there ('auto': the one on this machine); "
+                        "default: a local Ray started and stopped by the command")
+    g.add_argument("--num-workers", type=int, default=1, metavar="N", help="with --engine ray: actors (default 1)")
+    g.add_argument("--worker-threads", type=int, default=None, metavar="T",
+                   help="with --engine ray: torch threads per actor (default: the CPUs shared among the actors)")
+    g.add_argument("--resume", action="store_true",
+                   help="with --engine ray: continue the job in --out (inputs recorded ok with their files are kept, "
+                        "the rest recomputed)")
 
 
 # -- dense scores by shift-and-stitch or rarefaction (paper section 3.2; shared with evaluate) ---------
@@ -134,19 +151,17 @@ def renamed_stems(files: list[Path], stems: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-
     from ..checkpoint import load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError
     from ..inference import Segmenter
     from ..models.multihead import checkpoint_heads
     from ..outputs import output_dir, write_group
-    from ..uncertainty import to_png_array, uncertainty
-    from ..visualize import overlay, palette_image
+    from ..prediction_files import PredictionFiles
 
     out: Path = output_dir(args.out, what="--out")  # before the model loads
+    if args.engine == "ray" or args.resume or args.address or args.num_workers != 1 or args.worker_threads:
+        return run_ray(args, out)
     files, problems = expand_inputs(args.inputs)
     if not any(f.is_file() for f in files):  # inputs too are checked before the model loads
         for msg in problems:
@@ -162,33 +177,55 @@ def run(args: argparse.Namespace) -> int:
     seg = Segmenter(dense, inplace=True, **options) if dense is not None else \
         load_segmenter(args.checkpoint, backend=args.backend, **options)
 
-    def names_of(stem: str) -> list[str]:
-        return [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if args.overlay else []) + \
-            ([f"{stem}_probs.npy"] if args.probs else []) + ([f"{stem}_uncertainty.png"] if args.uncertainty else [])
+    files_of = PredictionFiles(overlay=args.overlay, alpha=args.alpha, probs=args.probs, uncertainty=args.uncertainty)
 
     def write_one(path: Path, stem: str) -> None:
         image = read_image(path)
-        pred = seg.segment(image, probs=args.probs or args.uncertainty)
-        mask = pred.mask.numpy()
-        group = [(out / f"{stem}.png", lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))]
-        if args.overlay:
-            pic = overlay(image, mask, seg.colors, args.alpha)
-            group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
-        if args.uncertainty:
-            u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
-            group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
-        if args.probs:
-            probs = pred.probs.numpy()
-
-            def save_npy(tmp: str) -> None:
-                with open(tmp, "wb") as f:
-                    np.save(f, probs)
-
-            group.append((out / f"{stem}_probs.npy", save_npy))
-        write_group(group, overwrite=args.overwrite)
+        pred = seg.segment(image, probs=files_of.needs_probs)
+        write_group(files_of.group(out, stem, image, pred, seg.colors), overwrite=args.overwrite)
 
     legends = {"legend.png": (seg.classes, seg.colors)}
-    return write_each(args, out, files, problems, names_of, write_one, legends)
+    return write_each(args, out, files, problems, files_of.names, write_one, legends)
+
+
+def run_ray(args: argparse.Namespace, out: Path) -> int:
+    """``predict --engine ray``: the same checks and lines as predict, the work done by ``fcnseg.ray_predict``."""
+    from ..errors import FcnsegError
+    from ..models.multihead import checkpoint_heads
+    from ..prediction_files import PredictionFiles
+    from ..ray_predict import RayJob, expand_manifests, import_ray, quiet_ray, run_job, summary
+
+    if args.engine != "ray":
+        raise FcnsegError("--resume, --address, --num-workers and --worker-threads go with --engine ray")
+    if args.num_workers < 1 or (args.worker_threads is not None and args.worker_threads < 1):
+        raise FcnsegError("--num-workers and --worker-threads must be at least 1")
+    if args.dense is not None:
+        raise FcnsegError("--engine ray does not take --dense; run it without --engine ray")
+    import_ray()  # a missing Ray is said before anything else
+    files, problems = expand_inputs(expand_manifests(args.inputs))
+    if not any(f.is_file() for f in files):
+        for msg in problems:
+            say(msg)
+        raise FcnsegError(f"{show_path(files[0])}: no such image file" if files else "no images to segment")
+    check_checkpoint_name(args.checkpoint)
+    if checkpoint_heads(args.checkpoint) is not None:
+        raise FcnsegError(f"{show_path(args.checkpoint)} is a multi-head net; --engine ray writes single-head masks")
+    options = dict(device=args.device, dtype=args.dtype, tile=args.tile, overlap=args.overlap, flip=args.flip,
+                   scales=args.scales, max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
+    job = RayJob(checkpoint=args.checkpoint, out=out, backend=args.backend, segmenter_options=options,
+                 files=PredictionFiles(overlay=args.overlay, alpha=args.alpha, probs=args.probs,
+                                       uncertainty=args.uncertainty),
+                 overwrite=args.overwrite, resume=args.resume, address=args.address, num_workers=args.num_workers,
+                 worker_threads=args.worker_threads)
+    for msg in problems:
+        say(msg)
+    stems = output_stems(files)
+    for line in renamed_stems(files, stems):
+        say(line)
+    quiet_ray()  # the program's choice: Ray's INFO lines stay out of the command's output
+    outcome = run_job(job, list(zip(files, stems)), say, progress=not args.quiet and len(files) > 1)
+    print(summary(outcome, out) + (f"; {len(problems)} input pattern(s) named nothing" if problems else ""))
+    return 1 if outcome.failed or outcome.skipped or problems else 0
 
 
 def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: list[str],
