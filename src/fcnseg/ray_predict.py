@@ -309,6 +309,11 @@ def _threads(ray, job: RayJob) -> int:
 
 # -- the job -------------------------------------------------------------------------------------------------
 
+def source_key(path: Path) -> str:
+    """An input as the manifest names it: its absolute path, so that --resume from another folder finds it."""
+    return os.path.abspath(path)
+
+
 def plan(job: RayJob, inputs: Sequence[tuple[Path, str]]) -> tuple[list[dict], dict[str, dict]]:
     """Which inputs go to the actors, and the rows settled before any work: inputs whose outputs exist
     (skipped, as predict skips them, unless --overwrite; with --resume, recorded-ok inputs whose files are all
@@ -316,7 +321,7 @@ def plan(job: RayJob, inputs: Sequence[tuple[Path, str]]) -> tuple[list[dict], d
     recorded = read_journal(job.out) if job.resume else {}
     todo, settled = [], {}
     for path, stem in inputs:
-        source = str(path)
+        source = source_key(path)
         names = job.files.names(stem)
         there = [n for n in names if (job.out / n).exists()]
         prev = recorded.get(source)
@@ -370,9 +375,9 @@ def run_job(job: RayJob, inputs: Sequence[tuple[Path, str]], report: Callable[[s
         (job.out / JOURNAL).touch()
     rows = []
     for path, _ in inputs:
-        row = done.get(str(path)) or settled.get(str(path))
+        row = done.get(source_key(path)) or settled.get(source_key(path))
         if row is None:  # only if Ray lost a row without an error: never silently
-            row = dict(source=str(path), outputs=[], status="failed", class_shares=[], seconds=0.0,
+            row = dict(source=source_key(path), outputs=[], status="failed", class_shares=[], seconds=0.0,
                        error=f"{show_path(path)}: no result came back from the Ray job")
             report(row["error"])
         rows.append(row)
