@@ -9,8 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .inference import Prediction
-from .uncertainty import to_png_array, uncertainty
-from .visualize import overlay, palette_image
+from . import uncertainty as unc, visualize as vis  # looked up at call time, as the CLI did (tests patch them)
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,9 @@ class PredictionFiles:
         """(path, writer) pairs for ``outputs.write_group``, in the order of ``names``."""
         mask = pred.mask.numpy()
         group: list[tuple[Path, Callable[[str], Any]]] = [
-            (out / f"{stem}.png", lambda tmp: palette_image(mask, colors).save(tmp, format="PNG"))]
+            (out / f"{stem}.png", lambda tmp: vis.palette_image(mask, colors).save(tmp, format="PNG"))]
         if self.overlay:
-            pic = overlay(image, mask, colors, self.alpha)
+            pic = vis.overlay(image, mask, colors, self.alpha)
             group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
         if self.probs:
             probs = pred.probs.numpy()
@@ -49,6 +48,6 @@ class PredictionFiles:
 
             group.append((out / f"{stem}_probs.npy", save_npy))
         if self.uncertainty:
-            u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
+            u = unc.to_png_array(unc.uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
             group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
         return group

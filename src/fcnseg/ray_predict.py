@@ -158,23 +158,27 @@ class _Predictor:
                         keep_identical=True)
             counts = np.bincount(pred.mask.numpy().ravel(), minlength=self.seg.num_classes)
             row["class_shares"] = (counts / max(1, counts.sum())).tolist()
-            self._legend()
         except OutputExistsError as e:
             row.update(status="skipped", error=f"{e} (another run wrote it; --overwrite replaces it)")
         except (FcnsegError, OSError, ValueError, RuntimeError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             row.update(status="failed", error=msg if source in msg else f"{show_path(source)}: {msg}")
+        if row["status"] == "ok" and not self.legend_done:
+            self._legend(row)
         row["seconds"] = time.perf_counter() - start
         return row
 
-    def _legend(self) -> None:
-        """``legend.png`` once something is written, as predict writes it (a replace: every actor writes the same)."""
-        if not self.legend_done:
-            from .visualize import legend
+    def _legend(self, row: dict[str, Any]) -> None:
+        """``legend.png`` once something is written, as predict writes it (a replace: every actor writes the
+        same bytes); a failure to write it is said in the row's error, the image itself stays ok."""
+        from .visualize import legend
 
+        try:
             atomic_write(self.job.out / "legend.png",
                          lambda tmp: legend(self.seg.classes, self.seg.colors).save(tmp, format="PNG"))
             self.legend_done = True
+        except OutputWriteError as e:
+            row["error"] = str(e)
 
 
 def _schema():
