@@ -108,6 +108,7 @@ def test_a_killed_rank_restarts_from_the_resume_state_with_the_same_weights(setu
     assert killed is not None and killed < 3, "the run ended before a rank could be killed mid-run"
     assert [n.returncode for n in nodes] == [0, 0], [e[-2000:] for _, e in results]
     assert json.loads((out / "elastic.json").read_text())["restarts"] == 1
+    assert "resuming" in results[0][1] + results[1][1]  # rank 0, on either node, continued from the saved state
     assert_same_weights(out / "checkpoints" / "last.safetensors", ref)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # the resumed run dropped nothing and repeated nothing

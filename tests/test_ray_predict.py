@@ -323,3 +323,13 @@ def test_the_scale_doc_local_commands_run(tmp_path):
         assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("wrote 0 prediction(s)") and "3 done before (--resume)" in run.stdout
     assert [r["status"] for r in manifest(tmp_path / "preds")] == ["ok"] * 3
+
+
+def test_a_damaged_checkpoint_is_refused_before_ray_starts(tmp_path, image_folder, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    assert main(["predict", str(image_folder), "--out", str(tmp_path / "o"), "--engine", "ray",
+                 "--checkpoint", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fcnseg: error: ") and "bad.safetensors" in err[0], err
+    assert not (tmp_path / "o").exists()

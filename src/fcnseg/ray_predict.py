@@ -250,9 +250,8 @@ def check_address(address: str) -> None:
 
 def quiet_ray() -> None:
     """Keep Ray's and Ray Data's INFO lines and progress bars out of a command's output (for programs: this
-    changes process-wide logging and Ray Data's context). Ray's
-    warnings about its own set-up (token authentication enabled, progress bars off, actors waiting for
-    blocks) go too; errors stay."""
+    changes process-wide logging and Ray Data's context). Ray's warnings about its own set-up (token
+    authentication enabled, progress bars off, actors waiting for blocks) go too; errors stay."""
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -408,10 +407,16 @@ def _stream(ray, job: RayJob, todo: list[dict], progress: bool) -> Iterator[dict
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=job.num_workers),
                         num_cpus=threads)
     with tqdm(total=len(todo), unit="image", disable=not progress, file=sys.stderr) as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = batch.to_pylist()
-            yield from rows
-            bar.update(len(rows))
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = batch.to_pylist()
+                yield from rows
+                bar.update(len(rows))
+        except (ray.exceptions.RayError, RuntimeError) as e:  # an actor that cannot start, a lost cluster
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            cause = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else type(e).__name__)
+            raise FcnsegError(f"the Ray job stopped ({cause.strip()}); the rows so far are in "
+                              f"{show_path(job.out / JOURNAL)}: --resume continues") from None
 
 
 def summary(outcome: RayOutcome, out: Path) -> str:

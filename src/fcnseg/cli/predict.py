@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_ray(args: argparse.Namespace, out: Path) -> int:
     """``predict --engine ray``: the same checks and lines as predict, the work done by ``fcnseg.ray_predict``."""
+    from ..checkpoint import check_weights_fit, read_record, resolve_checkpoint
     from ..errors import FcnsegError
     from ..models.multihead import checkpoint_heads
     from ..prediction_files import PredictionFiles
@@ -210,6 +211,9 @@ def run_ray(args: argparse.Namespace, out: Path) -> int:
     check_checkpoint_name(args.checkpoint)
     if checkpoint_heads(args.checkpoint) is not None:
         raise FcnsegError(f"{show_path(args.checkpoint)} is a multi-head net; --engine ray writes single-head masks")
+    if not str(args.checkpoint).endswith(".onnx"):  # checked here once, not in every actor
+        path = resolve_checkpoint(args.checkpoint)
+        check_weights_fit(path, read_record(path))
     options = dict(device=args.device, dtype=args.dtype, tile=args.tile, overlap=args.overlap, flip=args.flip,
                    scales=args.scales, max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
     job = RayJob(checkpoint=args.checkpoint, out=out, backend=args.backend, segmenter_options=options,
