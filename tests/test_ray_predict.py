@@ -4,6 +4,7 @@ each) and use the built-in ``camvid`` net: Ray's worker processes cannot see the
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -244,11 +245,14 @@ def free_port() -> int:
 def test_joins_a_cluster_started_by_the_test(tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     port, temp = free_port(), Path("/tmp") / f"fcnseg-test-ray-{os.getpid()}"  # socket paths must stay short
-    env = cli_env(RAY_AUTH_MODE="token", HOME=str(tmp_path / "home"))
+    # Ray 2.60's token authentication, as docs/scale.md describes it: the head and the joining command share
+    # the cluster's token (here in the environment; ~/.ray/auth_token is left alone)
+    env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), HOME=str(tmp_path / "home"))
+    head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
                              "--temp-dir", str(temp), "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=head_log, stderr=subprocess.STDOUT)
     try:
         src = photos(tmp_path / "in", 3)
         deadline = time.monotonic() + 120
@@ -261,7 +265,7 @@ def test_joins_a_cluster_started_by_the_test(tmp_path):
         run = subprocess.run([sys.executable, "-m", "fcnseg", "predict", str(src), "--out", str(tmp_path / "out"),
                               "--engine", "ray", "--address", f"127.0.0.1:{port}", "--quiet"],
                              env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr
+        assert run.returncode == 0, run.stderr + (tmp_path / "head.log").read_text()[-2000:]
         assert run.stdout.startswith("wrote 3 prediction(s)")
         assert [r["status"] for r in manifest(tmp_path / "out")] == ["ok"] * 3
         assert head.poll() is None  # the cluster outlives the job that joined it
@@ -271,13 +275,16 @@ def test_joins_a_cluster_started_by_the_test(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
-        for pid in [p for p in descendants(head.pid)] + [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
-                                                          if str(temp) in cmdline(p)]:
+        time.sleep(2)
+        leftovers = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if str(temp) in cmdline(p)]
+        for pid in leftovers:  # only the processes of the cluster this test started (its own temp dir)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        head_log.close()
         subprocess.run(["rm", "-rf", str(temp)], check=False)
+    assert head.returncode is not None and not leftovers, [cmdline(p) for p in leftovers]
 
 
 # ---- docs/scale.md: its commands parse, and the local ones run ------------------------------------------------
