@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .checkpoint import atomic_write
-from .errors import FcnsegError, show_path
+from .errors import FcnsegError, OutputExistsError, show_path
 
 
 def output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
@@ -73,17 +73,42 @@ def _check_writable_folder(folder: Path, path: Path, what: str) -> None:
     os.unlink(probe)
 
 
-def write_group(files: Sequence[tuple[str | os.PathLike, Callable[[str], Any]]], overwrite: bool = False) -> list[Path]:
+def write_group(files: Sequence[tuple[str | os.PathLike, Callable[[str], Any]]], overwrite: bool = False,
+                keep_identical: bool = False) -> list[Path]:
     """Write several files that belong together (a prediction and its overlay) all-or-nothing: each through
     ``atomic_write`` (exclusively unless ``overwrite``); if one fails or exists already, the ones written
-    before it are removed and the error (``OutputExistsError``, ``OutputWriteError``, ...) is raised."""
+    before it are removed and the error (``OutputExistsError``, ``OutputWriteError``, ...) is raised.
+
+    ``keep_identical``: a file that exists already with exactly the bytes this write would give counts as
+    written (and is left as it is): a retried job meets its own earlier complete outputs so, while a file
+    with other content is still refused. Returns the files this call created."""
     written: list[Path] = []
     try:
         for path, write in files:
-            atomic_write(path, write, overwrite=overwrite)
+            try:
+                atomic_write(path, write, overwrite=overwrite)
+            except OutputExistsError:
+                if not (keep_identical and _same_bytes(Path(path), write)):
+                    raise
+                continue
             written.append(Path(path))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
     return written
+
+
+def _same_bytes(path: Path, write: Callable[[str], Any]) -> bool:
+    """Whether ``write`` would give exactly the bytes ``path`` holds (written to a temporary beside it)."""
+    import filecmp
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        return filecmp.cmp(tmp, path, shallow=False)
+    except OSError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -49,7 +49,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_progress_argument(p, "on for two or more images")
     p.add_argument("--quiet", dest="progress", action="store_false", help=argparse.SUPPRESS)  # the old spelling
     add_dense_arguments(p)
+    add_engine_arguments(p)
     return p
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("many machines (Ray Data; docs/scale.md)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: a pool of Ray actors, local or on a cluster, writing "
+                        "the same files and OUT/manifest.parquet; INPUT may also be a .txt/.csv/.parquet list of paths")
+    g.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="with --engine ray: join the Ray cluster there ('auto': the one on this machine); "
+                        "default: a local Ray started and stopped by the command")
+    g.add_argument("--num-workers", type=int, default=1, metavar="N", help="with --engine ray: actors (default 1)")
+    g.add_argument("--worker-threads", type=int, default=None, metavar="T",
+                   help="with --engine ray: torch threads per actor (default: the CPUs shared among the actors)")
+    g.add_argument("--resume", action="store_true",
+                   help="with --engine ray: continue the job in --out (inputs recorded ok with their files are kept, "
+                        "the rest recomputed)")
 
 
 # -- dense scores by shift-and-stitch or rarefaction (paper section 3.2; shared with evaluate) ---------
@@ -140,23 +157,22 @@ def renamed_stems(files: list[Path], stems: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-
     from ..checkpoint import load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError
     from ..inference import Segmenter
     from ..models.multihead import checkpoint_heads
     from ..outputs import output_dir, write_group
-    from ..uncertainty import to_png_array, uncertainty
-    from ..visualize import overlay, palette_image
+    from ..prediction_files import PredictionFiles
+    from ..uncertainty import uncertainty
 
     if not args.out.exists() and args.out.suffix.lower() in IMAGE_SUFFIXES:  # not a folder named result.png
         raise FcnsegError(f"--out {show_path(args.out)}: predict writes a folder (OUT/<image>.png per image), and "
                           f"this looks like an image file name; give a folder, e.g. --out {show_path(args.out.with_suffix(''))}")
     out: Path = output_dir(args.out, what="--out")  # before the model loads
-    hold_output(args, out)  # one writer per folder
+    hold_output(args, out)  # one writer per folder, whichever engine writes it
+    if args.engine == "ray" or args.resume or args.address or args.num_workers != 1 or args.worker_threads:
+        return run_ray(args, out)
     files, problems = expand_inputs(args.inputs)
     if not any(f.is_file() for f in files):  # inputs too are checked before the model loads
         for msg in problems:
@@ -172,36 +188,19 @@ def run(args: argparse.Namespace) -> int:
     seg = Segmenter(dense, inplace=True, **options) if dense is not None else \
         load_segmenter(args.checkpoint, backend=args.backend, **options)
 
-    mean_uncertainty: list[float] = []
+    files_of = PredictionFiles(overlay=args.overlay, alpha=args.alpha, probs=args.probs, uncertainty=args.uncertainty)
 
-    def names_of(stem: str) -> list[str]:
-        return [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if args.overlay else []) + \
-            ([f"{stem}_probs.npy"] if args.probs else []) + ([f"{stem}_uncertainty.png"] if args.uncertainty else [])
+    mean_uncertainty: list[float] = []
 
     def write_one(path: Path, stem: str) -> None:
         image = read_image(path)
-        pred = seg.segment(image, probs=args.probs or args.uncertainty)
-        mask = pred.mask.numpy()
-        group = [(out / f"{stem}.png", lambda tmp: palette_image(mask, seg.colors).save(tmp, format="PNG"))]
-        if args.overlay:
-            pic = overlay(image, mask, seg.colors, args.alpha)
-            group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
+        pred = seg.segment(image, probs=files_of.needs_probs)
+        write_group(files_of.group(out, stem, image, pred, seg.colors), overwrite=args.overwrite)
         if args.uncertainty:
-            u = to_png_array(uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
-            mean_uncertainty.append(float(u.mean()) / 255)
-            group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
-        if args.probs:
-            probs = pred.probs.numpy()
-
-            def save_npy(tmp: str) -> None:
-                with open(tmp, "wb") as f:
-                    np.save(f, probs)
-
-            group.append((out / f"{stem}_probs.npy", save_npy))
-        write_group(group, overwrite=args.overwrite)
+            mean_uncertainty.append(float(uncertainty(pred.probs).mean()))
 
     legends = {"legend.png": (seg.classes, seg.colors)}
-    code = write_each(args, out, files, problems, names_of, write_one, legends)
+    code = write_each(args, out, files, problems, files_of.names, write_one, legends)
     if args.uncertainty and (warning := uniform_uncertainty(mean_uncertainty)):
         say(f"warning: {warning}")
     return code
@@ -215,6 +214,50 @@ def uniform_uncertainty(means: list[float], floor: float = 0.9) -> str | None:
     span = f"{min(means):.3f}" if len(means) == 1 else f"{min(means):.3f} to {max(means):.3f}"
     return (f"the model is near-uniformly uncertain (mean uncertainty {span} of 1 on every image): it is barely "
             f"trained, so the uncertainty (and a ranking by it) means little yet; train it further first")
+
+
+def run_ray(args: argparse.Namespace, out: Path) -> int:
+    """``predict --engine ray``: the same checks and lines as predict, the work done by ``fcnseg.ray_predict``."""
+    from ..checkpoint import check_weights_fit, read_record, resolve_checkpoint
+    from ..errors import FcnsegError
+    from ..models.multihead import checkpoint_heads
+    from ..prediction_files import PredictionFiles
+    from ..ray_predict import RayJob, expand_manifests, import_ray, quiet_ray, run_job, summary
+
+    if args.engine != "ray":
+        raise FcnsegError("--resume, --address, --num-workers and --worker-threads go with --engine ray")
+    if args.num_workers < 1 or (args.worker_threads is not None and args.worker_threads < 1):
+        raise FcnsegError("--num-workers and --worker-threads must be at least 1")
+    if args.dense is not None:
+        raise FcnsegError("--engine ray does not take --dense; run it without --engine ray")
+    import_ray()  # a missing Ray is said before anything else
+    files, problems = expand_inputs(expand_manifests(args.inputs))
+    if not any(f.is_file() for f in files):
+        for msg in problems:
+            say(msg)
+        raise FcnsegError(f"{show_path(files[0])}: no such image file" if files else "no images to segment")
+    check_checkpoint_name(args.checkpoint)
+    if checkpoint_heads(args.checkpoint) is not None:
+        raise FcnsegError(f"{show_path(args.checkpoint)} is a multi-head net; --engine ray writes single-head masks")
+    if not str(args.checkpoint).endswith(".onnx"):  # checked here once, not in every actor
+        path = resolve_checkpoint(args.checkpoint)
+        check_weights_fit(path, read_record(path))
+    options = dict(device=args.device, dtype=args.dtype, tile=args.tile, overlap=args.overlap, flip=args.flip,
+                   scales=args.scales, max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
+    job = RayJob(checkpoint=args.checkpoint, out=out, backend=args.backend, segmenter_options=options,
+                 files=PredictionFiles(overlay=args.overlay, alpha=args.alpha, probs=args.probs,
+                                       uncertainty=args.uncertainty),
+                 overwrite=args.overwrite, resume=args.resume, address=args.address, num_workers=args.num_workers,
+                 worker_threads=args.worker_threads)
+    for msg in problems:
+        say(msg)
+    stems = output_stems(files)
+    for line in renamed_stems(files, stems):
+        say(line)
+    quiet_ray()  # the program's choice: Ray's INFO lines stay out of the command's output
+    outcome = run_job(job, list(zip(files, stems)), say, progress=args.progress is not False and len(files) > 1)
+    print(summary(outcome, out) + (f"; {len(problems)} input pattern(s) named nothing" if problems else ""))
+    return 1 if outcome.failed or outcome.skipped or problems else 0
 
 
 def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: list[str],

@@ -70,6 +70,33 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def elastic_restarts(info: DistInfo) -> int:
+    """How many times torchrun's elastic agents restarted this job: the largest ``TORCHELASTIC_RESTART_COUNT``
+    over the processes (an agent whose own worker did not fail may count fewer), the same on every rank; 0
+    outside torchrun."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not info.enabled or not (dist.is_available() and dist.is_initialized()):
+        return count
+    t = torch.tensor([count], dtype=torch.int64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def record_elastic(out: str | os.PathLike, info: DistInfo, restarts: int) -> None:
+    """Rank 0 of a torchrun launch writes ``OUT/elastic.json``: the restarts so far (rewritten at each start),
+    the world size and torchrun's run id and restart limit, so the run directory says how it was run."""
+    if not info.main or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return
+    import json
+    from pathlib import Path
+
+    from ..checkpoint import atomic_write
+
+    record = dict(restarts=restarts, world_size=info.world, run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+                  max_restarts=int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0))
+    atomic_write(Path(out) / "elastic.json", lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

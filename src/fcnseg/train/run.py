@@ -701,6 +701,11 @@ def fit(cfg: TrainConfig, resume: bool = False, command: Sequence[str] | None = 
     cfg.validate()
     output_dir(cfg.out, what="run directory")  # before any data is read
     info = dst.setup(cfg.device)
+    restarts = dst.elastic_restarts(info)
+    # torchrun --max-restarts started this process again after a failure: every rank continues from the
+    # newest resume state the earlier attempt left (none yet: it starts afresh)
+    resume = resume or (restarts > 0 and (Path(cfg.out) / "checkpoints" / "state-last.pt").exists())
+    dst.record_elastic(cfg.out, info, restarts)
     try:
         with _run_settings(cfg, info.device):
             return _fit(cfg, info, resume, list(command) if command is not None else None)
