@@ -30,12 +30,20 @@ def start(cmd: list[str]) -> subprocess.Popen:
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    """Until ``path`` exists (the lock is taken); fails if ``proc`` ends first."""
+    """Until ``path`` holds its record (the lock is taken and filled: created empty with O_EXCL, it is written a
+    moment later, and a kill in between would leave a lock with no record); fails if ``proc`` ends first."""
     end = time.monotonic() + timeout
-    while not path.exists():
+    while not _has_record(path):
         assert proc.poll() is None, f"ended before taking the lock: {proc.communicate()}"
         assert time.monotonic() < end, "the lock never appeared"
         time.sleep(0.01)
+
+
+def _has_record(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def labelme_export(folder: Path, labels: tuple[str, str], n: int, seed: int) -> Path:

@@ -104,6 +104,19 @@ class OutputLock:
                                 f"{show_path(self.path)}; remove the file if no fcnseg process is writing there")
 
     def _create(self) -> bool:
+        # the record is written first and hard-linked into place (link fails if the name exists, as O_EXCL does),
+        # so a lock file never exists without its record; filesystems without hard links fall back to O_EXCL
+        tmp = self.path.with_name(f"{self.path.name}.{self.record['token']}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.record), encoding="utf-8")
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
