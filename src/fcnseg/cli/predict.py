@@ -82,17 +82,22 @@ def add_dense_arguments(p: argparse.ArgumentParser) -> None:
                    help="output stride of the dense scores, dividing the model's (default 8)")
 
 
+def check_dense_flags(args: argparse.Namespace) -> None:
+    """The --dense flags, checked against each other and the checkpoint's kind before anything is read."""
+    from ..errors import FcnsegError
+
+    if args.dense is None and args.dense_stride is not None:
+        raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
+    if args.dense is not None and str(args.checkpoint).endswith(".onnx"):
+        raise FcnsegError("--dense needs a PyTorch checkpoint; an exported .onnx model has its upsampling built in")
+
+
 def dense_model(args: argparse.Namespace, load):
     """``load()``'s model densified as the flags ask, or ``None`` without ``--dense``; flags that do not
     fit get a one-line error before anything is loaded."""
-    from ..errors import FcnsegError
-
+    check_dense_flags(args)
     if args.dense is None:
-        if args.dense_stride is not None:
-            raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")
         return None
-    if str(args.checkpoint).endswith(".onnx"):
-        raise FcnsegError("--dense needs a PyTorch checkpoint; an exported .onnx model has its upsampling built in")
     from ..models.dense import densify
 
     return densify(load(), args.dense, args.dense_stride or 8)
@@ -180,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         raise FcnsegError(f"{show_path(files[0])}: no such image file" if files else "no images to segment")
     options = dict(device=args.device, dtype=args.dtype, tile=args.tile, overlap=args.overlap, flip=args.flip,
                    scales=args.scales, max_side="auto" if args.max_side is None else args.max_side, scale=args.scale)
+    check_dense_flags(args)  # a flag mistake is named whether or not the file exists
     check_checkpoint_name(args.checkpoint)
     heads = checkpoint_heads(args.checkpoint)
     if heads is not None:
