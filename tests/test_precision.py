@@ -246,10 +246,13 @@ def test_onnx_bfloat16_export_is_gated_as_openvino_runs_it(setup, capsys):
     assert len(line) == 1 and "float32 100.00" in line[0], stdout
     gate = onnx_record(out)["precision_gate"]
     assert (gate["precision"], gate["scored_in"], gate["passed"]) == ("bfloat16", "openvino", code == 0)
+    candidate = float(line[0].split("candidate ")[1].split(",")[0])
     if native_bf16_cpu():
         assert code == 1 and "mean IU drops by" in stderr and "file kept" in stderr
-    else:
-        assert code == 0 and "candidate 100.00" in line[0], line
+    else:  # how OpenVINO runs a bf16 hint without bf16 units differs by CPU (an AVX2 EPYC lost 0.45 points):
+        # whatever it computed, the gate's verdict is the measured drop against the 0.3-point tolerance
+        assert (code == 0) == (100.0 - candidate <= 0.3), (line, stderr)
+        assert ("mean IU drops by" in stderr) == (code == 1), stderr
 
 
 @pytest.mark.slow  # an ONNX export and an int8 quantization: tens of seconds on 2 cores
