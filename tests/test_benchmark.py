@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fcnseg.benchmark import RESULT_KEYS, benchmark, count_flops, format_results
+from fcnseg.evaluation.benchmark import RESULT_KEYS, benchmark, count_flops, format_results
 from fcnseg.cli import main
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from fcnseg.cli import main
-from fcnseg.inference import Segmenter
+from fcnseg.inference.segmenter import Segmenter
 from fcnseg.serve import ServeSettings, create_app
 from tiny_models import random_image, tiny_checkpoint
 from live_server import running_server

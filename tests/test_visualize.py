@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from fcnseg.train import report
-from fcnseg.visualize import colorize, overlay
+from fcnseg.inference.visualize import colorize, overlay
 
 COLORS = [[10, 20, 30], [200, 100, 0], [0, 0, 255]]
 

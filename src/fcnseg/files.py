@@ -1,13 +1,24 @@
-"""Places to write: checked before any work starts, and groups of files written all-or-nothing."""
+"""Writing files: every write atomic (``atomic_write``), places to write checked before any work starts,
+groups of files written all-or-nothing, stale temporaries cleaned, file digests; and tensor files read safely
+(``read_state_dict``: safetensors, or .pth with ``weights_only=True``)."""
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import pickle
+import re
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .checkpoint import atomic_write
-from .errors import FcnsegError, show_path
+import torch
+
+from .errors import FcnsegError, OutputExistsError, OutputWriteError, show_path
+
+logger = logging.getLogger(__name__)
 
 
 def output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
@@ -78,3 +89,145 @@ def write_group(files: Sequence[tuple[str | os.PathLike, Callable[[str], Any]]],
             path.unlink(missing_ok=True)
         raise
     return written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once at import: os.umask can only be read by setting it, which is not thread-safe later on
+_FILE_MODE = 0o666 & ~_umask()
+
+
+# atomic_write's temporaries: ".NAME.XXXXXXXX.tmp" (tempfile's 8 random characters) beside the target
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_TEMP_S = 3600.0
+
+
+def atomic_write(path: str | Path, write: Callable[[str], Any], overwrite: bool = True) -> None:
+    """Write through ``write(tmp_path)`` to a temporary name in the same folder, fsync, then move into place.
+
+    ``overwrite=True`` replaces an existing ``path`` (checkpoints replace last.safetensors). ``overwrite=False``
+    creates it exclusively: the finished file is hard-linked to ``path``, which fails if the name exists, even
+    when another process takes it at the same moment (``OutputExistsError``). The file gets the permissions a
+    plain ``open(path, "w")`` would give, even when ``write`` replaced the temporary with a file of its own.
+    An ``OSError`` (disk full, no permission, read-only file system) becomes a one-line ``OutputWriteError``
+    naming ``path``; either way no temporary is left behind.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _FILE_MODE)
+        os.close(fd)
+        write(tmp)
+        # safetensors' save_file creates its own file (owner-only) in place of the one made above
+        os.chmod(tmp, _FILE_MODE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                _link_new(tmp, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{show_path(path)}: exists already; not replaced") from None
+    except OSError as e:
+        raise OutputWriteError(f"{show_path(path)}: could not write ({e.strerror or e}); nothing was written") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the finished ``tmp`` the name ``path`` only if that name is free (atomic and race-free)."""
+    try:
+        os.link(tmp, path)
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # a file system without hard links: claim the name exclusively, then move the finished file onto it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
+        os.replace(tmp, path)
+
+
+def clean_stale_temps(folder: str | Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Remove ``atomic_write`` temporaries (``.NAME.XXXXXXXX.tmp``) left in ``folder`` by a killed writer.
+
+    Only files unmodified for ``older_than_s`` seconds (an hour) go: a live writer keeps its temporary's
+    modification time fresh, so concurrent writers into the same folder are not disturbed. Returns the removed.
+    """
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed  # nothing to clean in a folder that cannot be listed (yet)
+    for entry in entries:
+        if not _TMP_NAME.match(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # taken by another cleaner, or not ours to remove
+    if removed:
+        logger.info("removed %d stale temporary file(s) in %s", len(removed), show_path(folder))
+    return removed
+
+
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
+    """Hex digest of a file, read in blocks (weights and archives can be gigabytes)."""
+    import hashlib
+
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from .safetensors, or from .pth/.pt with ``weights_only=True`` (no code ever runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FcnsegError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FcnsegError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FcnsegError(f"{path}: refused to load: the file holds Python objects other than tensors, which "
+                          f"could run code ({_what_was_refused(str(e))}). Convert it to safetensors from a "
+                          f"trusted source.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise FcnsegError(f"{path}: not a readable PyTorch file ({str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FcnsegError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def _what_was_refused(message: str) -> str:
+    """The global that torch's weights-only unpickler refused, in plain text."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", plain) or re.search(r"Unsupported operand \S+", plain)
+    if found:
+        return f"found {found.group(1) if found.groups() else found.group(0)}"
+    lines = [ln.strip() for ln in plain.splitlines() if ln.strip() and "weights_only=False" not in ln]
+    return lines[-1][:160] if lines else "unsupported content"

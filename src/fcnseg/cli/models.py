@@ -17,7 +17,7 @@ def count_parameters(model) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import builtin_checkpoints, read_record
+    from ..weights.checkpoint import builtin_checkpoints, read_record
     from ..registry import build_model, list_models
 
     print(f"{'architecture':<28} {'parameters':>14} {'output stride':>14}")

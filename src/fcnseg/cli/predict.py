@@ -137,14 +137,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..checkpoint import load_checkpoint
+    from ..weights.checkpoint import load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError
-    from ..inference import Segmenter
-    from ..models.multihead import checkpoint_heads
-    from ..outputs import output_dir, write_group
-    from ..uncertainty import to_png_array, uncertainty
-    from ..visualize import overlay, palette_image
+    from ..inference.segmenter import Segmenter
+    from ..weights.checkpoint import checkpoint_heads
+    from ..files import output_dir, write_group
+    from ..inference.uncertainty import to_png_array, uncertainty
+    from ..inference.visualize import overlay, palette_image
 
     out: Path = output_dir(args.out, what="--out")  # before the model loads
     files, problems = expand_inputs(args.inputs)
@@ -199,7 +199,7 @@ def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: 
     import torch
     from torchvision.transforms.v2 import functional as TF
 
-    from ..checkpoint import load_checkpoint
+    from ..weights.checkpoint import load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError
     from ..models.multihead import write_head_masks
@@ -235,9 +235,9 @@ def write_each(args: argparse.Namespace, out: Path, files: list[Path], problems:
     unwritable folder stops the run; the legends follow once something was written; one summary line."""
     from tqdm import tqdm
 
-    from ..checkpoint import atomic_write, clean_stale_temps
+    from ..files import atomic_write, clean_stale_temps
     from ..errors import FcnsegError, OutputExistsError, OutputWriteError
-    from ..visualize import legend
+    from ..inference.visualize import legend
 
     clean_stale_temps(out)
     for msg in problems:
@@ -301,7 +301,7 @@ def say(message: str, bar=None) -> None:
 
 def check_checkpoint_name(checkpoint: str) -> None:
     """A name that is neither a path nor an installed built-in gets a one-line hint, not a path error."""
-    from ..checkpoint import builtin_checkpoints
+    from ..weights.checkpoint import builtin_checkpoints
     from ..errors import FcnsegError
 
     looks_like_name = not any(c in checkpoint for c in "/\\.") and not Path(checkpoint).exists()
@@ -314,8 +314,8 @@ def check_checkpoint_name(checkpoint: str) -> None:
 def load_segmenter(checkpoint: str, backend: str | None = None, **kwargs):
     """A Segmenter for the CLI, after ``check_checkpoint_name``. A process-wide step the library leaves to
     programs: a 16-bit conversion's freed float32 weights go back to the OS (glibc keeps freed pages)."""
-    from ..inference import Segmenter
-    from ..optimize import return_freed_memory
+    from ..inference.segmenter import Segmenter
+    from ..hardware import return_freed_memory
 
     check_checkpoint_name(checkpoint)
     seg = Segmenter.from_checkpoint(checkpoint, backend=backend, **kwargs)

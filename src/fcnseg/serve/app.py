@@ -23,9 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.datastructures import UploadFile
 
-from ..inference import Prediction, Segmenter
-from ..uncertainty import normalized_entropy, to_png_array
-from ..visualize import overlay, palette_image
+from ..inference.segmenter import Prediction, Segmenter
+from ..inference.uncertainty import normalized_entropy, to_png_array
+from ..inference.visualize import overlay, palette_image
 from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
 from .decode import UploadError, decode_image, limited_stream, read_limited
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics

@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ..data.io import _apply_exif
+from ..data.io import apply_exif
 
 
 class UploadError(Exception):
@@ -68,7 +68,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UploadError(400, "unreadable_image", f"the image could not be decoded ({msg})") from None
-    im = _apply_exif(im)
+    im = apply_exif(im)
     if im.mode in ("I;16", "I;16B", "I", "F"):
         raise UploadError(415, "unsupported_image", f"image has mode {im.mode} (16-bit/float single channel); "
                                                     f"send 8-bit RGB")
