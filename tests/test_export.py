@@ -168,7 +168,7 @@ import json, torch
 from fcnseg.weights.checkpoint import open_model
 from fcnseg.errors import FcnsegError
 from fcnseg.weights.export import parity
-from fcnseg.inference.optimize import native_bf16_cpu
+from fcnseg.hardware import native_bf16_cpu
 f32 = open_model({str(onnx_path)!r}, backend="openvino", threads=1)
 bf16 = open_model({str(onnx_path)!r}, backend="openvino", threads=1, dtype="bfloat16")
 r = parity(f32, bf16, torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0)))

@@ -218,7 +218,7 @@ def test_the_cli_flushes_subnormals_only_while_a_model_command_runs(monkeypatch,
 _FAULTS_CHILD = """
 import resource, sys
 import torch
-from fcnseg.inference.optimize import reuse_freed_memory, reusing_freed_memory
+from fcnseg.hardware import reuse_freed_memory, reusing_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory() and reusing_freed_memory()
 else:
