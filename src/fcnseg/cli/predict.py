@@ -202,7 +202,7 @@ def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: 
     from ..weights.checkpoint import load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError
-    from ..models.multihead import write_head_masks
+    from ..inference.visualize import write_head_masks
 
     unsupported = [flag for flag, used in (
         ("--overlay", args.overlay), ("--probs", args.probs), ("--uncertainty", args.uncertainty),
