@@ -20,7 +20,7 @@ from PIL import Image
 
 from fcnseg import Segmenter
 from fcnseg.data import build_dataset
-from fcnseg.metrics import ConfusionMatrix
+from fcnseg.evaluation.metrics import ConfusionMatrix
 
 
 def main() -> None:

@@ -1,15 +1,15 @@
 """fcnseg's fcn8s_vgg16 against the torchfcn port's FCN8s (same weights, same input) and torchvision's
 fcn_resnet50 (same input; its weights differ, so only time and memory compare).
 
-Every configuration runs in a fresh process through ``fcnseg.benchmark`` (warm-up, timed runs, peak
+Every configuration runs in a fresh process through ``fcnseg.evaluation.benchmark`` (warm-up, timed runs, peak
 memory = peak resident memory during inference minus the process's memory after imports). Ratios are
 against the port run as its users run it: float32, NCHW, eager.
 
 Weights: fcn8s_vgg16 as ``build_model`` makes it (torchvision's VGG initialisation), with the score
 layers given random non-zero weights (the paper's zero init would make every pixel class 0 and the
-agreement check meaningless); copied into torchfcn's FCN8s by layer name (``fcnseg.convert``'s map).
+agreement check meaningless); copied into torchfcn's FCN8s by layer name (``fcnseg.weights.convert``'s map).
 Input: a photograph (scikit-image's astronaut) resized to --size, ImageNet-normalised. The int8 rows
-quantize the exported ONNX model with ``fcnseg.export.quantize_onnx`` (all convolutions but the
+quantize the exported ONNX model with ``fcnseg.weights.export.quantize_onnx`` (all convolutions but the
 head's, only fc6 and fc7, or those and conv5), calibrated on three other photographs, with 8-bit weights
 where the CPU has VNNI and 7-bit ones elsewhere (``quantize_onnx``'s default).
 
@@ -49,7 +49,7 @@ def _import_torchfcn():
 
 def to_torchfcn_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """fcnseg's FCN-8s state dict under torchfcn's names (conv1_1 ... fc7, score_*, upscore*)."""
-    from fcnseg.convert import reference_names
+    from fcnseg.weights.convert import reference_names
 
     state = model.state_dict()
     out = {}
@@ -61,7 +61,7 @@ def to_torchfcn_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build_torchfcn(checkpoint: str) -> torch.nn.Module:
-    """torchfcn's FCN8s holding the fcnseg checkpoint's weights (a factory for fcnseg.benchmark)."""
+    """torchfcn's FCN8s holding the fcnseg checkpoint's weights (a factory for fcnseg.evaluation.benchmark)."""
     import fcnseg
 
     torchfcn = _import_torchfcn()
@@ -127,13 +127,13 @@ def build_hybrid(checkpoint: str, trunk: str) -> torch.nn.Module:
     scoring and upsampling in float32: the trunk keeps float32 accuracy at ONNX Runtime's speed, and the
     fc layers, 90% of the weights, take half the memory."""
     import fcnseg
-    from fcnseg.optimize import _CastInputs, optimize
+    from fcnseg.inference.optimize import CastInputs, optimize
 
     model = fcnseg.load_checkpoint(checkpoint)
     model.backbone = OnnxRuntimeTrunk(trunk, model.backbone.strides)
     optimize(model.fc, torch.bfloat16, channels_last=True, inplace=True)
     for layer in [model.score_fr, *model.score_skip.values()]:
-        layer.register_forward_pre_hook(_CastInputs(torch.float32, False))
+        layer.register_forward_pre_hook(CastInputs(torch.float32, False))
     return model.eval()
 
 
@@ -156,8 +156,8 @@ def make_weights(path: Path, seed: int = 0) -> Path:
 
 def photo_batch(photo, h: int, w: int) -> np.ndarray:
     """A PIL photo resized to h x w, ImageNet-normalised, as a (1, 3, h, w) float32 array."""
-    from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-    from fcnseg.export import calibration_batch
+    from fcnseg.record import IMAGENET_MEAN, IMAGENET_STD
+    from fcnseg.weights.export import calibration_batch
 
     return calibration_batch(photo, (h, w), IMAGENET_MEAN, IMAGENET_STD)
 
@@ -181,9 +181,9 @@ CONV5_AND_FC = ("fc.", "backbone.features.24.", "backbone.features.26.", "backbo
 
 
 def quantize(fp32_onnx: str, path: Path, h: int, w: int, only: tuple[str, ...] = ()) -> str:
-    """Static int8 model (``fcnseg.export.quantize_onnx``; ``only``: just those layers) calibrated on
+    """Static int8 model (``fcnseg.weights.export.quantize_onnx``; ``only``: just those layers) calibrated on
     three other photographs than the benchmark's input (``other_photos``)."""
-    from fcnseg.export import quantize_onnx
+    from fcnseg.weights.export import quantize_onnx
 
     return str(quantize_onnx(fp32_onnx, path, other_photos(h, w), only=only))
 
@@ -201,11 +201,11 @@ def fragile_layers(checkpoint: str, h: int, w: int, target: float = 0.995, most:
     timed input): each layer is tried alone in float32 (the rest bfloat16, score and upsampling float32 as
     always); the ones whose float32 copy raises the pixel agreement with the float32 model most are kept, one
     at a time, until the agreement reaches ``target`` or ``most`` layers are kept. Random weights leave no
-    labels to score, so agreement is the measure here; on a trained net ``fcnseg.precision.layer_sensitivity``
+    labels to score, so agreement is the measure here; on a trained net ``fcnseg.evaluation.precision.layer_sensitivity``
     ranks layers by mean IU."""
     import fcnseg
-    from fcnseg.optimize import optimize
-    from fcnseg.precision import sensitivity_units
+    from fcnseg.inference.optimize import optimize
+    from fcnseg.evaluation.precision import sensitivity_units
 
     model = fcnseg.load_checkpoint(checkpoint)
     photos = [torch.from_numpy(p) for p in other_photos(h, w)]
@@ -238,7 +238,7 @@ def main() -> int:
     parser.add_argument("--skip", nargs="*", default=[], help="labels of configurations to leave out")
     args = parser.parse_args()
 
-    from fcnseg.benchmark import benchmark, export_for_onnxruntime
+    from fcnseg.evaluation.benchmark import benchmark, export_for_onnxruntime
 
     _import_torchfcn()  # fail early, before the long runs
     here = str(Path(__file__).resolve().parent)

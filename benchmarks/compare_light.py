@@ -2,10 +2,10 @@
 with torchvision's light segmentation networks, LR-ASPP and DeepLabV3 on MobileNetV3-Large, at the same input size
 and thread count.
 
-Every configuration runs in a fresh process through ``fcnseg.benchmark`` (warm-up, timed runs, peak memory =
+Every configuration runs in a fresh process through ``fcnseg.evaluation.benchmark`` (warm-up, timed runs, peak memory =
 peak resident memory during inference minus the process's memory after imports). Every model runs the same
-way: converted by ``fcnseg.optimize`` (batch norm folded, channels-last), in float32 and, where this CPU runs
-bfloat16 natively (``fcnseg.optimize.native_bf16_cpu``), in bfloat16; the best of the two is marked. The
+way: converted by ``fcnseg.inference.optimize`` (batch norm folded, channels-last), in float32 and, where this CPU runs
+bfloat16 natively (``fcnseg.hardware.native_bf16_cpu``), in bfloat16; the best of the two is marked. The
 torchvision models have random weights (``weights=None, weights_backbone=None``) and as many classes as the
 CamVid model: speed does not depend on the weights' values. Nothing is downloaded.
 
@@ -46,8 +46,8 @@ def main() -> int:
 
     import torch
 
-    from fcnseg.benchmark import benchmark
-    from fcnseg.optimize import native_bf16_cpu
+    from fcnseg.evaluation.benchmark import benchmark
+    from fcnseg.hardware import native_bf16_cpu
 
     bf16 = native_bf16_cpu() and not args.float32_only
     rows = []

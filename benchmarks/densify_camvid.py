@@ -8,7 +8,7 @@
       then bilinear upsampling by the stride. Shift-and-stitch runs (32/stride)^2 passes.
 
 Mean IU etc. on the first ``--limit`` val images (0 = all 101) at the original 360 x 480, batch 1.
-Seconds per image and peak memory: ``fcnseg.benchmark`` (a fresh process per row, warm-up, median of
+Seconds per image and peak memory: ``fcnseg.evaluation.benchmark`` (a fresh process per row, warm-up, median of
 ``--iters`` runs at 360 x 480; peak = resident high-water mark minus the process after imports).
 
     OMP_NUM_THREADS=2 python benchmarks/densify_camvid.py --root /path/to/camvid --limit 0 --json densify.json
@@ -30,7 +30,7 @@ DERIVED = "derived (trunk + coarse scores of the FCN-8s, untrained as 32s)"
 
 def derived_fcn32s(checkpoint: str) -> torch.nn.Module:
     """The checkpoint's trunk and coarse score layer as an FCN-32s with fixed bilinear upsampling."""
-    from fcnseg.checkpoint import load_checkpoint
+    from fcnseg.weights.checkpoint import load_checkpoint
     from fcnseg.models import transfer_weights
     from fcnseg.registry import build_model
 
@@ -43,8 +43,8 @@ def derived_fcn32s(checkpoint: str) -> torch.nn.Module:
 
 
 def build(row: str, checkpoint: str = "camvid", fcn32s: str | None = None, stride: int = 8) -> torch.nn.Module:
-    """The model of one table row (also the factory ``fcnseg.benchmark`` calls in its fresh process)."""
-    from fcnseg.checkpoint import load_checkpoint
+    """The model of one table row (also the factory ``fcnseg.evaluation.benchmark`` calls in its fresh process)."""
+    from fcnseg.weights.checkpoint import load_checkpoint
     from fcnseg.models.dense import densify
 
     if row == "fcn8s":
@@ -59,7 +59,7 @@ def build(row: str, checkpoint: str = "camvid", fcn32s: str | None = None, strid
 def accuracy(model: torch.nn.Module, root: str, limit: int) -> dict:
     """Scores on the first ``limit`` CamVid val images, with the checkpoint's own normalisation."""
     from fcnseg.data import build_dataset, build_transforms
-    from fcnseg.metrics import ConfusionMatrix
+    from fcnseg.evaluation.metrics import ConfusionMatrix
 
     dataset = build_dataset("camvid", root, "val")
     norm = model.record.get("normalization", {})
@@ -78,7 +78,7 @@ def accuracy(model: torch.nn.Module, root: str, limit: int) -> dict:
 
 
 def cost(row: str, args: argparse.Namespace) -> dict:
-    from fcnseg.benchmark import benchmark
+    from fcnseg.evaluation.benchmark import benchmark
 
     spec = {"model": "densify_camvid:build", "size": [360, 480], "warmup": 1, "iters": args.iters,
             "threads": args.threads or None,
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {e['row']} | {e['stride']} | {e['passes']} | {100 * e['mean_iou']:.1f} | "
               f"{100 * e['pixel_accuracy']:.1f} | {e['seconds_per_image']:.3f} | {e['peak_memory_mb']:.0f} |")
     if args.json:
-        from fcnseg.checkpoint import atomic_write
+        from fcnseg.files import atomic_write
 
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=2)))
     return 0

@@ -41,10 +41,11 @@ def main() -> None:
     args = p.parse_args()
 
     import fcnseg
-    from fcnseg.benchmark import benchmark
-    from fcnseg.checkpoint import resolve_checkpoint
-    from fcnseg.evaluation import evaluate_model
-    from fcnseg.optimize import flush_denormal, optimize
+    from fcnseg.evaluation.benchmark import benchmark
+    from fcnseg.weights.checkpoint import resolve_checkpoint
+    from fcnseg.evaluation.loop import evaluate_model
+    from fcnseg.hardware import flush_denormal
+    from fcnseg.inference.optimize import optimize
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
 
-    from fcnseg.checkpoint import load_checkpoint
+    from fcnseg.weights.checkpoint import load_checkpoint
 
     print(f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"torch {torch.__version__}; relative error of float32 against float64")

@@ -1,7 +1,7 @@
 """How time and memory per image grow with image size (0.25 to 12 megapixels) through ``Segmenter``
 with tiling: time should grow linearly with pixels, peak memory should level off once images are tiled.
 
-Each size runs in a fresh process (``fcnseg.benchmark``, mode "segmenter": uint8 image in, mask out,
+Each size runs in a fresh process (``fcnseg.evaluation.benchmark``, mode "segmenter": uint8 image in, mask out,
 tiling included). Random weights: speed does not depend on them.
 
     OMP_NUM_THREADS=2 python benchmarks/scaling.py --model fcn8s_efficientnet_lite0 --num-classes 11
@@ -29,7 +29,7 @@ def main() -> int:
                         help="pairs of H W (default: 500 500  1000 1000  1500 2000  2000 3000  3000 4000)")
     args = parser.parse_args()
 
-    from fcnseg.benchmark import benchmark
+    from fcnseg.evaluation.benchmark import benchmark
 
     sizes = list(zip(args.sizes[::2], args.sizes[1::2])) if args.sizes else SIZES
     rows = []

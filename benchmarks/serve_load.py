@@ -63,7 +63,7 @@ def expected_mask_png(checkpoint: str, data: bytes) -> bytes:
 
     from fcnseg.cli.predict import load_segmenter
     from fcnseg.data.io import read_image
-    from fcnseg.visualize import palette_image
+    from fcnseg.inference.visualize import palette_image
 
     with tempfile.NamedTemporaryFile(suffix=".img") as f:
         f.write(data)
@@ -218,8 +218,8 @@ def main() -> int:
         print(f"  server memory: peak (VmHWM) {peak or float('nan'):.0f} MB; RSS first third {early:.0f} MB, "
               f"last third {late:.0f} MB (growth {late - early:+.0f} MB)")
     if args.baseline:
-        from fcnseg.benchmark import benchmark
-        from fcnseg.checkpoint import resolve_checkpoint
+        from fcnseg.evaluation.benchmark import benchmark
+        from fcnseg.weights.checkpoint import resolve_checkpoint
 
         print("running fcnseg benchmark for the baseline ...", file=sys.stderr, flush=True)
         r = benchmark({"model": str(resolve_checkpoint(args.checkpoint)), "size": [h, w], "batch": args.max_batch,

@@ -1,7 +1,7 @@
 """Training throughput of the CamVid recipe, side by side in one run: "before" (NCHW float32 activations, no
 autocast, the optimiser's plain per-tensor loop, glibc malloc's defaults: the recipe as it ran before issue 16)
 and "now" (what ``fcnseg train`` does by default: channels-last, ``amp: auto`` decided by its timed probe, the
-fused optimiser step, freed memory reused: ``fcnseg.optimize.reuse_freed_memory``). Optional extra
+fused optimiser step, freed memory reused: ``fcnseg.hardware.reuse_freed_memory``). Optional extra
 configurations: "system_malloc" ("now" with glibc's defaults, ``--malloc system``), "channels_last" (fp32,
 plain optimiser), "exact_bn" ("now" with ``exact_batch_norm: true``: channels-last batch norm as exact as
 NCHW's, and what that costs), "flush_denormal" ("now" with subnormal floats flushed to zero), "bf16" (autocast
@@ -9,7 +9,7 @@ forced on) and "compile" ("now" under ``torch.compile``, to see whether it wins 
 shows each process's peak resident memory.
 
 Each configuration runs in a fresh Python process (imports, oneDNN's kernel cache and the allocator start
-cold alike) and builds the run as ``fcnseg train`` does (``fcnseg.train.run.setup_run``: same seed, same
+cold alike) and builds the run as ``fcnseg train`` does (``fcnseg.train.setup.setup_run``: same seed, same
 model, data, loss and optimiser), then times ``--steps`` optimiser steps after ``--warmup`` untimed ones,
 loading batches with the recipe's loader. Images per second = images trained / seconds of the timed steps.
 The backbone starts from random weights (no download; the speed does not depend on their values).
@@ -81,11 +81,11 @@ def worker(spec: dict) -> dict:
 
     import fcnseg  # noqa: F401  (fills the registry)
     from fcnseg.config import load_config
-    from fcnseg.optimize import flush_denormal, reuse_freed_memory, reusing_freed_memory
+    from fcnseg.hardware import flush_denormal, reuse_freed_memory, reusing_freed_memory
     from fcnseg.train import distributed as dst
     from fcnseg.train import engine
-    from fcnseg.train.loader import Seeded, make_loader
-    from fcnseg.train.run import setup_run
+    from fcnseg.data.loader import Seeded, make_loader
+    from fcnseg.train.setup import setup_run
 
     settings = dict(spec["settings"])
     if settings.pop("malloc", "reuse") == "reuse":  # as the fcnseg train command does, first thing

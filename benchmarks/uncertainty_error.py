@@ -18,7 +18,7 @@ from PIL import Image
 
 from fcnseg import Segmenter
 from fcnseg.data import build_dataset
-from fcnseg.uncertainty import MEASURES, to_png_array, uncertainty
+from fcnseg.inference.uncertainty import MEASURES, to_png_array, uncertainty
 
 BINS = 1000
 

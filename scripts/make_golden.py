@@ -53,7 +53,7 @@ def frame(name: str) -> Image.Image:
 
 def outputs(name: str, image: Image.Image) -> tuple[np.ndarray, list[float]]:
     """Class ids (H, W) and the per-class mean probability that ``Segmenter.from_checkpoint(name)`` gives."""
-    from fcnseg.inference import Segmenter
+    from fcnseg.inference.segmenter import Segmenter
 
     seg = Segmenter.from_checkpoint(name)
     pred = seg.segment(image, probs=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from fcnseg.checkpoint import WEIGHTS_DIR, atomic_write, file_digest, load_checkpoint, save_checkpoint
+from fcnseg.files import atomic_write, file_digest
+from fcnseg.weights.checkpoint import WEIGHTS_DIR, load_checkpoint, save_checkpoint
 
 METRIC_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
 

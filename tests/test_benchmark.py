@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from fcnseg import build_model
-from fcnseg.benchmark import RESULT_KEYS, benchmark, count_flops, format_results
+from fcnseg.evaluation.benchmark import RESULT_KEYS, benchmark, count_flops, format_results
 from fcnseg.cli import main
 
 

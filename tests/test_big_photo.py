@@ -11,7 +11,7 @@ from PIL import Image
 
 from fcnseg import Segmenter
 from fcnseg.errors import FcnsegError
-from fcnseg.inference import working_long_side
+from fcnseg.inference.segmenter import working_long_side
 
 # the shared datasets sit beside the checkout (../shared/datasets) in CI, or at this workplace's /work/shared
 _CANDIDATES = [os.environ.get("FCNSEG_CAMVID"), Path(__file__).resolve().parents[2] / "shared/datasets/camvid",

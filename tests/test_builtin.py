@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fcnseg
-from fcnseg.checkpoint import builtin_checkpoints, read_record
+from fcnseg.weights.checkpoint import builtin_checkpoints, read_record
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                   "Pedestrian", "Bicyclist"]

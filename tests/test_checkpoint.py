@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 import fcnseg
-from fcnseg.checkpoint import default_palette, make_record, read_record, read_state_dict, save_checkpoint
+from fcnseg.files import read_state_dict
+from fcnseg.record import default_palette
+from fcnseg.weights.checkpoint import make_record, read_record, save_checkpoint
 from fcnseg.errors import FcnsegError
 
 ARCH = "fcn32s_googlenet"  # a paper net small enough to build in a moment
@@ -42,7 +44,7 @@ def test_round_trip_gives_a_ready_model(model, tmp_path):
     assert not loaded.training and loaded.arch == ARCH and loaded.num_classes == 4
     assert loaded.record["classes"] == ["bg", "a", "b", "c"] and loaded.record["metrics"] == {"mean_iou": 0.5}
     assert len(loaded.record["colors"]) == 4
-    assert loaded.record["normalization"]["mean"] == list(fcnseg.checkpoint.IMAGENET_MEAN)
+    assert loaded.record["normalization"]["mean"] == list(fcnseg.record.IMAGENET_MEAN)
     assert torch.equal(logits(loaded), logits(model))
 
 
@@ -174,7 +176,7 @@ def test_the_refusal_names_what_was_found_in_plain_text(tmp_path):
 
 
 def test_atomic_write_leaves_no_partial_file_and_usual_permissions(tmp_path):
-    from fcnseg.checkpoint import atomic_write
+    from fcnseg.files import atomic_write
 
     target = tmp_path / "out.json"
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fcnseg
-from fcnseg import convert as cv
+from fcnseg.weights import convert as cv
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
 

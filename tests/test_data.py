@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from fcnseg.record import IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.cli import main
 from fcnseg.data import DataFileError, build_dataset, build_transforms, list_datasets
 from fcnseg.data.base import IGNORE_INDEX
@@ -118,7 +118,7 @@ def test_voc_and_sbd_with_paper_splits(tmp_path):
     sets.mkdir(parents=True)
     names = ["2007_000001", "2007_000002", "2007_000003"]
     palette = Image.new("P", (1, 1))
-    from fcnseg.checkpoint import default_palette
+    from fcnseg.record import default_palette
     palette.putpalette([c for rgb in default_palette(256) for c in rgb])
     for n in names:
         save_rgb(voc / "JPEGImages" / f"{n}.jpg")

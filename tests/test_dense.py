@@ -313,7 +313,7 @@ TINY32 = "tiny_fcn32s_dense_test"
 def tiny32_checkpoint(tmp_path_factory):
     """A saved tiny bilinear FCN-32s (3 classes) and a 3-class folder dataset of odd-sized images."""
     import fcnseg
-    from fcnseg.checkpoint import make_record, save_checkpoint
+    from fcnseg.weights.checkpoint import make_record, save_checkpoint
     from tiny_models import make_folder_dataset
 
     if TINY32 not in fcnseg.list_models():

@@ -138,7 +138,7 @@ def _per_image_matrix(model, dataset, num_classes):
     """The reference: the model as loaded, one image at a time, plain argmax."""
     import torch
 
-    from fcnseg.metrics import ConfusionMatrix
+    from fcnseg.evaluation.metrics import ConfusionMatrix
 
     cm = ConfusionMatrix(num_classes, ignore_index=dataset.ignore_index if hasattr(dataset, "ignore_index") else 255)
     with torch.no_grad():
@@ -151,9 +151,9 @@ def _per_image_matrix(model, dataset, num_classes):
 def test_batched_optimized_evaluation_equals_per_image(trained, capsys):
     import torch
 
-    from fcnseg.checkpoint import load_checkpoint
+    from fcnseg.weights.checkpoint import load_checkpoint
     from fcnseg.data import build_dataset
-    from fcnseg.evaluation import evaluate_model
+    from fcnseg.evaluation.loop import evaluate_model
 
     data, run, tmp = trained
     model = load_checkpoint(run)
@@ -181,7 +181,7 @@ def test_mixed_sizes_and_batch_norm_fold_score_exactly(tmp_path):
     import torch.nn as nn
 
     import fcnseg
-    from fcnseg.evaluation import evaluate_model
+    from fcnseg.evaluation.loop import evaluate_model
 
     torch.manual_seed(0)
     model = fcnseg.build_model("fcn8s_efficientnet_lite0", num_classes=4, pretrained=True).eval()
@@ -219,7 +219,7 @@ def test_scoring_in_worker_processes_counts_exactly(one_thread, monkeypatch):
     import torch.nn as nn
 
     import fcnseg
-    import fcnseg.evaluation as evaluation
+    import fcnseg.evaluation.loop as evaluation
 
     torch.manual_seed(0)
     model = fcnseg.build_model("fcn8s_efficientnet_lite0", num_classes=4, pretrained=True).eval()
@@ -244,16 +244,16 @@ def test_scoring_in_worker_processes_counts_exactly(one_thread, monkeypatch):
 def test_validation_scores_in_float32_when_training_in_bf16(tmp_path, monkeypatch):
     """A run trained with bf16 autocast is still validated in float32: the mean IU that picks the best checkpoint
     is the one ``fcnseg evaluate`` reports for the saved file by default, not the bf16 one."""
-    import fcnseg.evaluation
+    import fcnseg.evaluation.loop
 
     data = make_folder_dataset(tmp_path / "data", n_train=4, n_val=3, size=(33, 45))
-    real, dtypes = fcnseg.evaluation.evaluate_model, []
+    real, dtypes = fcnseg.evaluation.loop.evaluate_model, []
 
     def spy(*args, **kwargs):
         dtypes.append(kwargs.get("dtype"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fcnseg.evaluation, "evaluate_model", spy)
+    monkeypatch.setattr(fcnseg.evaluation.loop, "evaluate_model", spy)
     run = tmp_path / "run"
     assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "1",
                  "--batch-size", "2", "--crop-size", "32", "32", "--workers", "0", "--no-progress", "--no-plots",

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcnseg.checkpoint import make_record, save_checkpoint
+from fcnseg.weights.checkpoint import make_record, save_checkpoint
 
 from tiny_models import TINY, random_image
 
@@ -69,7 +69,7 @@ def always_square(tmp_path):
 
 def test_evaluate_gives_the_hand_computed_confusion_matrix(tiny, labelled, always_square, tmp_path, capsys):
     from fcnseg.cli import main
-    from fcnseg.inference import Segmenter
+    from fcnseg.inference.segmenter import Segmenter
 
     seg = Segmenter.from_checkpoint(always_square)
     for name in ("a", "b"):  # the premise: class 1 everywhere

@@ -11,8 +11,9 @@ from PIL import Image
 
 import fcnseg
 from fcnseg.cli import main
-from fcnseg.export import OnnxRuntimeModel, load_exported, parity
-from fcnseg.optimize import vnni_cpu
+from fcnseg.weights.export import parity
+from fcnseg.weights.runtimes import OnnxRuntimeModel, load_exported
+from fcnseg.hardware import vnni_cpu
 from tiny_models import random_image, run_cli, run_python, tiny_checkpoint, write_launcher
 
 pytest.importorskip("onnxruntime")
@@ -62,7 +63,7 @@ def test_onnx_export_parity_of_a_real_light_model(tmp_path):
     1e-6 of the range); a wrong crop, a missing layer or a size baked into the graph moves logits by a
     sizeable fraction of it.
     """
-    from fcnseg.export import export_onnx
+    from fcnseg.weights.export import export_onnx
 
     model = fcnseg.load_checkpoint("camvid")
     norm = model.record["normalization"]
@@ -90,7 +91,7 @@ def test_export_command_prints_parity(tmp_path, tiny_ckpt, capsys):
 
 def test_torchscript_export_parity_and_record(tmp_path, tiny_ckpt):
     model = fcnseg.load_checkpoint(tiny_ckpt)
-    from fcnseg.export import export_torchscript
+    from fcnseg.weights.export import export_torchscript
 
     path = export_torchscript(model, tmp_path / "tiny.pt", example_size=(64, 96))
     scripted = load_exported(path)
@@ -130,7 +131,7 @@ def test_onnxruntime_backend_needs_an_onnx_file(exported):
 def test_openvino_backend_matches_the_eager_model(exported, tmp_path, capsys):
     """The same exported file run by OpenVINO: the eager model's logits at any size, the record from the file's
     metadata, compiled forms kept for the newest shapes only, and predict's masks equal to torch's."""
-    from fcnseg.export import OpenVinoModel
+    from fcnseg.weights.runtimes import OpenVinoModel
 
     ckpt, onnx_path = exported
     model = fcnseg.load_checkpoint(ckpt)
@@ -166,10 +167,10 @@ def test_openvino_opens_in_the_asked_precision(exported, tmp_path):
     ckpt, onnx_path = exported
     proc = run_python(f"""
 import json, torch
-from fcnseg.checkpoint import open_model
+from fcnseg.weights.checkpoint import open_model
 from fcnseg.errors import FcnsegError
-from fcnseg.export import parity
-from fcnseg.optimize import native_bf16_cpu
+from fcnseg.weights.export import parity
+from fcnseg.hardware import native_bf16_cpu
 f32 = open_model({str(onnx_path)!r}, backend="openvino", threads=1)
 bf16 = open_model({str(onnx_path)!r}, backend="openvino", threads=1, dtype="bfloat16")
 r = parity(f32, bf16, torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0)))
@@ -274,7 +275,7 @@ def test_int8_only_some_layers(exported, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from fcnseg.export import quantize_onnx
+    from fcnseg.weights.export import quantize_onnx
 
     _, onnx_path = exported
     calib = [np.asarray(random_image(96, 128, s), np.float32).transpose(2, 0, 1)[None] / 255 for s in (1, 2)]
@@ -298,7 +299,7 @@ def test_int8_only_some_layers(exported, tmp_path):
 
 @pytest.mark.openvino
 def test_int8_model_runs_in_openvino_as_in_onnx_runtime(int8_export):
-    from fcnseg.export import OpenVinoModel
+    from fcnseg.weights.runtimes import OpenVinoModel
 
     _, path = int8_export
     x = torch.randn(1, 3, 96, 128)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcnseg.checkpoint import make_record, save_checkpoint
+from fcnseg.weights.checkpoint import make_record, save_checkpoint
 from fcnseg.cli import build_parser, main
 from fcnseg.config import TrainConfig
 from tiny_models import make_folder_dataset, random_image, tiny_model
@@ -315,13 +315,14 @@ def test_onnx_whose_record_says_fewer_classes_than_the_graph_is_refused(tmp_path
 
     if backend == "openvino":
         pytest.importorskip("openvino")
-    from fcnseg.export import METADATA_KEY, export_onnx
+    from fcnseg.weights.export import export_onnx
+    from fcnseg.weights.runtimes import METADATA_KEY
 
     model = tiny_model(4)
     ckpt = save_checkpoint(model, tmp_path / "m.safetensors",
                            make_record(model, classes=[f"c{i}" for i in range(4)],
                                        colors=[[i * 60, 0, 0] for i in range(4)]))
-    from fcnseg.checkpoint import load_checkpoint
+    from fcnseg.weights.checkpoint import load_checkpoint
 
     path = export_onnx(load_checkpoint(ckpt), tmp_path / "m.onnx", example_size=(32, 40))
     m = onnx.load(str(path))
@@ -342,7 +343,7 @@ def test_onnx_whose_record_says_fewer_classes_than_the_graph_is_refused(tmp_path
 
 def test_openvino_message_shows_the_reason_not_the_source_location(tmp_path):
     ov = pytest.importorskip("openvino")
-    from fcnseg.export import runtime_message
+    from fcnseg.weights.runtimes import runtime_message
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")

@@ -8,6 +8,7 @@ import torch.nn as nn
 import fcnseg
 from fcnseg.errors import FcnsegError
 from fcnseg.models.fusion import LateFusionFCN, early_fusion
+from fcnseg.weights.checkpoint import load_late_fusion
 
 K = 4
 
@@ -69,7 +70,7 @@ def test_late_fusion_sums_the_two_streams():
 
 
 def test_late_fusion_from_two_checkpoints(tmp_path):
-    from fcnseg.checkpoint import make_record, save_checkpoint
+    from fcnseg.weights.checkpoint import make_record, save_checkpoint
 
     names = [f"c{i}" for i in range(K)]
     rgb, hha = _scored("fcn8s_resnet18"), _scored("fcn8s_resnet18")
@@ -77,18 +78,18 @@ def test_late_fusion_from_two_checkpoints(tmp_path):
         hha.score_fr.weight.mul_(-1)
     a = save_checkpoint(rgb, tmp_path / "rgb.safetensors", make_record(rgb, classes=names))
     b = save_checkpoint(hha, tmp_path / "hha.safetensors", make_record(hha, classes=names))
-    fused = LateFusionFCN.from_checkpoints(a, b)
+    fused = load_late_fusion(a, b)
     assert fused.record["late_fusion"] == {"rgb": str(a), "hha": str(b)} and fused.record["classes"] == names
     x = torch.randn(1, 6, 36, 36)
     with torch.no_grad():
         assert torch.allclose(fused(x), rgb(x[:, :3]) + hha(x[:, 3:]), atol=1e-5)
     c = save_checkpoint(hha, tmp_path / "other.safetensors", make_record(hha, classes=names[::-1]))
     with pytest.raises(FcnsegError, match="name their classes differently"):
-        LateFusionFCN.from_checkpoints(a, c)
+        load_late_fusion(a, c)
 
 
 def test_an_early_fused_model_is_built_by_name_and_survives_a_checkpoint(tmp_path):
-    from fcnseg.checkpoint import load_checkpoint, make_record, save_checkpoint
+    from fcnseg.weights.checkpoint import load_checkpoint, make_record, save_checkpoint
 
     torch.manual_seed(0)
     model = fcnseg.build_model("fcn8s_resnet18", num_classes=K, in_channels=4).eval()

@@ -24,7 +24,7 @@ AGREEMENT, PROB_ATOL = 0.995, 0.002
 
 @pytest.mark.parametrize("name", ["camvid", "siftflow"])
 def test_builtin_model_output_is_preserved(name):
-    from fcnseg.inference import Segmenter
+    from fcnseg.inference.segmenter import Segmenter
 
     image = Image.open(GOLDEN / f"{name}_frame.png").convert("RGB")
     want_mask = np.asarray(Image.open(GOLDEN / f"{name}_mask.png"))

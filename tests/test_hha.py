@@ -151,7 +151,7 @@ def test_nyudv2_yields_hha_and_rgb_hha_from_the_cache(tmp_path):
     import torch
     from PIL import Image
 
-    from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+    from fcnseg.record import IMAGENET_MEAN, IMAGENET_STD
     from fcnseg.data import build_dataset
     from fcnseg.data.io import read_depth
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 import fcnseg
-from fcnseg.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from fcnseg.record import IMAGENET_MEAN, IMAGENET_STD
 from fcnseg.models.light import efficientnet_lite_classifier
 
 skimage_data = pytest.importorskip("skimage.data")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fcnseg.metrics import ConfusionMatrix, absent_classes, format_table, json_safe
+from fcnseg.evaluation.metrics import ConfusionMatrix, absent_classes, format_table, json_safe
 
 
 def cm_from(target, pred, k=3, ignore_index=255):

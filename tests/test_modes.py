@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcnseg.export import export_onnx, export_torchscript
+from fcnseg.weights.export import export_onnx, export_torchscript
 from fcnseg.modes import eval_mode, train_mode
-from fcnseg.train.engine import evaluate
+from fcnseg.evaluation.loop import evaluate
 from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

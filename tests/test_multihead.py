@@ -14,7 +14,8 @@ from fcnseg.data import build_dataset
 from fcnseg.data.siftflow import DERIVED, GEOMETRIC_CLASSES, SIFTFLOW_CLASSES, SIFTFLOW_GEOMETRY
 from fcnseg.errors import FcnsegError
 from fcnseg.models.backbones import ResNetBackbone
-from fcnseg.models.multihead import MultiHeadFCN, evaluate_heads, multihead_loss
+from fcnseg.evaluation.loop import evaluate
+from fcnseg.models.multihead import MultiHeadFCN, multihead_loss
 
 HEADS = {"semantic": 5, "geometric": 3}
 
@@ -95,7 +96,7 @@ def test_metrics_are_kept_per_head():
             return {"a": a, "b": b}
 
     targets = {"a": torch.tensor([[[1, 0], [0, 255]]]), "b": torch.tensor([[[2, 2], [0, 1]]])}
-    cms = evaluate_heads(Fixed(), [(torch.zeros(1, 3, 2, 2), targets)])
+    cms = evaluate(Fixed(), [(torch.zeros(1, 3, 2, 2), targets)], progress=False)
     assert cms["a"].compute()["pixel_accuracy"] == pytest.approx(1.0)  # the ignored pixel is left out
     assert cms["b"].compute()["pixel_accuracy"] == pytest.approx(0.5)
 
@@ -155,8 +156,8 @@ def test_siftflow_geometric_label_files_win_over_derivation(tmp_path):
 
 
 def test_one_mask_per_head_is_written(tmp_path):
-    from fcnseg.checkpoint import default_palette
-    from fcnseg.models.multihead import write_head_masks
+    from fcnseg.record import default_palette
+    from fcnseg.inference.visualize import write_head_masks
 
     model = _model()
     with torch.no_grad():

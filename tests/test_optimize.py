@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 import fcnseg
-from fcnseg.inference import Segmenter
-from fcnseg.optimize import BigWeightConv2d, flush_denormal, fold_batchnorm, optimize
+from fcnseg.inference.segmenter import Segmenter
+from fcnseg.hardware import flush_denormal
+from fcnseg.inference.optimize import BigWeightConv2d, fold_batchnorm, optimize
 
 from tiny_models import random_image, tiny_model
 
@@ -217,7 +218,7 @@ def test_the_cli_flushes_subnormals_only_while_a_model_command_runs(monkeypatch,
 _FAULTS_CHILD = """
 import resource, sys
 import torch
-from fcnseg.optimize import reuse_freed_memory, reusing_freed_memory
+from fcnseg.hardware import reuse_freed_memory, reusing_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory() and reusing_freed_memory()
 else:

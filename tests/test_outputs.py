@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcnseg.checkpoint import atomic_write, clean_stale_temps, save_checkpoint
+from fcnseg.files import atomic_write, clean_stale_temps
+from fcnseg.weights.checkpoint import save_checkpoint
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError, OutputExistsError, OutputWriteError, printable, show_path
-from fcnseg.outputs import output_dir, output_file, write_group
+from fcnseg.files import output_dir, output_file, write_group
 from tiny_models import random_image, tiny_checkpoint, tiny_model
 
 
@@ -106,7 +107,7 @@ def test_cli_output_places_are_checked_before_any_work(tmp_path, monkeypatch, ca
         raise AssertionError("work started before the output place was checked")
 
     monkeypatch.setattr("fcnseg.cli.predict.load_segmenter", no_work)
-    monkeypatch.setattr("fcnseg.checkpoint.load_checkpoint", no_work)
+    monkeypatch.setattr("fcnseg.weights.checkpoint.load_checkpoint", no_work)
     monkeypatch.setattr("fcnseg.data.build_dataset", no_work)
     a_file, a_dir = tmp_path / "taken.png", tmp_path / "adir"
     a_file.write_bytes(b"x")
@@ -122,7 +123,7 @@ def test_train_out_that_is_a_file_fails_before_data_is_read(tmp_path, monkeypatc
 
     data = make_folder_dataset(tmp_path / "data", n_train=2, n_val=1)
     (tmp_path / "run").write_text("not a folder")
-    monkeypatch.setattr("fcnseg.train.run.build_data", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
+    monkeypatch.setattr("fcnseg.train.setup.build_data", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
     assert main(["train", "--model", "tiny_fcn8s", "--dataset", "folder", "--root", str(data), "--epochs", "1",
                  "--workers", "0", "--no-progress", "--out", str(tmp_path / "run")]) == 1
     assert "run directory" in _one_error_line(capsys)
@@ -176,7 +177,7 @@ def test_every_written_file_gets_the_umask_mode(tmp_path):
     assert [f.name for f in written] == ["a.png", "a_overlay.jpg", "a_probs.npy", "legend.png"]
     assert {f.name: f.stat().st_mode & 0o777 for f in written} == {f.name: mode for f in written}
     pytest.importorskip("torch.jit")
-    from fcnseg.export import export_torchscript
+    from fcnseg.weights.export import export_torchscript
 
     ts = export_torchscript(tiny_model(3), tmp_path / "m.pt", example_size=(32, 32))
     assert ts.stat().st_mode & 0o777 == mode
@@ -263,7 +264,7 @@ def test_collisions_within_a_run_are_reported(tmp_path, two_sets, capsys):
 
 
 def test_a_full_disk_mid_run_stops_with_honest_counts_and_no_partial_files(tmp_path, two_sets, capsys, monkeypatch):
-    import fcnseg.visualize as vis
+    import fcnseg.inference.visualize as vis
 
     ckpt = tiny_checkpoint(tmp_path / "t.safetensors")
     real_overlay, calls = vis.overlay, []

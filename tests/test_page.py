@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fcnseg.cli import main
-from fcnseg.inference import Segmenter
+from fcnseg.inference.segmenter import Segmenter
 from fcnseg.serve import ServeSettings, create_app
 from tiny_models import random_image, tiny_checkpoint
 from live_server import running_server

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from fcnseg.checkpoint import make_record, save_checkpoint
+from fcnseg.weights.checkpoint import make_record, save_checkpoint
 from fcnseg.cli import main
-from fcnseg.inference import Segmenter
+from fcnseg.inference.segmenter import Segmenter
 from fcnseg.serve import create_app
 from live_server import running_server
 from tiny_models import random_image, tiny_model

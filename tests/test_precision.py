@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 import fcnseg
-from fcnseg.checkpoint import read_record
+from fcnseg.weights.checkpoint import read_record
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
-from fcnseg.optimize import optimize
-from fcnseg.precision import labelled_dataset, layer_sensitivity, miou_change, sensitivity_units
-from fcnseg.checkpoint import make_record, save_checkpoint
+from fcnseg.inference.optimize import optimize
+from fcnseg.evaluation.precision import labelled_dataset, layer_sensitivity, miou_change, sensitivity_units
+from fcnseg.weights.checkpoint import make_record, save_checkpoint
 from tiny_models import random_image, run_cli, tiny_model, write_launcher
 
 FRAGILE_OFFSET = 1024.0
@@ -230,8 +230,8 @@ def test_onnx_bfloat16_export_is_gated_as_openvino_runs_it(setup, capsys):
     runs it in bf16 inference precision: on a CPU with bf16 units the fragile fc7 loses its signal there too, so
     the export is refused (file kept); elsewhere OpenVINO computes in float32 and the file passes unchanged."""
     pytest.importorskip("onnxscript")
-    from fcnseg.export import onnx_record
-    from fcnseg.optimize import native_bf16_cpu
+    from fcnseg.weights.runtimes import onnx_record
+    from fcnseg.hardware import native_bf16_cpu
 
     tmp, ckpt, _ = setup
     out = tmp / "fragile-ov-bf16.onnx"
@@ -268,7 +268,7 @@ def test_int8_export_is_gated_by_mean_iu(setup, capsys):
     line = [ln for ln in captured.out.splitlines() if ln.startswith("mean IU on 3 image(s)")]
     assert len(line) == 1 and "float32 100.00" in line[0]
     assert code == 1 and out.is_file() and "more than --max-miou-drop 0.0 (file kept" in captured.err
-    from fcnseg.export import onnx_record
+    from fcnseg.weights.runtimes import onnx_record
 
     gate = onnx_record(out)["precision_gate"]
     assert (gate["precision"], gate["scored_in"], gate["passed"]) == ("int8", "onnxruntime", False)

@@ -83,7 +83,7 @@ def test_large_images_are_tiled_to_the_input_size(tmp_path, ckpt):
 
 
 def test_missing_builtin_checkpoint_is_one_line(tmp_path, images, capsys, monkeypatch):
-    monkeypatch.setattr("fcnseg.checkpoint.WEIGHTS_DIR", tmp_path / "no-weights")  # an install without them
+    monkeypatch.setattr("fcnseg.weights.checkpoint.WEIGHTS_DIR", tmp_path / "no-weights")  # an install without them
     code = main(["predict", str(images / "a.png"), "--out", str(tmp_path / "out")])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()

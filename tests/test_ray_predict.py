@@ -22,9 +22,9 @@ from tiny_models import random_image
 pytest.importorskip("ray.data", reason="the ray extra: pip install 'fcnseg[ray]'")
 import pyarrow.parquet as pq  # noqa: E402  (a dependency of ray[data])
 
-from fcnseg.outputs import write_group  # noqa: E402
+from fcnseg.files import write_group  # noqa: E402
 from fcnseg.errors import OutputExistsError  # noqa: E402
-from fcnseg.ray_predict import read_path_list  # noqa: E402
+from fcnseg.inference.ray_predict import read_path_list  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

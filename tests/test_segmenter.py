@@ -11,7 +11,9 @@ from PIL import Image
 
 import fcnseg
 from fcnseg.errors import FcnsegError
-from fcnseg.inference import Segmenter, optimize, tile_spans
+from fcnseg.inference.optimize import optimize
+from fcnseg.inference.segmenter import Segmenter
+from fcnseg.inference.tiling import tile_spans
 
 from tiny_models import random_image, tiny_checkpoint, tiny_model
 
@@ -139,9 +141,9 @@ def test_optimize_bfloat16_keeps_the_head_in_float32_and_the_state_dict():
 def test_optimize_warns_when_bfloat16_is_not_native(monkeypatch, native):
     import warnings
 
-    import fcnseg.optimize
+    import fcnseg.inference.optimize
 
-    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(fcnseg.hardware, "native_bf16_cpu", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         optimize(tiny_model(), torch.bfloat16)
@@ -153,10 +155,10 @@ def test_optimize_warns_when_bfloat16_is_not_native(monkeypatch, native):
 def test_cli_prints_warnings_in_one_line(monkeypatch, tmp_path, capsys):
     import warnings
 
-    import fcnseg.optimize
+    import fcnseg.inference.optimize
     from fcnseg.cli import main
 
-    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(fcnseg.hardware, "native_bf16_cpu", lambda: False)
     src = tmp_path / "x.png"
     random_image(40, 56).save(src)
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
@@ -171,7 +173,7 @@ def test_cli_prints_warnings_in_one_line(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_big_weight_convolutions_are_the_same_convolution(dtype):
-    from fcnseg.inference import BigWeightConv2d
+    from fcnseg.inference.optimize import BigWeightConv2d
 
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 10, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)).to(dtype)
@@ -205,7 +207,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairs():
-    from fcnseg.inference import fold_batchnorm
+    from fcnseg.inference.optimize import fold_batchnorm
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
@@ -239,7 +241,7 @@ def test_fold_batchnorm_keeps_outputs_and_refuses_wrong_pairs():
 
 def test_fold_batchnorm_uses_the_layers_eps():
     """A large eps (0.1) makes leaving it out visible: the folded net must still give the BatchNorm's output."""
-    from fcnseg.inference import fold_batchnorm
+    from fcnseg.inference.optimize import fold_batchnorm
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, eps=0.1)).eval()
@@ -273,7 +275,7 @@ def test_a_model_in_training_mode_is_segmented_in_eval_mode_and_left_as_it_was()
 
 def test_the_tta_module_gives_the_segmenters_probabilities():
     """evaluate --flip/--scales and Segmenter share one averaging: same probabilities for the same image."""
-    from fcnseg.inference import TestTimeAugmentation
+    from fcnseg.inference.tta import TestTimeAugmentation
 
     model = tiny_model().eval()
     img = random_image(40, 56, 7)

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fcnseg.cli import main
-from fcnseg.inference import Segmenter
+from fcnseg.inference.segmenter import Segmenter
 from fcnseg.serve import ServeSettings, create_app
 from tiny_models import random_image, tiny_checkpoint
 from live_server import free_port, running_server
@@ -431,7 +431,7 @@ def test_serve_command_checks_and_warns(ckpt, monkeypatch, capsys):
 
 
 def test_serve_defaults_to_the_builtin_models():
-    from fcnseg.checkpoint import builtin_checkpoints
+    from fcnseg.weights.checkpoint import builtin_checkpoints
     from fcnseg.cli.serve import model_specs
 
     assert model_specs(None) == {name: name for name in builtin_checkpoints()} and model_specs(None)
@@ -450,7 +450,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, limit_s: float = 120) -> None
 
 
 def test_fcnseg_serve_without_model_arguments_serves_the_builtin_models_and_stops_on_sigint():
-    from fcnseg.checkpoint import builtin_checkpoints
+    from fcnseg.weights.checkpoint import builtin_checkpoints
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

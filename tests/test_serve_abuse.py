@@ -22,10 +22,10 @@ from PIL import Image
 
 from fcnseg.cli import main
 from fcnseg.data.io import DataFileError, read_image
-from fcnseg.inference import Segmenter
+from fcnseg.inference.segmenter import Segmenter
 from fcnseg.serve import ServeSettings, create_app
 from fcnseg.serve.app import entropy_png
-from fcnseg.uncertainty import normalized_entropy, to_png_array
+from fcnseg.inference.uncertainty import normalized_entropy, to_png_array
 from live_server import free_port, running_server
 from tiny_models import env, random_image, tiny_checkpoint, write_launcher
 

@@ -111,9 +111,9 @@ def test_a_sample_that_goes_bad_after_the_check_is_counted_and_named_once(tiny, 
                                                                            monkeypatch):
     """The start-up check passed everything (as if img001 and img002 broke later): each of their slots is
     filled by the next sample, counted per slot, and each file is named once in the run."""
-    from fcnseg.train import fit, run
+    from fcnseg.train import fit, setup
 
-    monkeypatch.setattr(run, "scan_samples", lambda ds, workers=0: (list(range(len(ds))), []))
+    monkeypatch.setattr(setup, "scan_samples", lambda ds, workers=0: (list(range(len(ds))), []))
     caplog.set_level(logging.INFO, logger="fcnseg")
     summary = fit(_cfg(damaged, tmp_path / "run", epochs=3))
     assert summary["filled_slots"] == 3 * 2  # two bad slots in each of the three epochs

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from fcnseg.config import from_dict
 from fcnseg.train.engine import NonFiniteLossError, SegmentationLoss, StepOptions, train_one_epoch
-from fcnseg.train.loader import Seeded, ShardSampler, collate, sample_seed
+from fcnseg.data.loader import Seeded, ShardSampler, collate, sample_seed
 from fcnseg.train.optim import build_optimizer, lr_factor, param_groups
 
 from tiny_models import make_folder_dataset, read_weights
@@ -298,7 +298,7 @@ def test_class_weights_median_and_file(tiny, data, tmp_path):
 def test_class_weight_power_softens_the_weights():
     from types import SimpleNamespace
 
-    from fcnseg.train.run import resolve_class_weights
+    from fcnseg.train.setup import resolve_class_weights
 
     data = SimpleNamespace(num_classes=3, classes=["a", "b", "c"])
     cfg = from_dict({"model": "m", "dataset": "folder", "class_weight_power": 0.5})
@@ -341,7 +341,8 @@ def test_over_budget_warning_is_given_once(caplog):
 
     from fcnseg.config import TrainConfig
     from fcnseg.train import distributed as dst
-    from fcnseg.train.run import Position, warn_if_over_budget
+    from fcnseg.train.run import warn_if_over_budget
+    from fcnseg.train.setup import Position
 
     run = SimpleNamespace(cfg=TrainConfig(epochs=10, time_budget_min=60), info=dst.DistInfo(), budget_warned=False,
                           done=False, pos=Position(1, 0, 100), total_steps=1000, steps_per_epoch=100,

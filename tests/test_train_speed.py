@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fcnseg.optimize
+import fcnseg.hardware
 from fcnseg.config import TrainConfig, from_dict
 from fcnseg.errors import FcnsegError
 from fcnseg.train import amp as amp_mod
@@ -44,7 +44,7 @@ class _Clock:
     (False, 0.2, 0.1, None),  # not native: no probe at all
 ])
 def test_amp_auto_decides_by_the_probe_where_bf16_is_native(monkeypatch, native, fp32, bf16, want):
-    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(fcnseg.hardware, "native_bf16_cpu", lambda: native)
     clock = _Clock(fp32, bf16)
     model = nn.Conv2d(3, 3, 1)
     dtype, decision = amp_mod.choose_amp(TrainConfig(amp="auto"), model, SegmentationLoss(), _batch(), CPU,
@@ -62,7 +62,7 @@ def test_amp_auto_decides_by_the_probe_where_bf16_is_native(monkeypatch, native,
 def test_amp_auto_takes_each_precisions_best_of_alternating_probes(monkeypatch):
     """A machine that was busy during the first float32 probe must not hand bf16 the win: the probes alternate
     (float32, bf16, bf16, float32) and each precision's best counts; all timings are recorded."""
-    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(fcnseg.hardware, "native_bf16_cpu", lambda: True)
     seconds = iter([0.30, 0.25, 0.20, 0.21])  # a single float32/bf16 pair would say 0.30 against 0.25: bf16
     calls = []
 
@@ -81,7 +81,7 @@ def test_a_slow_first_probe_of_a_short_step_does_not_hand_bf16_the_win(monkeypat
     """The tiny nets of the tests: a cold first float32 pass over 0.1 s (a busy machine), then a few ms each. The
     best float32 time decides that the step is too short, as it does where the first pass is already fast (a
     run chose bf16 here once, and its same-seed twin float32)."""
-    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(fcnseg.hardware, "native_bf16_cpu", lambda: True)
     seconds = iter([0.13, 0.0049, 0.005, 0.013])
 
     def clock(model, loss_fn, images, masks, dtype):
@@ -94,7 +94,7 @@ def test_a_slow_first_probe_of_a_short_step_does_not_hand_bf16_the_win(monkeypat
 
 
 def test_amp_true_or_false_is_taken_as_set(monkeypatch):
-    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(fcnseg.hardware, "native_bf16_cpu", lambda: False)
     clock = _Clock(0.1, 0.2)
     for amp, want in ((True, torch.bfloat16), (False, None)):
         dtype, decision = amp_mod.choose_amp(TrainConfig(amp=amp), nn.Conv2d(3, 3, 1), SegmentationLoss(), None, CPU,
@@ -131,7 +131,7 @@ def test_a_run_whose_probe_chose_float32_trains_like_amp_false(tmp_path, monkeyp
     from fcnseg.cli import main
 
     data = make_folder_dataset(tmp_path / "data", n_train=6, n_val=0)
-    monkeypatch.setattr(fcnseg.optimize, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(fcnseg.hardware, "native_bf16_cpu", lambda: True)
     real = amp_mod.probe_or_time_here
     probed = []
 
@@ -202,7 +202,7 @@ def test_fcnseg_train_reuses_freed_memory_unless_told_not_to(tmp_path, monkeypat
     from fcnseg.cli import main
 
     calls, order = [], []
-    monkeypatch.setattr(fcnseg.optimize, "reuse_freed_memory", lambda *a: calls.append(a) or order.append("malloc"))
+    monkeypatch.setattr(fcnseg.hardware, "reuse_freed_memory", lambda *a: calls.append(a) or order.append("malloc"))
     monkeypatch.setattr(fcnseg.train, "fit", lambda cfg, **kw: order.append("fit") or {})
     root = make_folder_dataset(tmp_path / "data")
     assert main(["train", "--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "run"), *flags]) == 0
@@ -221,7 +221,7 @@ def test_the_probe_process_allocates_as_the_training_process_does(monkeypatch, r
         jobs.append(json.loads(input))
         return subprocess.CompletedProcess(args, 0, stdout="0.25\n", stderr="")
 
-    monkeypatch.setattr(fcnseg.optimize, "_reusing", reusing)
+    monkeypatch.setattr(fcnseg.hardware, "_reusing", reusing)
     monkeypatch.setattr(amp_mod.subprocess, "run", child)
     images, masks = _batch()
     seconds = amp_mod.probe_train_step("fcn8s_efficientnet_lite0", {}, SegmentationLoss(), images, 3, None, steps=1)

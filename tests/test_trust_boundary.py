@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import fcnseg
-from fcnseg.checkpoint import save_checkpoint
+from fcnseg.weights.checkpoint import save_checkpoint
 from fcnseg.errors import FcnsegError
 from fcnseg.record import CheckpointRecord
 
@@ -181,7 +181,7 @@ def hostile_checkpoints(d: Path, marker: Path, good: Path) -> list[tuple[str, Pa
 
     # records that are fine but weights that are not
     state = {k: v.contiguous() for k, v in fcnseg.load_checkpoint(good).state_dict().items()}
-    rec = dict(fcnseg.checkpoint.read_record(good))
+    rec = dict(fcnseg.weights.checkpoint.read_record(good))
     out.append(("weights_for_5_classes", _meta_file(d / "w5.safetensors", json.dumps(
         {**rec, "num_classes": 5, "classes": list("abcde"), "colors": [[0, 0, i] for i in range(5)]}), state)))
     out.append(("weights_missing", _meta_file(d / "wm.safetensors", json.dumps(rec),
@@ -455,7 +455,7 @@ def test_each_bad_field_is_named_in_one_line(field, value, message):
 
 def test_weights_that_do_not_fit_say_which_tensors(tmp_path, good_checkpoint):
     state = {k: v.contiguous() for k, v in fcnseg.load_checkpoint(good_checkpoint).state_dict().items()}
-    rec = dict(fcnseg.checkpoint.read_record(good_checkpoint))
+    rec = dict(fcnseg.weights.checkpoint.read_record(good_checkpoint))
     path = _meta_file(tmp_path / "w.safetensors", json.dumps(
         {**rec, "num_classes": 5, "classes": list("abcde"), "colors": [[0, 0, i] for i in range(5)]}), state)
     with pytest.raises(FcnsegError, match=r"score_fr.weight \(3, 1280, 1, 1\) \(expected \(5, 1280, 1, 1\)\)"):
@@ -474,7 +474,7 @@ def test_a_record_for_too_many_classes_allocates_nothing(tmp_path):
 def test_builtin_weights_are_verified_against_their_sha256(tmp_path, monkeypatch):
     import shutil
 
-    from fcnseg import checkpoint
+    from fcnseg.weights import checkpoint
 
     weights = tmp_path / "weights"
     shutil.copytree(checkpoint.WEIGHTS_DIR, weights)

@@ -165,7 +165,7 @@ def test_a_two_headed_net_needs_one_label_map_per_head(tmp_path):
 def test_single_output_paths_refuse_a_multihead_net_in_one_line(tmp_path):
     from fcnseg import Segmenter, build_model
     from fcnseg.errors import FcnsegError
-    from fcnseg.export import export_onnx
+    from fcnseg.weights.export import export_onnx
 
     model = build_model("fcn16s_efficientnet_lite0_twohead", num_classes=4).eval()
     for attempt in (lambda: Segmenter(model), lambda: export_onnx(model, tmp_path / "m.onnx")):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
-from fcnseg.uncertainty import normalized_entropy, one_minus_margin, to_png_array, uncertainty
+from fcnseg.inference.uncertainty import normalized_entropy, one_minus_margin, to_png_array, uncertainty
 
 
 def test_entropy_and_margin_by_hand():
@@ -44,7 +44,7 @@ class HalfSure(torch.nn.Module):
 
 @pytest.fixture()
 def half_sure(monkeypatch):
-    from fcnseg import inference
+    from fcnseg.inference import segmenter as inference
     from fcnseg.cli import predict
 
     def load(checkpoint, backend=None, **kwargs):

@@ -144,7 +144,7 @@ def test_vgg16_unpool_logits_have_the_input_size():
 
 
 def test_checkpoint_round_trip_rebuilds_the_unpool_model(tmp_path):
-    from fcnseg.checkpoint import load_checkpoint, make_record, save_checkpoint
+    from fcnseg.weights.checkpoint import load_checkpoint, make_record, save_checkpoint
 
     torch.manual_seed(0)
     model = _alexnet().eval()

@@ -6,13 +6,13 @@ import pytest
 from PIL import Image
 
 from fcnseg.train import report
-from fcnseg.visualize import colorize, overlay
+from fcnseg.inference.visualize import colorize, overlay
 
 COLORS = [[10, 20, 30], [200, 100, 0], [0, 0, 255]]
 
 
 def test_the_default_palette_is_the_voc_colour_map():
-    from fcnseg.checkpoint import default_palette
+    from fcnseg.record import default_palette
 
     voc = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
            [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0], [192, 128, 0], [64, 0, 128], [192, 0, 128],

@@ -22,7 +22,7 @@ import torch.nn as nn
 from PIL import Image
 
 import fcnseg
-from fcnseg.checkpoint import make_record, save_checkpoint
+from fcnseg.weights.checkpoint import make_record, save_checkpoint
 from fcnseg.models import FCN, Backbone
 from fcnseg.registry import temporarily_registered
 

@@ -242,7 +242,7 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     text = dump_config(cfg)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -172,17 +172,13 @@ class CheckpointRecord(Mapping):
     def transforms(self):
         """The evaluation transform for this model's inputs: ``(PIL image, PIL mask) -> (tensor, tensor)``,
         normalised with the record's mean and std at the original resolution."""
-        from .data.transforms import PairedTransform
+        from .preprocess import PairedTransform
 
         return PairedTransform([], None, self.mean, self.std)
 
     def normalize(self, x):
-        """A float image batch (B, C, H, W) in 0..1, normalised with the record's mean and std."""
-        import torch
-
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        """A float image batch (B, C, H, W) in 0..1, normalised with the record's mean and std (``transforms().batch``)."""
+        return self.transforms().batch(x)
 
     # -- mapping and JSON -------------------------------------------------------------------------------
 

@@ -141,12 +141,19 @@ def record_kwargs(name: str) -> Mapping[str, Callable[[Any], bool]]:
     return _MODELS.meta(name)["record_kwargs"]
 
 
-def build_model(name: str, num_classes: int = 21, **kwargs) -> nn.Module:
+def build_model(name: str, num_classes: int = 21, weights: Any = None, **kwargs) -> nn.Module:
     """Build a registered model, e.g. ``build_model("fcn8s_vgg16", num_classes=21)``.
 
     ``pretrained`` (for every backbone): False (random), True or "imagenet" (the backbone's ImageNet
-    weights), or the path of a local file holding them; see ``fcnseg.models.imagenet``.
+    weights), or the path of a local file holding them; see ``fcnseg.models.imagenet``. ``weights``: trained
+    weights for this architecture (``fcnseg.get_weights(...)``): the network comes from the weight file, built as
+    its record says (``num_classes`` and other arguments are the record's), in eval mode with ``.record``.
     """
+    if weights is not None:
+        if weights.arch != name:
+            raise FcnsegError(f"the weights {weights.name!r} are for {weights.arch}, not {name}; "
+                              f"build_model({weights.arch!r}, weights=...)")
+        return weights.load()
     model = get_builder(name)(num_classes=num_classes, **kwargs)
     # what a checkpoint record needs to rebuild the same network (weights come from the checkpoint)
     model.arch = name

@@ -29,14 +29,14 @@ COMMANDS = {
 }
 
 # commands that run a model opt in to flushing subnormal floats, a process-wide switch that belongs to
-# the program, not the library (see fcnseg.optimize.flush_denormal)
+# the program, not the library (see fcnseg.hardware.flush_denormal)
 FLUSH_DENORMAL = {"predict", "evaluate", "benchmark", "serve"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcnseg", description="Fully Convolutional Networks for semantic segmentation.")
-    from .. import __version__
+    from ..version import __version__
 
     parser.add_argument("--version", action="version", version=f"fcnseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning
             args._held = settings  # output locks (hold_output) are released here, however the command ends
             if args.command in FLUSH_DENORMAL:
-                from ..optimize import flush_denormal
+                from ..hardware import flush_denormal
 
                 settings.enter_context(flush_denormal())
             code = args._run(args)

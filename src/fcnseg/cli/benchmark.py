@@ -12,7 +12,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="measure latency, images/s, peak memory and GFLOP/s (fresh process per run)",
                        description="Warm up, then time --iters forward passes in a fresh process. Peak memory is "
                                    "the process's peak resident memory during inference minus its memory after "
-                                   "imports (weights included); see fcnseg.benchmark for the method.")
+                                   "imports (weights included); see fcnseg.evaluation.benchmark for the method.")
     p.add_argument("--model", required=True,
                    help="registered architecture (random weights), checkpoint, or .onnx file (onnxruntime or "
                         "openvino backend)")
@@ -35,12 +35,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmark import benchmark, export_for_onnxruntime, format_results
-    from ..checkpoint import atomic_write, resolve_checkpoint
+    from ..evaluation.benchmark import benchmark, export_for_onnxruntime, format_results
+    from ..files import atomic_write
+    from ..weights.checkpoint import resolve_checkpoint
     from ..registry import list_models
 
     if args.dtype == "bfloat16" and args.device == "cpu":
-        from ..optimize import bf16_slowness
+        from ..hardware import bf16_slowness
 
         slow = bf16_slowness()  # the run itself is in another process, where its warning would be lost
         if slow:

@@ -6,7 +6,7 @@ import shlex
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..convert import ARCHS, SOURCES
+    from ..weights.convert import ARCHS, SOURCES
 
     p = sub.add_parser(
         "convert", help="import FCN weights from torchfcn (.pth) or Caffe (.caffemodel) into an fcnseg checkpoint",
@@ -25,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import convert_file, read_classes
+    from ..weights.convert import convert_file, read_classes
 
     classes = read_classes(args.classes_file) if args.classes_file else None
     command = ["fcnseg", "convert", "--from", args.source]

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..data.checks import check_dataset, write_weights_json
-    from ..outputs import output_file
+    from ..files import output_file
 
     if args.ignore_value is not None and args.dataset != "folder":
         from ..errors import FcnsegError
@@ -169,8 +169,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 def run_rank(args: argparse.Namespace) -> int:
     from ..errors import FcnsegError
-    from ..outputs import output_file
-    from ..uncertainty import rank_images
+    from ..files import output_file
+    from ..inference.uncertainty import rank_images
     from .predict import expand_inputs, load_segmenter, uniform_uncertainty
 
     output_file(args.out, what="--out", overwrite=False)  # before the images are read and the model loads

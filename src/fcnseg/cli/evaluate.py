@@ -11,7 +11,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a checkpoint: pixel acc., mean acc., mean IU, f.w. IU, per class",
                        description="Score a checkpoint on a dataset split at original resolution, running the model "
                                    "as predict does (optimized; images of equal size batched). "
-                                   "Means leave out classes with no defined value (see fcnseg.metrics).")
+                                   "Means leave out classes with no defined value (see fcnseg.evaluation.metrics).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a .safetensors checkpoint, a run directory, a built-in name, or an exported .onnx file "
                         "(run by ONNX Runtime on the CPU, e.g. to score an int8 model; or by OpenVINO: --backend)")
@@ -49,9 +49,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..evaluate_api import evaluate_checkpoint
-    from ..metrics import format_table
-    from ..outputs import output_file
+    from ..evaluation.checkpoint import evaluate_checkpoint
+    from ..evaluation.metrics import format_table
+    from ..files import output_file
     from ..train.report import plot_confusion, write_json
 
     from ..errors import FcnsegError, show_path

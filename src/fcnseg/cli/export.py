@@ -59,7 +59,7 @@ def calibration_batches(patterns: list[str], size: tuple[int, int], model, limit
     """Normalised (1, 3, H, W) float32 arrays of up to ``limit`` images spread over ``patterns``."""
     from ..data.io import read_image
     from ..errors import FcnsegError
-    from ..export import calibration_batch
+    from ..weights.export import calibration_batch
     from .predict import expand_inputs
 
     files, problems = expand_inputs(patterns)
@@ -78,10 +78,11 @@ def calibration_batches(patterns: list[str], size: tuple[int, int], model, limit
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import load_checkpoint
+    from ..weights.checkpoint import load_checkpoint
     from ..errors import FcnsegError
-    from ..export import export, load_exported, parity
-    from ..outputs import output_file
+    from ..weights.export import export, parity
+    from ..weights.runtimes import load_exported
+    from ..files import output_file
     from .predict import check_checkpoint_name
 
     output_file(args.out, what="--out")
@@ -126,7 +127,8 @@ def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
     import torch
 
     from ..errors import FcnsegError
-    from ..export import OnnxRuntimeModel, export_onnx, parity, quantize_onnx
+    from ..weights.export import export_onnx, parity, quantize_onnx
+    from ..weights.runtimes import OnnxRuntimeModel
 
     batches = calibration_batches(args.calibrate, size, model, args.calibrate_limit)
     with tempfile.TemporaryDirectory(prefix="fcnseg-export-") as tmp:
@@ -156,7 +158,7 @@ def _export_int8(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
 # precision gate by mean IU (issue 16): --dtype bfloat16, --gate-*, --max-miou-drop, --sensitivity
 
 def add_precision_arguments(p: argparse.ArgumentParser) -> None:
-    from ..precision import DEFAULT_MAX_MIOU_DROP
+    from ..evaluation.precision import DEFAULT_MAX_MIOU_DROP
 
     g = p.add_argument_group(
         "precision gate (mean IU on labelled data)",
@@ -165,9 +167,9 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
         "fail (exit 1, file kept for inspection) when mean IU drops by more than --max-miou-drop points. "
         "--dtype bfloat16 --format safetensors writes a checkpoint whose weights are stored in bfloat16 (half the "
         "size; the layers that compute in float32 stay float32) and whose record says \"inference_dtype\": \"bfloat16\" and which layers to keep float32; it is "
-        "gated as it will run: the written file loaded back and converted by fcnseg.optimize to bfloat16 (the FCN "
+        "gated as it will run: the written file loaded back and converted by fcnseg.inference.optimize to bfloat16 (the FCN "
         "score and upsampling layers, and --keep-float32 layers, computing in float32). Run it with "
-        "'--dtype bfloat16': fcnseg.optimize keeps the recorded float32 layers wherever the file is loaded. "
+        "'--dtype bfloat16': fcnseg.inference.optimize keeps the recorded float32 layers wherever the file is loaded. "
         "--dtype bfloat16 --format onnx writes the float32 graph, its record saying \"inference_dtype\": \"bfloat16\", "
         "gated as OpenVINO runs it in bf16 inference precision ('--backend openvino --dtype bfloat16').")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -223,7 +225,7 @@ def check_precision_arguments(args: argparse.Namespace) -> None:
         raise FcnsegError("--gate-backend chooses where the gate scores the int8 model: add --gate-dataset and "
                           "--gate-root")
     if args.gate_backend == "openvino":
-        from ..export import require_runtime
+        from ..weights.runtimes import require_runtime
 
         require_runtime("openvino", "openvino")  # missing: said now, not after the export and the quantization
     if args.sensitivity and not args.gate_dataset:
@@ -238,7 +240,7 @@ def check_precision_arguments(args: argparse.Namespace) -> None:
 
 def run_precision(args: argparse.Namespace, model, size: tuple[int, int]) -> int:
     """--dtype bfloat16, or --int8 with the mean IU gate, or --sensitivity."""
-    from ..precision import labelled_dataset
+    from ..evaluation.precision import labelled_dataset
 
     # the labelled split is read before the long work: a wrong path fails in a second
     gate = labelled_dataset(args.gate_dataset, args.gate_root, args.gate_split, model) if args.gate_dataset else None
@@ -250,7 +252,7 @@ def run_precision(args: argparse.Namespace, model, size: tuple[int, int]) -> int
         code = _export_int8(args, model, size)
         if code or gate is None:
             return code
-        from ..checkpoint import open_model
+        from ..weights.checkpoint import open_model
 
         print(f"gate: the int8 model scored in {args.gate_backend}")
         return _gate(args, model, open_model(args.out, backend=args.gate_backend), gate, ready=True,
@@ -276,8 +278,8 @@ def _gate(args: argparse.Namespace, model, candidate, gate, ready: bool, path, p
     import math
 
     from ..errors import FcnsegError
-    from ..export import add_to_record
-    from ..precision import miou_change
+    from ..weights.export import add_to_record
+    from ..evaluation.precision import miou_change
 
     if gate is None:
         return 0
@@ -302,12 +304,12 @@ def _gate(args: argparse.Namespace, model, candidate, gate, ready: bool, path, p
 def _export_bfloat16(args: argparse.Namespace, model, gate) -> int:
     import torch
 
-    from ..checkpoint import load_checkpoint, save_checkpoint
-    from ..optimize import _FCN_FLOAT32_PARTS, optimize
+    from ..weights.checkpoint import load_checkpoint, save_checkpoint
+    from ..inference.optimize import FCN_FLOAT32_PARTS, optimize
 
     record = {**model.record.to_dict(), "inference_dtype": "bfloat16", "float32_layers": list(args.keep_float32)}
     # the parts that compute in float32 keep their float32 weights in the file too
-    float32 = [f"{name}." for name in (*_FCN_FLOAT32_PARTS, *args.keep_float32)]
+    float32 = [f"{name}." for name in (*FCN_FLOAT32_PARTS, *args.keep_float32)]
     path = save_checkpoint(model, args.out, record, dtype=torch.bfloat16, keep_float32=float32)
     print(f"wrote {path} (bfloat16 weights, {path.stat().st_size / 2**20:.1f} MB)")
     # gated as it will run: the file itself, loaded back and converted
@@ -320,8 +322,8 @@ def _export_onnx_bfloat16(args: argparse.Namespace, model, gate, size: tuple[int
     its record saying so, gated as it will run: the written file in OpenVINO bf16 against the checkpoint."""
     import torch
 
-    from ..checkpoint import open_model
-    from ..export import export_onnx, parity
+    from ..weights.checkpoint import open_model
+    from ..weights.export import export_onnx, parity
 
     path = export_onnx(model, args.out, example_size=size,
                        record_extra={"inference_dtype": "bfloat16", "inference_backend": "openvino"})
@@ -335,7 +337,7 @@ def _export_onnx_bfloat16(args: argparse.Namespace, model, gate, size: tuple[int
 
 
 def _print_sensitivity(args: argparse.Namespace, model, gate, size: tuple[int, int]) -> int:
-    from ..precision import format_sensitivity, layer_sensitivity
+    from ..evaluation.precision import format_sensitivity, layer_sensitivity
 
     precision = "int8" if args.int8 else "bfloat16"
     batches = calibration_batches(args.calibrate, size, model, args.calibrate_limit) if args.int8 else None

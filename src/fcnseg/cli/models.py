@@ -20,7 +20,7 @@ def count_parameters(model) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import builtin_checkpoints, read_record
+    from ..weights.checkpoint import builtin_checkpoints, read_record
     from ..registry import build_model, list_models
 
     width = max(28, *(len(n) for n in list_models()))  # the longest name sets the column

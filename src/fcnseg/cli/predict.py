@@ -162,14 +162,13 @@ def renamed_stems(files: list[Path], stems: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError
-    from ..inference import Segmenter
-    from ..models.multihead import checkpoint_heads
-    from ..outputs import output_dir, write_group
-    from ..prediction_files import PredictionFiles
-    from ..uncertainty import uncertainty
+    from ..files import output_dir, write_group
+    from ..inference.prediction_files import PredictionFiles
+    from ..inference.segmenter import Segmenter
+    from ..inference.uncertainty import uncertainty
+    from ..weights.checkpoint import checkpoint_heads, load_checkpoint
 
     if not args.out.exists() and args.out.suffix.lower() in IMAGE_SUFFIXES:  # not a folder named result.png
         raise FcnsegError(f"--out {show_path(args.out)}: predict writes a folder (OUT/<image>.png per image), and "
@@ -223,12 +222,11 @@ def uniform_uncertainty(means: list[float], floor: float = 0.9) -> str | None:
 
 
 def run_ray(args: argparse.Namespace, out: Path) -> int:
-    """``predict --engine ray``: the same checks and lines as predict, the work done by ``fcnseg.ray_predict``."""
-    from ..checkpoint import check_weights_fit, read_record, resolve_checkpoint
+    """``predict --engine ray``: the same checks and lines as predict, the work done by ``fcnseg.inference.ray_predict``."""
     from ..errors import FcnsegError
-    from ..models.multihead import checkpoint_heads
-    from ..prediction_files import PredictionFiles
-    from ..ray_predict import RayJob, expand_manifests, import_ray, quiet_ray, run_job, summary
+    from ..inference.prediction_files import PredictionFiles
+    from ..inference.ray_predict import RayJob, expand_manifests, import_ray, quiet_ray, run_job, summary
+    from ..weights.checkpoint import check_weights_fit, checkpoint_heads, read_record, resolve_checkpoint
 
     if args.engine != "ray":
         raise FcnsegError("--resume, --address, --num-workers and --worker-threads go with --engine ray")
@@ -274,10 +272,10 @@ def run_heads(args: argparse.Namespace, out: Path, files: list[Path], problems: 
     import torch
     from torchvision.transforms.v2 import functional as TF
 
-    from ..checkpoint import load_checkpoint
+    from ..weights.checkpoint import load_checkpoint
     from ..data.io import read_image
     from ..errors import FcnsegError
-    from ..models.multihead import write_head_masks
+    from ..inference.visualize import write_head_masks
 
     unsupported = [flag for flag, used in (
         ("--overlay", args.overlay), ("--probs", args.probs), ("--uncertainty", args.uncertainty),
@@ -310,9 +308,9 @@ def write_each(args: argparse.Namespace, out: Path, files: list[Path], problems:
     unwritable folder stops the run; the legends follow once something was written; one summary line."""
     from tqdm import tqdm
 
-    from ..checkpoint import atomic_write, clean_stale_temps
+    from ..files import atomic_write, clean_stale_temps
     from ..errors import FcnsegError, OutputExistsError, OutputWriteError
-    from ..visualize import legend
+    from ..inference.visualize import legend
 
     clean_stale_temps(out)
     for msg in problems:
@@ -379,7 +377,7 @@ def check_checkpoint_name(checkpoint: str) -> None:
     the same from every command ("no such checkpoint file" for a path), with a close match as "did you mean"."""
     import difflib
 
-    from ..checkpoint import builtin_checkpoints
+    from ..weights.checkpoint import builtin_checkpoints
     from ..errors import FcnsegError
 
     path = Path(checkpoint)
@@ -408,8 +406,8 @@ def check_checkpoint_name(checkpoint: str) -> None:
 def load_segmenter(checkpoint: str, backend: str | None = None, **kwargs):
     """A Segmenter for the CLI, after ``check_checkpoint_name``. A process-wide step the library leaves to
     programs: a 16-bit conversion's freed float32 weights go back to the OS (glibc keeps freed pages)."""
-    from ..inference import Segmenter
-    from ..optimize import return_freed_memory
+    from ..inference.segmenter import Segmenter
+    from ..hardware import return_freed_memory
 
     check_checkpoint_name(checkpoint)
     seg = Segmenter.from_checkpoint(checkpoint, backend=backend, **kwargs)

@@ -47,7 +47,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def model_specs(checkpoints: list[str] | None) -> dict[str, str]:
     """Model name -> checkpoint, from the --checkpoint values (every built-in model by default)."""
-    from ..checkpoint import builtin_checkpoints
+    from ..weights.checkpoint import builtin_checkpoints
     from ..errors import FcnsegError
 
     if not checkpoints:

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         if cfg.val_split:
             print(f"validating on split {cfg.val_split!r}: {split_source(Path(cfg.root), cfg.val_split, **kw)}")
     if args.malloc == "reuse":
-        from ..optimize import reuse_freed_memory
+        from ..hardware import reuse_freed_memory
 
         reuse_freed_memory()  # the process is the run's: a process-wide setting is the program's to make
     started = time.monotonic()
@@ -223,7 +223,7 @@ def warn_untrained_vgg(cfg) -> None:
 
 def closing_note(out: Path, summary: dict) -> str:
     """The end of a run: the best checkpoint, its validation scores, and the commands to use it."""
-    from ..checkpoint import read_record
+    from ..weights.checkpoint import read_record
 
     ckpts = out / "checkpoints"
     best = ckpts / "best.safetensors"

@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import FcnsegError
+from ..record import IMAGENET_MEAN, IMAGENET_STD
 from ..registry import Registry
 from .io import IMAGE_SUFFIXES, DataFileError, image_size, read_image, read_mask
-
-IGNORE_INDEX = 255
+from .transforms import IGNORE_INDEX, build_transforms
 
 _DATASETS: Registry[Callable[..., "SegmentationDataset"]] = Registry("dataset")
 
@@ -137,8 +136,6 @@ class SegmentationDataset(Dataset):
             found = f" ({len(self.problems)} missing files, e.g. {self.problems[0]})" if self.problems else ""
             raise FcnsegError(f"{root}: no samples for split {split!r} of {name}{found}")
         if transforms is None:
-            from .transforms import build_transforms
-
             transforms = build_transforms(self.preset, train=False, mean=self.mean, std=self.std)
         self.transforms = transforms
 

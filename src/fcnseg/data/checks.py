@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..checkpoint import atomic_write
-from ..outputs import output_file
+from ..files import atomic_write
+from ..files import output_file
 from .base import IGNORE_INDEX, SegmentationDataset
 from .io import DataFileError
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Mapping, Sequence
 
-from ..checkpoint import STALE_TEMP_S, file_digest
+from ..files import STALE_TEMP_S, file_digest
 from ..errors import FcnsegError, show_path
 
 
@@ -358,7 +358,7 @@ def prepare_siftflow(root: Path) -> None:
     from PIL import Image
     from scipy.io import loadmat
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     category = "spatial_envelope_256x256_static_8outdoorcategories"
     mats = sorted((root / "SemanticLabels" / category).glob("*.mat"))

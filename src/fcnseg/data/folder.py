@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import default_palette
+from ..record import default_palette
 from ..errors import FcnsegError
 from .base import (IGNORE_INDEX, SegmentationDataset, check_split, holdout_split, pair_folders, read_list,
                    register_dataset)

@@ -153,7 +153,7 @@ def cached_hha(depth_path: str | Path, cache_dir: str | Path, intrinsics=NYUDV2_
     ``read(path) -> metres`` reads the depth (default: ``io.read_depth``, 16-bit PNG in millimetres)."""
     from PIL import Image
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
     from .io import READABLE_FORMATS, DataFileError, read_depth
 
     depth_path = Path(depth_path)

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from ..checkpoint import atomic_write, default_palette
+from ..files import atomic_write
+from ..record import default_palette
 from ..errors import FcnsegError
 from .base import IGNORE_INDEX, holdout_split
 from .folder import IGNORE_NAMES

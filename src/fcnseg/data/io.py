@@ -68,7 +68,7 @@ def _open(path: Path, what: str) -> Image.Image:
     return im
 
 
-def _apply_exif(im: Image.Image) -> Image.Image:
+def apply_exif(im: Image.Image) -> Image.Image:
     """Rotate/flip as the EXIF orientation tag says (cameras store JPEGs sideways)."""
     orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     if orientation in (None, 1):
@@ -81,7 +81,7 @@ def _apply_exif(im: Image.Image) -> Image.Image:
 def read_image(path: str | Path) -> Image.Image:
     """An RGB PIL image, fully decoded, upright by its EXIF orientation."""
     path = Path(path)
-    im = _apply_exif(_open(path, "image"))
+    im = apply_exif(_open(path, "image"))
     if im.mode != "RGB":
         if im.mode in ("I;16", "I;16B", "I", "F"):
             raise DataFileError(f"{path}: image has mode {im.mode} (16-bit or float); fcnseg reads 8-bit images "
@@ -95,7 +95,7 @@ def read_mask(path: str | Path, palette_as_rgb: bool = False) -> np.ndarray:
     with ``palette_as_rgb``), (H, W, 3) for colour images. Alpha is dropped; EXIF orientation applied.
     """
     path = Path(path)
-    im = _apply_exif(_open(path, "mask"))
+    im = apply_exif(_open(path, "mask"))
     if im.mode == "P" and palette_as_rgb:
         im = im.convert("RGB")
     elif im.mode in ("RGBA", "RGBX", "CMYK", "YCbCr", "HSV", "LAB"):
@@ -115,7 +115,7 @@ def read_mask(path: str | Path, palette_as_rgb: bool = False) -> np.ndarray:
 def read_depth(path: str | Path) -> np.ndarray:
     """A depth map as float32 metres from a 16-bit PNG in millimetres (0 = no measurement)."""
     path = Path(path)
-    im = _apply_exif(_open(path, "depth map"))
+    im = apply_exif(_open(path, "depth map"))
     arr = np.asarray(im)
     if arr.ndim != 2:
         raise DataFileError(f"{path}: depth map has {arr.shape[2]} channels; expected a single-channel 16-bit PNG")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from ..checkpoint import IMAGENET_MEAN, IMAGENET_STD, default_palette
+from ..record import IMAGENET_MEAN, IMAGENET_STD, default_palette
 from ..errors import FcnsegError
 from .base import IGNORE_INDEX, SegmentationDataset, check_split, read_list, register_dataset
 from .hha import NYUDV2_INTRINSICS, cached_hha

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import default_palette
+from ..record import default_palette
 from ..errors import FcnsegError
 from .base import IGNORE_INDEX, SegmentationDataset, check_split, holdout_split, read_list, register_dataset
 from .dev import carve

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import default_palette
+from ..record import default_palette
 from ..errors import FcnsegError
 from .base import IGNORE_INDEX, SegmentationDataset, check_split, read_list, register_dataset
 from .io import DataFileError

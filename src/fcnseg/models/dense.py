@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import FcnsegError
 from ..record import CheckpointRecord
-from .geometry import _SHORTCUT_NAMES, Geometry, crop_offset
+from .geometry import SHORTCUT_NAMES, Geometry, crop_offset, spatial_layers
 from .upsample import Upsample
 
 log = logging.getLogger(__name__)
@@ -60,20 +60,10 @@ def _square(v, what: str, module: nn.Module) -> int:
     return a
 
 
-def _spatial_layers(module: nn.Module) -> Iterator[nn.Module]:
-    """Convolutions and poolings of the main path, in registration order (shortcut branches skipped)."""
-    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.ConvTranspose2d)):
-        yield module
-        return
-    for name, child in module.named_children():
-        if name not in _SHORTCUT_NAMES:
-            yield from _spatial_layers(child)
-
-
 def receptive_field(module: nn.Module) -> tuple[int, int]:
     """(receptive field in input pixels, output stride) of ``module``'s main path, walked in registration order."""
     rf, jump = 1, 1
-    for m in _spatial_layers(module):
+    for m in spatial_layers(module):
         if isinstance(m, nn.ConvTranspose2d):
             raise FcnsegError("receptive_field: a transposed convolution has no single receptive field here")
         k = _square(m.kernel_size, "kernel", m)
@@ -144,7 +134,7 @@ class _Rarefier:
     def visit(self, module: nn.Module) -> None:
         entry = (self.stride, self.factor)
         for name, child in list(module.named_children()):
-            if name in _SHORTCUT_NAMES:
+            if name in SHORTCUT_NAMES:
                 # a shortcut runs beside the block from the block's input: rewrite it with the entry state,
                 # and let the main path alone carry the state on
                 saved = (self.stride, self.factor, self.removed)
@@ -198,7 +188,7 @@ def rarefy(model: nn.Module, target_stride: int) -> nn.Module:
     """
     _, total = receptive_field(model)
     reachable, acc = {1}, 1
-    for m in _spatial_layers(model):
+    for m in spatial_layers(model):
         if not isinstance(m, nn.ConvTranspose2d):
             acc *= _square(m.stride if m.stride is not None else m.kernel_size, "stride", m)
             reachable.add(acc)

@@ -11,7 +11,6 @@ train the pair jointly, or build it from two single-stream checkpoints.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -76,19 +75,6 @@ class LateFusionFCN(nn.Module):
         self.num_classes = k_rgb
         self.top_stride = max(getattr(rgb_model, "top_stride", 32), getattr(hha_model, "top_stride", 32))
         self.in_channels = 6
-
-    @classmethod
-    def from_checkpoints(cls, rgb: str | Path, hha: str | Path, device: str | torch.device = "cpu") -> "LateFusionFCN":
-        """The pair from two single-stream checkpoints (each trained on its own modality)."""
-        from ..checkpoint import load_checkpoint
-
-        rgb_model, hha_model = load_checkpoint(rgb, device=device), load_checkpoint(hha, device=device)
-        fused = cls(rgb_model, hha_model)
-        classes = rgb_model.record.get("classes"), hha_model.record.get("classes")
-        if classes[0] != classes[1]:
-            raise FcnsegError(f"{rgb} and {hha} name their classes differently; late fusion sums scores class by class")
-        fused.record = {**rgb_model.record, "late_fusion": {"rgb": str(rgb), "hha": str(hha)}}
-        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 6:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch.nn as nn
 
@@ -35,7 +35,7 @@ def _pair(v) -> int:
 
 
 # names of residual shortcuts: they run beside the main path and must not be walked twice
-_SHORTCUT_NAMES = {"downsample", "shortcut", "skip"}
+SHORTCUT_NAMES = {"downsample", "shortcut", "skip"}
 
 
 def walk(module: nn.Module, geo: Geometry = Geometry()) -> Geometry:
@@ -56,7 +56,7 @@ def walk(module: nn.Module, geo: Geometry = Geometry()) -> Geometry:
     if isinstance(module, nn.ConvTranspose2d):
         return geo.deconv(_pair(module.kernel_size), _pair(module.stride), _pair(module.padding))
     for name, child in module.named_children():
-        if name in _SHORTCUT_NAMES:
+        if name in SHORTCUT_NAMES:
             continue
         geo = walk(child, geo)
     # timm's same-padding layers pad dynamically; they keep the k/2 centring of a 'same' conv
@@ -79,3 +79,13 @@ def crop_offset(upsampled: Geometry, target: Geometry) -> int:
         raise ValueError(f"cannot align maps of scale {upsampled.scale} and {target.scale}")
     shift = (target.offset - upsampled.offset) / target.scale
     return int(math.floor(shift + 1e-6)) if shift >= 0 else -int(math.floor(-shift + 1e-6))
+
+
+def spatial_layers(module: nn.Module) -> Iterator[nn.Module]:
+    """Convolutions and poolings of the main path, in registration order (shortcut branches skipped)."""
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.ConvTranspose2d)):
+        yield module
+        return
+    for name, child in module.named_children():
+        if name not in SHORTCUT_NAMES:
+            yield from spatial_layers(child)

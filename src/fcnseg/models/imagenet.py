@@ -119,7 +119,7 @@ def _default_state(family: str) -> dict[str, torch.Tensor]:
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    from ..checkpoint import read_state_dict
+    from ..files import read_state_dict
 
     if not path.is_file():
         raise FcnsegError(f"{path}: no such file of ImageNet weights")

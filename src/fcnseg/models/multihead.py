@@ -3,20 +3,18 @@
 ``MultiHeadFCN(backbone, heads={"semantic": 33, "geometric": 3}, skips=(16,))`` shares the backbone
 and fc6/fc7 and gives every head its own score layers, skip scorers and upsamplings (each head is an
 ``FCN`` without a trunk of its own, so its crops and fusion are the FCN's). ``forward`` returns
-``{head: (B, K_head, H, W) logits}``; ``multihead_loss`` sums one loss per head; ``evaluate_heads``
-keeps one confusion matrix per head; ``write_head_masks`` writes one palette PNG per head.
+``{head: (B, K_head, H, W) logits}``; ``multihead_loss`` sums one loss per head; ``head_targets`` splits a stack
+of label maps by head. Scoring (``fcnseg.evaluation.loop.evaluate``: one confusion matrix per head) and writing
+(``fcnseg.inference.visualize.write_head_masks``) handle a dict of head outputs generically.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..errors import FcnsegError
-from ..metrics import ConfusionMatrix
-from ..modes import eval_mode
 from ..registry import MULTIHEAD_RECORD_KWARGS, get_builder, register_model, valid_heads
 from .backbones import Backbone
 from .fcn import FCN
@@ -102,59 +100,9 @@ def multihead_loss(outputs: Mapping[str, torch.Tensor], targets: Mapping[str, to
     return total, {name: float(value.detach()) for name, value in parts.items()}
 
 
-@torch.no_grad()
-def evaluate_heads(model: nn.Module, batches: Iterable[tuple], ignore_index: int = 255,
-                   device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None,
-                   channels_last: bool = False) -> dict[str, ConfusionMatrix]:
-    """One confusion matrix per head over ``(image, targets, ...)`` batches, ``targets`` being ``{head: mask}``
-    or a (B, n_heads, H, W) stack in the model's head order; summed over processes when distributed."""
-    from ..train.engine import autocast, head_targets
-    from ..tta import class_ids
-
-    device = torch.device(device)
-    cms = {name: ConfusionMatrix(k, ignore_index, device) for name, k in model.head_classes.items()}
-    with eval_mode(model):
-        for batch in batches:
-            image, targets = batch[0].to(device), batch[1]
-            if not isinstance(targets, Mapping):
-                targets = head_targets(targets, list(model.head_classes))
-            if channels_last:
-                image = image.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                outputs = model(image)
-            for name, logits in outputs.items():
-                cms[name].update(target=targets[name].to(device), pred=class_ids(logits))
-    for cm in cms.values():
-        cm.all_reduce()
-    return cms
-
-
-def write_head_masks(logits: Mapping[str, torch.Tensor], colors: Mapping[str, Sequence[Sequence[int]]],
-                     out: str | Path, stem: str, overwrite: bool = False) -> list[Path]:
-    """One palette PNG of class ids per head, ``out/<stem>_<head>.png``, from one image's
-    ``{head: (K, H, W) or (1, K, H, W) logits}``; written all-or-nothing (``outputs.write_group``: an existing
-    file is an ``OutputExistsError`` unless ``overwrite``). Returns the paths."""
-    from ..outputs import write_group
-    from ..visualize import palette_image
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    group = []
-    for name, value in logits.items():
-        if name not in colors:
-            raise FcnsegError(f"no colours for head {name!r}; colours are given for {sorted(colors)}")
-        mask = (value[0] if value.dim() == 4 else value).argmax(0).cpu().numpy()
-        image = palette_image(mask, colors[name])
-        group.append((out / f"{stem}_{name}.png", lambda tmp, image=image: image.save(tmp, format="PNG")))
-    return write_group(group, overwrite=overwrite)
-
-
-def checkpoint_heads(path_or_name: str | Path) -> dict[str, dict[str, list]] | None:
-    """The heads a checkpoint's record lists (``{name: {classes, colors}}``), read without building anything;
-    None for a single-head checkpoint or an exported .onnx file."""
-    from ..checkpoint import read_record, resolve_checkpoint
-
-    if str(path_or_name).endswith(".onnx"):
-        return None
-    path = resolve_checkpoint(path_or_name)
-    return read_record(path).heads if path.suffix == ".safetensors" else None
+def head_targets(masks: torch.Tensor, heads: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A (B, n_heads, H, W) mask stack as ``{head: (B, H, W)}``, channel i for ``heads[i]``."""
+    if masks.dim() != 4 or masks.shape[1] != len(heads):
+        raise FcnsegError(f"the masks have shape {tuple(masks.shape)}; a net with heads {list(heads)} needs "
+                          f"(B, {len(heads)}, H, W): one label map per head (e.g. siftflow labels='both')")
+    return {name: masks[:, i] for i, name in enumerate(heads)}

@@ -167,12 +167,12 @@ class UnpoolDecoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, channels: int, score_geometry: Geometry, learnable: bool = True):
         super().__init__()
-        from .dense import _spatial_layers
+        from .geometry import spatial_layers
         from .geometry import walk
 
         self.channels, self.score_geometry = channels, score_geometry
         geo, pools = Geometry(), []
-        for m in _spatial_layers(backbone):
+        for m in spatial_layers(backbone):
             after = walk(m, geo)
             if isinstance(m, nn.MaxPool2d) and after.scale > geo.scale:
                 m.__class__ = SwitchMaxPool2d

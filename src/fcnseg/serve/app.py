@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from ..inference import Prediction, Segmenter
-from ..optimize import return_freed_memory
-from ..uncertainty import normalized_entropy, to_png_array
-from ..visualize import overlay, palette_image
+from ..hardware import return_freed_memory
+from ..inference.segmenter import Prediction, Segmenter
+from ..inference.uncertainty import normalized_entropy, to_png_array
+from ..inference.visualize import overlay, palette_image
 from . import schema
 from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
 from .decode import UploadError, clip, decode_image, limited_stream, spool_limited, too_large

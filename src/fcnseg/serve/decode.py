@@ -8,7 +8,7 @@ from typing import AsyncIterator, BinaryIO
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ..data.io import READABLE_FORMATS, _apply_exif
+from ..data.io import READABLE_FORMATS, apply_exif
 
 # the formats' names as a user knows them, for the 415 message
 FORMAT_NAMES = "PNG, JPEG, BMP, TIFF, WebP, PPM/PGM or GIF"
@@ -120,7 +120,7 @@ def decode_image(data: bytes | BinaryIO, max_pixels: int, values_per_pixel: int 
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UploadError(400, "unreadable_image", f"the image could not be decoded ({msg})") from None
-    im = _apply_exif(im)
+    im = apply_exif(im)
     if im.mode in ("I;16", "I;16B", "I", "F"):
         raise UploadError(415, "unsupported_image", f"image has mode {im.mode} (16-bit/float single channel); "
                                                     f"send 8-bit RGB")

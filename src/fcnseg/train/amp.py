@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from ..config import TrainConfig
 from ..modes import train_mode
-from ..optimize import reuse_freed_memory, reusing_freed_memory
+from ..hardware import reuse_freed_memory, reusing_freed_memory
+from ..evaluation.loop import autocast
 from . import engine
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def time_train_step(model: nn.Module, loss_fn: engine.SegmentationLoss, images: 
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                with engine.autocast(device, dtype), engine.exact_batch_norm(exact_batch_norm):
+                with autocast(device, dtype), engine.exact_batch_norm(exact_batch_norm):
                     logits = model(images)
                 loss_sum, norm = loss_fn(logits, masks)
                 (loss_sum / norm.clamp_min(1)).backward()
@@ -169,7 +170,7 @@ def probe_or_time_here(model: nn.Module, loss_fn: engine.SegmentationLoss, image
 
 def native_autocast(device: torch.device) -> tuple[bool, str]:
     """Whether ``device`` runs bf16 natively, and if not, why (for the log)."""
-    from ..optimize import native_bf16_cpu
+    from ..hardware import native_bf16_cpu
 
     if device.type == "cuda":
         return (True, "") if torch.cuda.is_bf16_supported() else (False, "this GPU has no bf16 support")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..hardware import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -22,15 +24,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world > 1
-
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def setup(device: str = "auto") -> DistInfo:
@@ -90,7 +83,7 @@ def record_elastic(out: str | os.PathLike, info: DistInfo, restarts: int) -> Non
     import json
     from pathlib import Path
 
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     record = dict(restarts=restarts, world_size=info.world, run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
                   max_restarts=int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0))

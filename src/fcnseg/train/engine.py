@@ -1,7 +1,7 @@
 """One epoch of training and one pass of evaluation, as plain functions.
 
-``train_one_epoch`` runs the optimiser over a loader of ``(images, masks, indices)`` batches;
-``evaluate`` returns a ``ConfusionMatrix``. How each step is taken is one ``StepOptions`` value and
+``train_one_epoch`` runs the optimiser over a loader of ``(images, masks, indices)`` batches; scoring is
+``fcnseg.evaluation.loop.evaluate``, the one evaluation loop. How each step is taken is one ``StepOptions`` value and
 where the epoch starts one ``EpochStart``; run-level work (configs, checkpoints, resume, plots) lives in
 ``fcnseg.train.run``.
 
@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FcnsegError
-from ..metrics import ConfusionMatrix
-from ..modes import eval_mode
-from ..tta import class_ids
+from ..evaluation.loop import autocast
+from ..inference.tta import class_ids
+from ..models.multihead import head_targets, multihead_loss
 from .batchnorm import exact_batch_norm
 
 
@@ -87,22 +87,12 @@ class HeadsLoss(nn.Module):
         self.ignore_index = loss.ignore_index
 
     def forward(self, outputs: dict[str, torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..models.multihead import multihead_loss
-
         def per_head(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             loss_sum, norm = self.loss(logits, target)
             return loss_sum / norm.clamp_min(1e-12)
 
         total, _ = multihead_loss(outputs, head_targets(masks, self.heads), per_head)
         return total, torch.ones((), device=masks.device)
-
-
-def head_targets(masks: torch.Tensor, heads: Sequence[str]) -> dict[str, torch.Tensor]:
-    """A (B, n_heads, H, W) mask stack as ``{head: (B, H, W)}``, channel i for ``heads[i]``."""
-    if masks.dim() != 4 or masks.shape[1] != len(heads):
-        raise FcnsegError(f"the masks have shape {tuple(masks.shape)}; a net with heads {list(heads)} needs "
-                          f"(B, {len(heads)}, H, W): one label map per head (e.g. siftflow labels='both')")
-    return {name: masks[:, i] for i, name in enumerate(heads)}
 
 
 def _first_head(logits, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,13 +147,6 @@ class EpochStats:
     @property
     def pixel_accuracy(self) -> float:
         return self.correct / self.labelled if self.labelled else math.nan
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 autocast on ``device``, or nothing when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _distributed() -> bool:
@@ -227,6 +210,35 @@ def _nonfinite_error(loss: float, here: bool, global_step: int, epoch: int, batc
         f"such steps")
 
 
+def _to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device, non_blocking=True)
+    masks = masks.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks
+
+
+def _close_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler | None,
+                grad_clip: float, stats: "EpochStats", tainted: bool, step_loss: float) -> None:
+    """The end of one optimiser step: take it (a tainted one is skipped and counted), then advance the schedule."""
+    if tainted:
+        stats.skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        _optimizer_step(model, optimizer, scaler, grad_clip)
+        stats.loss_sum += step_loss
+        stats.losses.append(step_loss)
+    if scheduler is not None:
+        scheduler.step()  # the schedule counts steps, skipped or not, so it stays on time
+    stats.steps += 1
+
+
+def _show_progress(bar, stats: "EpochStats", optimizer: torch.optim.Optimizer, elapsed: float) -> None:
+    bar.set_postfix(loss=f"{stats.losses[-1]:.4g}" if stats.losses else "-",
+                    lr=f"{optimizer.param_groups[0]['lr']:.3g}", img_s=f"{stats.images / max(elapsed, 1e-9):.1f}")
+
+
 def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
                     scheduler=None, scaler: torch.amp.GradScaler | None = None, *, device: torch.device,
                     options: StepOptions = StepOptions(), start: EpochStart = EpochStart(),
@@ -243,19 +255,15 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
     world = dist.get_world_size() if _distributed() else 1
     epoch, global_step, accumulate = start.epoch, start.global_step, options.accumulate
     total = start.batches if start.batches is not None else start.batch + len(loader)
-    tainted = False
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=start.batch, desc=f"epoch {epoch + 1}", unit="batch",
                disable=not options.progress, dynamic_ncols=True, leave=False)
-    step_loss = 0.0
+    tainted, step_loss = False, 0.0
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, labelled (training pixel accuracy)
     optimizer.zero_grad(set_to_none=True)
     b = start.batch
     for images, masks, indices in loader:
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        if options.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, masks = _to_device(images, masks, device, options.channels_last)
         window, last_in_window = _window(b, accumulate, total)
         sync = contextlib.nullcontext() if last_in_window or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -279,23 +287,10 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
         if not last_in_window:
             continue
 
-        # one optimiser step
-        if tainted:
-            stats.skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            _optimizer_step(model, optimizer, scaler, options.grad_clip)
-            stats.loss_sum += step_loss
-            stats.losses.append(step_loss)
-        if scheduler is not None:
-            scheduler.step()  # the schedule counts steps, skipped or not, so it stays on time
+        _close_step(model, optimizer, scheduler, scaler, options.grad_clip, stats, tainted, step_loss)
         global_step += 1
-        stats.steps += 1
-        tainted = False
-        step_loss = 0.0
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{stats.losses[-1]:.4g}" if stats.losses else "-",
-                        lr=f"{optimizer.param_groups[0]['lr']:.3g}", img_s=f"{stats.images / max(elapsed, 1e-9):.1f}")
+        tainted, step_loss = False, 0.0
+        _show_progress(bar, stats, optimizer, time.perf_counter() - t0)
         if after_step is not None and after_step(global_step, b, stats):
             stats.stopped = True
             break
@@ -305,22 +300,3 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: SegmentationLoss, optimiz
     return stats
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, *, device: torch.device, ignore_index: int = 255,
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False, progress: bool = True,
-             desc: str = "evaluate") -> ConfusionMatrix:
-    """Score ``model`` over ``loader`` (batches ``(images, masks, ...)``, at the images' own resolution)
-    and return the confusion matrix, summed over processes when distributed."""
-    from tqdm import tqdm
-
-    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
-    with eval_mode(model):
-        for batch in tqdm(loader, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False):
-            images, masks = batch[0].to(device), batch[1].to(device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                logits = model(images)  # (B, K, H, W)
-            cm.update(target=masks, pred=class_ids(logits))
-    cm.all_reduce()
-    return cm

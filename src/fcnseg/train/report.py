@@ -10,15 +10,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
-from ..metrics import json_safe
+from ..files import atomic_write
+from ..evaluation.metrics import json_safe
 from ..modes import eval_mode
-from ..visualize import colorize
+from ..inference.visualize import colorize
 
 
 def code_version() -> dict[str, Any]:
     """fcnseg and torch versions, and the git commit / describe of the source tree when it is a checkout."""
-    from .. import __version__
+    from ..version import __version__
 
     info: dict[str, Any] = {"fcnseg": __version__, "torch": torch.__version__, "python": platform.python_version()}
     src = Path(__file__).resolve().parent

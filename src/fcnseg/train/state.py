@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write, file_digest
+from ..files import atomic_write, file_digest
 from ..errors import FcnsegError
 
 logger = logging.getLogger(__name__)

@@ -81,8 +81,8 @@ def _rss_mb() -> float:
 def _build_torch(spec: dict[str, Any]):
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .registry import build_model, list_models
+    from ..weights.checkpoint import load_checkpoint
+    from ..registry import build_model, list_models
 
     name = spec["model"]
     torch.manual_seed(spec["seed"])
@@ -109,7 +109,7 @@ def export_for_onnxruntime(spec: dict[str, Any], path: str | Path) -> dict[str, 
     (ONNX Runtime cannot count FLOPs, so they are counted here on the torch model)."""
     import torch
 
-    from .export import export_onnx
+    from ..weights.export import export_onnx
 
     spec = {**DEFAULT_SPEC, **spec}
     model = _build_torch(spec)
@@ -123,10 +123,10 @@ def _model_for(spec: dict[str, Any], device):
     """What ``spec`` times: an exported .onnx file in its runtime (ONNX Runtime in float32; OpenVINO in its own
     float32 or, for bfloat16, bf16 inference precision), or the torch model, converted by ``optimize`` unless
     the spec says otherwise."""
-    from .optimize import optimize
+    from ..inference.optimize import optimize
 
     if spec["backend"] in ("onnxruntime", "openvino"):
-        from .checkpoint import open_model
+        from ..weights.checkpoint import open_model
 
         return open_model(spec["model"], backend=spec["backend"], threads=spec["threads"], dtype=spec["dtype"])
     if spec["backend"] != "torch":
@@ -142,7 +142,7 @@ def run_benchmark(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in this process (``benchmark`` runs it in a fresh one)."""
     import torch
 
-    from .optimize import return_freed_memory
+    from ..hardware import return_freed_memory
 
     spec = {**DEFAULT_SPEC, **spec}
     if spec["threads"]:
@@ -200,7 +200,7 @@ def _step_for(spec: dict[str, Any], model, device) -> tuple[Callable[[], Any], i
     random uint8 photos ("segmenter"), or the model alone on a random (or ``spec["input"]``) batch."""
     import torch
 
-    from .inference import Segmenter
+    from ..inference.segmenter import Segmenter
 
     h, w = spec["size"]
     b = int(spec["batch"])
@@ -254,10 +254,10 @@ def _timed(step: Callable[[], Any], spec: dict[str, Any], cuda: bool) -> tuple[A
 
 def benchmark(spec: dict[str, Any], env: dict[str, str] | None = None, timeout: float | None = None) -> dict[str, Any]:
     """Run one configuration (keys as in ``DEFAULT_SPEC``) in a fresh Python process; its results."""
-    from .errors import FcnsegError
+    from ..errors import FcnsegError
 
     spec = {**DEFAULT_SPEC, **spec}
-    proc = subprocess.run([sys.executable, "-m", "fcnseg.benchmark", json.dumps(spec)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "fcnseg.evaluation.benchmark", json.dumps(spec)], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -280,13 +280,13 @@ def format_results(rows: list[dict[str, Any]], labels: list[str] | None = None) 
 
 
 def _worker(argv: list[str]) -> int:
-    from .optimize import flush_denormal
+    from ..hardware import flush_denormal
 
     # this worker is a program: it opts in to flushing subnormals, before the first parallel operation
     # (OpenMP's threads inherit the setting only when created after it); random weights drive
     # activations into subnormal floats, which take x86's slow path
     with flush_denormal():
-        import fcnseg  # noqa: F401  (fills the registry before the baseline is taken)
+        from .. import models  # noqa: F401  (fills the registry before the baseline is taken)
 
         spec = json.loads(argv[0])
         if spec.get("backend") == "onnxruntime":

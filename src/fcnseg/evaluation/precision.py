@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import FcnsegError
-from .evaluation import evaluate_model
-from .optimize import _FCN_FLOAT32_PARTS, _CastInputs, copy_model, optimize
+from ..errors import FcnsegError
+from .loop import evaluate_model
+from ..inference.optimize import CastInputs, FCN_FLOAT32_PARTS, copy_model, optimize
 
 PRECISIONS = ("bfloat16", "int8")
 DEFAULT_MAX_MIOU_DROP = 0.3  # points of mean IU (issue 16)
@@ -50,8 +50,8 @@ class MiouChange:
 def labelled_dataset(name: str, root: str | Path, split: str, model: Any):
     """The ``split`` of dataset ``name`` at ``root``, normalised as ``model`` expects (its record), the
     way ``fcnseg evaluate`` reads it; a one-line error when its classes do not fit the model."""
-    from .data import build_dataset, build_transforms
-    from .record import normalization_of
+    from ..data import build_dataset, build_transforms
+    from ..record import normalization_of
 
     dataset = build_dataset(name, root, split)
     mean, std = normalization_of(model)
@@ -75,7 +75,7 @@ def _indices(dataset, indices: Sequence[int] | None, limit: int | None) -> list[
 
 def _mean_iou(model: Any, dataset, indices: list[int], *, dtype: str | torch.dtype | None, optimize_model: bool,
               batch_size: int, workers: int) -> float:
-    from .export import OnnxRuntimeModel, OnnxRuntimeModule, OpenVinoModel
+    from ..weights.runtimes import OnnxRuntimeModel, OnnxRuntimeModule, OpenVinoModel
 
     if isinstance(model, (OnnxRuntimeModel, OpenVinoModel)):  # evaluation calls .eval() on its model
         model, optimize_model = OnnxRuntimeModule(model), False
@@ -114,7 +114,7 @@ def miou_change(reference: Any, candidate: Any, dataset, *, indices: Sequence[in
 
 def _is_float_head(name: str) -> bool:
     # the FCN parts that run in float32 in every precision (optimize's and quantize_onnx's heads)
-    return name.split(".")[0] in _FCN_FLOAT32_PARTS
+    return name.split(".")[0] in FCN_FLOAT32_PARTS
 
 
 def sensitivity_units(model: nn.Module, precision: str = "bfloat16", depth: int = 0) -> list[str]:
@@ -146,9 +146,21 @@ def _one_part_in(base: nn.Module, name: str, dtype: torch.dtype) -> nn.Module:
     """A copy of the float32 model ``base`` whose part ``name`` alone computes in ``dtype``."""
     net = copy_model(base)
     part = net.get_submodule(name).to(dtype)
-    part.register_forward_pre_hook(_CastInputs(dtype, False))
+    part.register_forward_pre_hook(CastInputs(dtype, False))
     part.register_forward_hook(_CastOutput())
     return net
+
+
+def _checked_units(model: nn.Module, units: Sequence[str]) -> list[str]:
+    """``units`` as a list, each the name of one of ``model``'s layers; a one-line error otherwise."""
+    if not units:
+        raise FcnsegError("the model has no layers to convert outside its float32 head")
+    for name in units:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise FcnsegError(f"the model has no layer named {name!r}") from None
+    return list(units)
 
 
 def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *, units: Sequence[str] | None = None,
@@ -162,7 +174,7 @@ def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *,
     in points against the float32 model's ``reference_miou`` on the same images). ``units``: names of the parts to try (default
     ``sensitivity_units(model, precision, depth)``). bfloat16: the part's weights and arithmetic in
     bfloat16, the rest of the (batch-norm-folded) model float32. int8: the model exported to ONNX
-    once, then quantized by ``fcnseg.export.quantize_onnx`` with ``only=`` that part (activation ranges
+    once, then quantized by ``fcnseg.weights.export.quantize_onnx`` with ``only=`` that part (activation ranges
     from ``calibration``, required) and run by ``backend`` ("onnxruntime" or "openvino", the runtime the int8 model
     will run in: their int8 kernels round differently). ``on_unit`` sees each row as it is measured
     (a long run can show progress). The worst parts are the ones to keep float32
@@ -170,14 +182,7 @@ def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *,
     """
     if precision not in PRECISIONS:
         raise FcnsegError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    units = list(units) if units is not None else sensitivity_units(model, precision, depth)
-    if not units:
-        raise FcnsegError("the model has no layers to convert outside its float32 head")
-    for name in units:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise FcnsegError(f"the model has no layer named {name!r}") from None
+    units = _checked_units(model, units if units is not None else sensitivity_units(model, precision, depth))
     chosen = _indices(dataset, indices, limit)
     base = optimize(model, None)  # batch norm folded: what every candidate starts from
     reference = _mean_iou(base, dataset, chosen, dtype=None, optimize_model=False, batch_size=batch_size,
@@ -197,8 +202,8 @@ def layer_sensitivity(model: nn.Module, dataset, precision: str = "bfloat16", *,
         for name in units:
             measure(name, _one_part_in(base, name, torch.bfloat16), True)
     else:
-        from .checkpoint import open_model
-        from .export import export_onnx, quantize_onnx
+        from ..weights.checkpoint import open_model
+        from ..weights.export import export_onnx, quantize_onnx
 
         if backend not in ("onnxruntime", "openvino"):
             raise FcnsegError(f"unknown int8 backend {backend!r}; valid: onnxruntime, openvino")

@@ -9,118 +9,26 @@ the normalisation), weights are cast and stored channels-last, an FCN's class-ch
 float32, and convolutions with a very big weight are replaced by ``BigWeightConv2d``, which holds the
 same parameters.
 
-Process-wide switches are not the library's to flip: ``flush_denormal``, ``reuse_freed_memory`` and
-``return_freed_memory`` are explicit opt-ins for a program's entry point (the CLI and the benchmark workers
-call them).
+Process-wide switches are not the library's to flip: they live in ``fcnseg.hardware``, for a program's
+entry point.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import FcnsegError
+from ..errors import FcnsegError
+from ..hardware import bf16_slowness, parse_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # FCN parts that work on K class channels: they cost almost nothing, and rounding their inputs or
 # outputs to 16 bits is what flips pixels whose two best classes are nearly tied
-_FCN_FLOAT32_PARTS = ("score_fr", "score_skip", "up", "final_up")
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """A torch dtype from a name in ``DTYPES``, a torch dtype, or None (float32); else a one-line error."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise FcnsegError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}") from None
-
-
-# ---------------------------------------------------------------------------------------------------
-# process-wide opt-ins, for programs (not called by any library function)
-
-def _flushing_denormals() -> bool:
-    # torch has a setter but no getter: a subnormal that comes out as zero tells
-    return bool((torch.tensor([1e-40]) * 1)[0] == 0)
-
-
-@contextlib.contextmanager
-def flush_denormal() -> Iterator[bool]:
-    """Process-wide opt-in: subnormal floats are flushed to zero inside the block (``torch.set_flush_denormal``);
-    yields whether the CPU supports it, and restores the previous setting on this thread at the end.
-
-    On x86 subnormal floats take a slow path that made a float32 EfficientNet-Lite0 FCN ten times slower;
-    in inference they are noise. The setting holds for this thread and the OpenMP threads started after
-    it, so enter the block before the first parallel work: this belongs to a program's entry point
-    (``fcnseg`` commands and the benchmark worker use it), not to a library call.
-    """
-    was = _flushing_denormals()
-    supported = torch.set_flush_denormal(True)
-    try:
-        yield supported
-    finally:
-        torch.set_flush_denormal(was)
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
-_reusing = False  # reuse_freed_memory() succeeded in this process
-
-
-def _glibc():
-    """This process's C library when it is glibc (whose malloc the functions below tune), else None."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl and others have different semantics)
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def reuse_freed_memory(keep_bytes: int = 2**31 - 1, top_pad_bytes: int = 64 << 20) -> bool:
-    """Process-wide opt-in, not undone: glibc's malloc keeps freed memory for the next allocation instead of
-    handing it back to the OS. Returns True where it was set, False where the C library is not glibc.
-
-    By default glibc serves each block above a threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it
-    when freed, and trims freed memory off the top of the heap. A training step at CamVid's size allocates
-    and frees activations of 40 MiB and more, so every step faulted in and zero-filled them anew: 4.69 against
-    5.47 images/s on a 2-core Xeon (benchmarks/train_speed.py, "system_malloc" against "now"). After
-    this call, blocks come from the heap (``M_MMAP_MAX`` 0), up to ``keep_bytes`` of free memory stays at its
-    top (``M_TRIM_THRESHOLD``), and it grows ``top_pad_bytes`` at a time (``M_TOP_PAD``). The cost: the
-    process keeps its peak memory until it exits. So it belongs to a program's entry point that runs one big
-    job (``fcnseg train`` calls it unless ``--malloc system``), not to a library call.
-    """
-    global _reusing
-    libc = _glibc()
-    if libc is None:
-        return False
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, keep_bytes), (_M_TOP_PAD, top_pad_bytes))
-    _reusing = all(libc.mallopt(param, value) == 1 for param, value in settings)
-    return _reusing
-
-
-def reusing_freed_memory() -> bool:
-    """Whether this process called ``reuse_freed_memory`` with success (a timing child process does the same)."""
-    return _reusing
-
-
-def return_freed_memory() -> None:
-    """Process-wide opt-in: hand heap pages freed by a conversion (the float32 weights a bfloat16 copy
-    replaced) back to the OS with glibc's ``malloc_trim``, which otherwise keeps them; no-op elsewhere."""
-    libc = _glibc()
-    if libc is not None:  # elsewhere: nothing to do
-        libc.malloc_trim(0)
+FCN_FLOAT32_PARTS = ("score_fr", "score_skip", "up", "final_up")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,7 +197,7 @@ def fold_batchnorm(model: nn.Module, check_size: tuple[int, int] = (96, 128)) ->
 # ---------------------------------------------------------------------------------------------------
 # precision
 
-class _CastInputs:
+class CastInputs:
     """A forward pre-hook that casts a module's floating-point inputs (and backbone features keyed by
     stride) to ``dtype``, channels-last when asked. A class, so that ``optimize`` can find the hooks it
     set before and replace them rather than stack a second cast after the first."""
@@ -314,7 +222,7 @@ class _CastInputs:
 def _remove_cast_hooks(model: nn.Module) -> None:
     for m in model.modules():
         # _forward_pre_hooks is where nn.Module keeps its pre-hooks; ours are recognised by their class
-        for key in [k for k, hook in m._forward_pre_hooks.items() if isinstance(hook, _CastInputs)]:
+        for key in [k for k, hook in m._forward_pre_hooks.items() if isinstance(hook, CastInputs)]:
             del m._forward_pre_hooks[key]
 
 
@@ -360,39 +268,13 @@ def _keep_in_float32(model: nn.Module, names: list[str], dtype: torch.dtype, cha
     for part in parts:
         part.float()
         for m in _called_layers(part):
-            m.register_forward_pre_hook(_CastInputs(torch.float32, False))
-    fcn_float32 = {id(m) for name in _FCN_FLOAT32_PARTS if isinstance(getattr(model, name, None), nn.Module)
+            m.register_forward_pre_hook(CastInputs(torch.float32, False))
+    fcn_float32 = {id(m) for name in FCN_FLOAT32_PARTS if isinstance(getattr(model, name, None), nn.Module)
                    for m in getattr(model, name).modules()}
     for m in model.modules():
         if (id(m) not in kept and id(m) not in fcn_float32 and m is not model
                 and any(True for _ in m.parameters(recurse=False))):
-            m.register_forward_pre_hook(_CastInputs(dtype, channels_last))
-
-
-def native_bf16_cpu() -> bool:
-    """Whether oneDNN runs bfloat16 on this CPU's own units (AVX512-BF16, AMX, or AVX512 at least);
-    elsewhere bfloat16 is converted element by element and is slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
-
-
-def vnni_cpu() -> bool:
-    """Whether this CPU has an int8 dot-product instruction (AVX512-VNNI or AVX-VNNI), whose sums of uint8 x int8
-    products do not saturate; without it x86 CPUs use vpmaddubsw, whose 16-bit pair sums can."""
-    try:
-        return bool(torch.cpu._is_vnni_supported())
-    except (AttributeError, RuntimeError):  # an older torch: assume the worst
-        return False
-
-
-def bf16_slowness() -> str | None:
-    """Why bfloat16 would be slow on this CPU (a sentence for a warning), or None where it is native."""
-    if native_bf16_cpu():
-        return None
-    return (f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 support: "
-            f"bfloat16 will run slower than float32 here")
+            m.register_forward_pre_hook(CastInputs(dtype, channels_last))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -418,10 +300,10 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
       result is for inference only); channels-last memory format (oneDNN's fast path);
     - ``dtype`` (e.g. torch.bfloat16): weights and activations in that type, so the heavy
       convolutions run on the CPU's bf16 units and the weights take half the memory. An FCN's
-      scoring and upsampling layers stay float32 (see ``_FCN_FLOAT32_PARTS``); inputs are cast at
+      scoring and upsampling layers stay float32 (see ``FCN_FLOAT32_PARTS``); inputs are cast at
       the model's entry and at each float32 part, so callers pass float32 tensors as before;
     - ``keep_float32``: names of further parts (``model.get_submodule`` names, e.g. the layers
-      ``fcnseg.precision.layer_sensitivity`` finds fragile) that compute in float32 in a 16-bit model;
+      ``fcnseg.evaluation.precision.layer_sensitivity`` finds fragile) that compute in float32 in a 16-bit model;
       their outputs stay float32 and the 16-bit layers after them cast their inputs back. None: the
       ``float32_layers`` of the model's record, if any (``fcnseg export --dtype bfloat16`` writes them);
     - convolutions whose weight exceeds ``big_weight_bytes`` (fc6, fc7 of the VGG nets) are replaced by
@@ -448,17 +330,17 @@ def optimize(model: nn.Module, dtype: str | torch.dtype | None = None, channels_
     if fold_bn:
         fold_batchnorm(model)
     if dtype != torch.float32:
-        heads = [getattr(model, n) for n in _FCN_FLOAT32_PARTS if isinstance(getattr(model, n, None), nn.Module)]
+        heads = [getattr(model, n) for n in FCN_FLOAT32_PARTS if isinstance(getattr(model, n, None), nn.Module)]
         _cast_except(model, dtype, heads + [model.get_submodule(n) for n in keep_float32])
         for part in heads:
             part.float()
             for m in _called_layers(part):
-                m.register_forward_pre_hook(_CastInputs(torch.float32, False))
+                m.register_forward_pre_hook(CastInputs(torch.float32, False))
     elif any(p.dtype != torch.float32 for p in model.parameters()):
         model.float()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    model.register_forward_pre_hook(_CastInputs(dtype, channels_last))
+    model.register_forward_pre_hook(CastInputs(dtype, channels_last))
     if big_weight_bytes:
         _replace_big_convs(model, big_weight_bytes)
     if keep_float32 and dtype != torch.float32:  # after the swaps, so the hooks sit on the layers that run

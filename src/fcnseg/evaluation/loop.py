@@ -1,4 +1,7 @@
-"""Evaluation at inference speed: ``evaluate_model`` scores a model on a dataset the way ``predict``
+"""The one evaluation loop: ``evaluate(model, batches)`` -> a ``ConfusionMatrix`` (or one per head for a multi-head
+net), used by validation during training, ``fcnseg evaluate``, the precision gate and the scoring workers.
+
+Evaluation at inference speed: ``evaluate_model`` scores a model on a dataset the way ``predict``
 runs it (an optimized copy, equal-size images batched, loading overlapped) and returns a
 ``ConfusionMatrix`` identical to scoring the images one by one (float32).
 
@@ -10,17 +13,19 @@ images/s against 40 for the model alone, the scoring workers at 30 (``benchmarks
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import contextlib
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from .train.engine import evaluate
-from .errors import FcnsegError
+from ..errors import FcnsegError
+from ..inference.optimize import optimize
+from ..inference.tta import TestTimeAugmentation, check_scales, class_ids
+from ..models.multihead import head_targets
+from ..modes import eval_mode
 from .metrics import ConfusionMatrix
-from .optimize import optimize
-from .tta import TestTimeAugmentation, check_scales
 
 
 def collate_by_size(samples: Sequence[tuple]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -57,8 +62,6 @@ class ScoringWorkers(Dataset):
         torch.set_num_threads(1)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from .tta import class_ids
-
         image, mask = self.dataset[self.indices[i]][:2]
         cm = ConfusionMatrix(self.num_classes, ignore_index=self.ignore_index)
         with torch.inference_mode():
@@ -75,7 +78,7 @@ def evaluate_model(model: nn.Module, dataset, *, indices: Sequence[int] | None =
     """The confusion matrix of ``model`` over ``dataset`` (items ``(image, mask)`` at their own size, the
     images normalised as the model expects), or over ``indices`` of it.
 
-    With ``optimize_model`` the model runs as ``fcnseg.optimize.optimize`` converts it (``dtype``,
+    With ``optimize_model`` the model runs as ``fcnseg.inference.optimize.optimize`` converts it (``dtype``,
     ``channels_last``, batch norm folded): on a copy, or on ``model`` itself with ``inplace``. Images of
     equal size run ``batch_size`` at a time. Where the ``workers`` are at least as many as this process's CPU
     threads (a small machine), each worker process loads and scores its own images, one at a time on one
@@ -109,7 +112,7 @@ def evaluate_model(model: nn.Module, dataset, *, indices: Sequence[int] | None =
 def _forkable(model: nn.Module) -> bool:
     """Whether worker processes may run ``model``: a PyTorch network (an ONNX Runtime or OpenVINO module keeps
     native thread pools that a forked process must not inherit)."""
-    from .export import OnnxRuntimeModule
+    from ..weights.runtimes import OnnxRuntimeModule
 
     return not isinstance(model, OnnxRuntimeModule)
 
@@ -129,3 +132,45 @@ def _score_in_workers(net: nn.Module, dataset, indices: list[int], num_classes: 
         cm.mat += counts.reshape(num_classes, num_classes)
     cm.all_reduce()
     return cm
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on ``device``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple], num_classes: int | None = None, *,
+             device: str | torch.device = "cpu", ignore_index: int = 255, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, progress: bool = True,
+             desc: str = "evaluate") -> ConfusionMatrix | dict[str, ConfusionMatrix]:
+    """Score ``model`` over ``batches`` (``(images, masks, ...)``, at the images' own resolution) and return the
+    confusion matrix, summed over processes when distributed.
+
+    A multi-head net (its forward returns ``{head: logits}``; ``model.head_classes`` names the heads) gives one
+    matrix per head, ``{head: ConfusionMatrix}``; its masks are ``{head: mask}`` or a (B, n_heads, H, W) stack in
+    the model's head order. ``num_classes`` defaults to ``model.num_classes``."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    heads = getattr(model, "head_classes", None)
+    classes = dict(heads) if heads else {None: int(num_classes or model.num_classes)}
+    cms = {name: ConfusionMatrix(k, ignore_index=ignore_index, device=device) for name, k in classes.items()}
+    with eval_mode(model):
+        for batch in tqdm(batches, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False):
+            images, masks = batch[0].to(device), batch[1]
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                logits = model(images)  # (B, K, H, W), or {head: (B, K_head, H, W)}
+            if not isinstance(logits, Mapping):
+                logits, masks = {None: logits}, {None: masks}
+            elif not isinstance(masks, Mapping):
+                masks = head_targets(masks, list(logits))
+            for name, head_logits in logits.items():
+                cms[name].update(target=masks[name].to(device), pred=class_ids(head_logits))
+    for cm in cms.values():
+        cm.all_reduce()
+    return cms if heads else cms[None]

@@ -7,168 +7,23 @@ for people and tools, beside it as ``NAME.json``. The record says how to rebuild
 """
 from __future__ import annotations
 
-import errno
 import json
-import logging
-import os
-import pickle
-import re
-import tempfile
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
-from .errors import FcnsegError, OutputExistsError, OutputWriteError, show_path
-from .record import IMAGENET_MEAN, IMAGENET_STD, CheckpointRecord, default_palette
+from .. import models  # noqa: F401  (fills the model registry that records are checked against)
+from ..errors import FcnsegError
+from ..files import atomic_write, clean_stale_temps, file_digest, output_file, read_state_dict
+from ..hardware import parse_dtype
+from ..record import IMAGENET_MEAN, IMAGENET_STD, CheckpointRecord, default_palette
+from ..registry import build_model
 
-logger = logging.getLogger(__name__)
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# read once at import: os.umask can only be read by setting it, which is not thread-safe later on
-_FILE_MODE = 0o666 & ~_umask()
-
-
-# atomic_write's temporaries: ".NAME.XXXXXXXX.tmp" (tempfile's 8 random characters) beside the target
-_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-STALE_TEMP_S = 3600.0
-
-
-def atomic_write(path: str | Path, write: Callable[[str], Any], overwrite: bool = True) -> None:
-    """Write through ``write(tmp_path)`` to a temporary name in the same folder, fsync, then move into place.
-
-    ``overwrite=True`` replaces an existing ``path`` (checkpoints replace last.safetensors). ``overwrite=False``
-    creates it exclusively: the finished file is hard-linked to ``path``, which fails if the name exists, even
-    when another process takes it at the same moment (``OutputExistsError``). The file gets the permissions a
-    plain ``open(path, "w")`` would give, even when ``write`` replaced the temporary with a file of its own.
-    An ``OSError`` (disk full, no permission, read-only file system) becomes a one-line ``OutputWriteError``
-    naming ``path``; either way no temporary is left behind.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, _FILE_MODE)
-        os.close(fd)
-        write(tmp)
-        # safetensors' save_file creates its own file (owner-only) in place of the one made above
-        os.chmod(tmp, _FILE_MODE)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                _link_new(tmp, path)
-            except FileExistsError:
-                raise OutputExistsError(f"{show_path(path)}: exists already; not replaced") from None
-    except OSError as e:
-        raise OutputWriteError(f"{show_path(path)}: could not write ({e.strerror or e}); nothing was written") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _link_new(tmp: str, path: Path) -> None:
-    """Give the finished ``tmp`` the name ``path`` only if that name is free (atomic and race-free)."""
-    try:
-        os.link(tmp, path)
-    except OSError as e:
-        if isinstance(e, FileExistsError) or e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        # a file system without hard links: claim the name exclusively, then move the finished file onto it
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE))
-        os.replace(tmp, path)
-
-
-def clean_stale_temps(folder: str | Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:
-    """Remove ``atomic_write`` temporaries (``.NAME.XXXXXXXX.tmp``) left in ``folder`` by a killed writer.
-
-    Only files unmodified for ``older_than_s`` seconds (an hour) go: a live writer keeps its temporary's
-    modification time fresh, so concurrent writers into the same folder are not disturbed. Returns the removed.
-    """
-    removed = []
-    now = time.time()
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed  # nothing to clean in a folder that cannot be listed (yet)
-    for entry in entries:
-        if not _TMP_NAME.match(entry.name):
-            continue
-        try:
-            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-        except OSError:
-            continue  # taken by another cleaner, or not ours to remove
-    if removed:
-        logger.info("removed %d stale temporary file(s) in %s", len(removed), show_path(folder))
-    return removed
-
-
-def file_digest(path: str | Path, algo: str = "sha256") -> str:
-    """Hex digest of a file, read in blocks (weights and archives can be gigabytes)."""
-    import hashlib
-
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from .safetensors, or from .pth/.pt with ``weights_only=True`` (no code ever runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FcnsegError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FcnsegError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols before refusing them
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise FcnsegError(f"{path}: refused to load: the file holds Python objects other than tensors, which "
-                          f"could run code ({_what_was_refused(str(e))}). Convert it to safetensors from a "
-                          f"trusted source.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise FcnsegError(f"{path}: not a readable PyTorch file ({str(e).splitlines()[0][:200]})") from None
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FcnsegError(f"{path}: expected a state dict of tensors")
-    return obj
-
-
-def _what_was_refused(message: str) -> str:
-    """The global that torch's weights-only unpickler refused, in plain text."""
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", plain) or re.search(r"Unsupported operand \S+", plain)
-    if found:
-        return f"found {found.group(1) if found.groups() else found.group(0)}"
-    lines = [ln.strip() for ln in plain.splitlines() if ln.strip() and "weights_only=False" not in ln]
-    return lines[-1][:160] if lines else "unsupported content"
+#: the built-in checkpoints ship in this folder, beside the code that reads them
+WEIGHTS_DIR = Path(__file__).parent
 
 
 def make_record(model: nn.Module, classes: list[str] | None = None, colors: list[list[int]] | None = None,
@@ -198,8 +53,6 @@ def save_checkpoint(model: nn.Module, path: str | Path, record: dict[str, Any] |
     """Write ``path`` (.safetensors) and its ``.json`` record atomically. ``dtype`` (e.g. float16)
     stores floating tensors compactly; they are cast back to float32 on load. Tensors whose names
     start with one of ``keep_float32`` (e.g. ``"score_fr."``) are stored in float32 all the same."""
-    from .outputs import output_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
@@ -280,8 +133,6 @@ def check_weights_fit(path: str | Path, record: CheckpointRecord) -> None:
     record cannot ask for a network larger than the weights the file holds."""
     import torch
 
-    from .registry import build_model
-
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -354,8 +205,6 @@ def load_checkpoint(path_or_name: str | Path, device: str | torch.device = "cpu"
     file's tensor shapes against the architecture before the network is built; the network is built
     without ImageNet weights and filled from the file alone: nothing else is read, nothing fetched.
     """
-    from .registry import build_model
-
     path = resolve_checkpoint(path_or_name)
     if path.suffix != ".safetensors":
         raise FcnsegError(f"{path}: fcnseg checkpoints are .safetensors; convert other formats with 'fcnseg convert'")
@@ -390,8 +239,6 @@ def open_model(path_or_name: str | Path, backend: str | None = None, device: str
     ``dtype`` is the compute type of a runtime backend, fixed when it opens the file: OpenVINO runs float32 or,
     for bfloat16, its bf16 inference precision; ONNX Runtime runs the exported float32 graph only. A PyTorch
     model opens in float32 whatever ``dtype`` says: ``optimize`` converts it (the Segmenter, evaluation)."""
-    from .optimize import parse_dtype
-
     is_onnx = str(path_or_name).endswith(".onnx")
     backend = backend or ("onnxruntime" if is_onnx else "torch")
     if backend not in BACKENDS:
@@ -401,7 +248,7 @@ def open_model(path_or_name: str | Path, backend: str | None = None, device: str
         if not is_onnx:
             raise FcnsegError(f"{path_or_name}: the {backend} backend runs an exported .onnx model; "
                               f"make one with 'fcnseg export --format onnx'")
-        from .export import OnnxRuntimeModel, OpenVinoModel
+        from .runtimes import OnnxRuntimeModel, OpenVinoModel
 
         if backend == "onnxruntime":
             if dtype != torch.float32:
@@ -412,3 +259,26 @@ def open_model(path_or_name: str | Path, backend: str | None = None, device: str
     if is_onnx:
         raise FcnsegError(f"{path_or_name}: an ONNX model runs with backend='onnxruntime' or 'openvino'")
     return load_checkpoint(path_or_name, device=device)
+
+
+def checkpoint_heads(path_or_name: str | Path) -> dict[str, dict[str, list]] | None:
+    """The heads a checkpoint's record lists (``{name: {classes, colors}}``), read without building anything;
+    None for a single-head checkpoint or an exported .onnx file."""
+    if str(path_or_name).endswith(".onnx"):
+        return None
+    path = resolve_checkpoint(path_or_name)
+    return read_record(path).heads if path.suffix == ".safetensors" else None
+
+
+def load_late_fusion(rgb: str | Path, hha: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A ``LateFusionFCN`` from two single-stream checkpoints (each trained on its own modality), with the RGB
+    checkpoint's record and where both came from (``late_fusion``)."""
+    from ..models.fusion import LateFusionFCN
+
+    rgb_model, hha_model = load_checkpoint(rgb, device=device), load_checkpoint(hha, device=device)
+    fused = LateFusionFCN(rgb_model, hha_model)
+    classes = rgb_model.record.get("classes"), hha_model.record.get("classes")
+    if classes[0] != classes[1]:
+        raise FcnsegError(f"{rgb} and {hha} name their classes differently; late fusion sums scores class by class")
+    fused.record = {**rgb_model.record, "late_fusion": {"rgb": str(rgb), "hha": str(hha)}}
+    return fused

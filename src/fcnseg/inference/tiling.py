@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import FcnsegError
+from ..errors import FcnsegError
 
 
 def tile_spans(length: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int, int, int]]:

@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import FcnsegError
+from ..errors import FcnsegError
+from .metrics import absent_classes
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ def run_defaults(checkpoint: str | Path) -> dict[str, Any]:
     cfg_file = path / "config.yaml" if path.is_dir() else path.parent.parent / "config.yaml"
     if not cfg_file.is_file() or not (path.is_dir() or path.parent.name == "checkpoints"):
         return {}
-    from .config import load_config
+    from ..config import load_config
 
     cfg = load_config(cfg_file)
     out = {"dataset": cfg.dataset, "root": cfg.root or None, "dataset_kwargs": dict(cfg.dataset_kwargs)}
@@ -49,10 +50,9 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     with ``dtype`` bfloat16 its bf16 inference precision).
     Returns the scores (fractions in [0, 1]) with the confusion matrix, per-class rows and what was scored.
     """
-    from .data import build_dataset
-    from .evaluation import evaluate_model
-    from .metrics import absent_classes
-    from .tta import check_scales
+    from ..data import build_dataset
+    from .loop import evaluate_model
+    from ..inference.tta import check_scales
 
     dataset, root, split, dataset_kwargs = _what_to_score(checkpoint, dataset, root, split, dataset_kwargs)
     scales = check_scales(scales)
@@ -72,11 +72,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
         return _evaluate_heads(checkpoint, model, data, dataset, root, split, limit=limit, workers=workers,
                                device=device, dtype=dtype)
     record = model.record
-    if data.num_classes != model.num_classes:
-        raise FcnsegError(f"{checkpoint} predicts {model.num_classes} classes but {dataset} has {data.num_classes}; "
-                          f"evaluate on the dataset it was trained for")
-    if list(record.get("classes", data.classes)) != list(data.classes):
-        log.warning("the checkpoint's class names differ from %s's; scoring by index", dataset)
+    _check_classes(checkpoint, model, data, dataset)
     classes = list(data.classes)
     excluded = class_indices(exclude, classes, dataset)
     n = min(limit, len(data)) if limit else len(data)
@@ -88,11 +84,26 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     if exclude_absent:
         excluded += [i for i in absent_classes(cm) if i not in excluded]
     scores = cm.compute(exclude=excluded, class_names=classes)
-    return {"checkpoint": str(checkpoint), "arch": record.get("arch"), "dataset": dataset, "root": str(root),
-            "split": split, "split_source": getattr(data, "split_source", None), "images": n,
-            "tta": {"flip": bool(flip), "scales": list(scales)}, "excluded": [classes[i] for i in sorted(excluded)],
+    return {**_what_was_scored(checkpoint, record, data, dataset, root, split, n), "tta": {
+        "flip": bool(flip), "scales": list(scales)}, "excluded": [classes[i] for i in sorted(excluded)],
             **({"dense": record["dense"]} if "dense" in record else {}),
             **({"labels": data.label_source} if hasattr(data, "label_source") else {}), **scores}
+
+
+def _check_classes(checkpoint: str | Path, model, data, dataset: str) -> None:
+    """The model must predict the dataset's classes; names that differ are only a warning (scored by index)."""
+    if data.num_classes != model.num_classes:
+        raise FcnsegError(f"{checkpoint} predicts {model.num_classes} classes but {dataset} has {data.num_classes}; "
+                          f"evaluate on the dataset it was trained for")
+    if list(model.record.get("classes", data.classes)) != list(data.classes):
+        log.warning("the checkpoint's class names differ from %s's; scoring by index", dataset)
+
+
+def _what_was_scored(checkpoint: str | Path, record, data, dataset: str, root: str | Path, split: str,
+                     n: int) -> dict[str, Any]:
+    """The head of a scores dictionary: the checkpoint, its architecture and the data scored."""
+    return {"checkpoint": str(checkpoint), "arch": record.get("arch"), "dataset": dataset, "root": str(root),
+            "split": split, "split_source": getattr(data, "split_source", None), "images": n}
 
 
 def _what_to_score(checkpoint: str | Path, dataset: str | None, root: str | Path | None, split: str | None,
@@ -116,7 +127,7 @@ def _check_options(checkpoint: str | Path, onnx: bool, *, dense: str | None, den
                    plain: bool) -> dict | None:
     """Refuse options that do not go together, before any data or weights load; the checkpoint's heads (None for
     a one-head net or an .onnx file). ``plain``: no test-time augmentation and no excluded classes."""
-    from .models.multihead import checkpoint_heads
+    from ..weights.checkpoint import checkpoint_heads
 
     if dense is None and dense_stride is not None:
         raise FcnsegError("dense_stride needs dense='shift-and-stitch' or 'rarefaction'")
@@ -136,11 +147,11 @@ def _open_for_scoring(checkpoint: str | Path, data, dataset: str, *, onnx: bool,
     """The model as evaluation runs it (an ONNX Runtime or OpenVINO model wrapped as an ``nn.Module``, float32 in
     and out; densified for ``dense``), its device and compute dtype; sets ``data``'s transforms to the checkpoint's
     own normalisation at original resolution."""
-    from .checkpoint import open_model
-    from .data import build_transforms
-    from .export import OnnxRuntimeModule
-    from .record import normalization_of
-    from .train.distributed import pick_device
+    from ..weights.checkpoint import open_model
+    from ..preprocess import PairedTransform
+    from ..weights.runtimes import OnnxRuntimeModule
+    from ..record import normalization_of
+    from ..hardware import pick_device
 
     device = torch.device("cpu") if onnx else pick_device(str(device))
     # checks the pairing; a runtime opens in its compute type (OpenVINO bfloat16: bf16 inference precision)
@@ -148,11 +159,11 @@ def _open_for_scoring(checkpoint: str | Path, data, dataset: str, *, onnx: bool,
     if not isinstance(model, torch.nn.Module):  # ONNX Runtime, OpenVINO: in the nn.Module form evaluation expects
         model, dtype = OnnxRuntimeModule(model), "float32"  # float32 in and out: the runtime's own precision inside
     if dense is not None:
-        from .models.dense import densify
+        from ..models.dense import densify
 
         model = densify(model, dense, dense_stride or 8)
-    mean, std = normalization_of(model)
-    data.transforms = build_transforms(getattr(data, "preset", dataset), train=False, mean=mean, std=std)
+    # the weights' own preprocessing (``CheckpointRecord.transforms()``), at original resolution
+    data.transforms = PairedTransform([], None, *normalization_of(model))
     if heads is None and hasattr(model, "head_classes"):
         raise FcnsegError(f"{checkpoint}: a multi-head net whose record lists no heads (its 'heads' field); "
                           f"save it from a training run, which records every head's classes")
@@ -164,8 +175,8 @@ def _evaluate_heads(checkpoint: str | Path, model: torch.nn.Module, data, datase
     """A multi-head net's scores: one confusion matrix per head, over a dataset that yields one label map per
     head (``dataset.heads``, same names and class counts). The first head's scores are also the top-level
     ones; ``heads`` holds every head's, each with its ``label_source`` (e.g. derived geometric labels)."""
-    from .models.multihead import evaluate_heads
-    from .train.loader import Seeded, make_loader
+    from ..data.loader import Seeded, make_loader
+    from .loop import evaluate
 
     record = model.record
     want = {name: len(h["classes"]) for name, h in record.heads.items()}
@@ -178,12 +189,11 @@ def _evaluate_heads(checkpoint: str | Path, model: torch.nn.Module, data, datase
     n = min(limit, len(data)) if limit else len(data)
     loader = make_loader(Seeded(data, list(range(n))), list(range(n)), 1, workers, device)
     amp = torch.bfloat16 if dtype == "bfloat16" else None
-    cms = evaluate_heads(model, loader, data.ignore_index, device, amp_dtype=amp)
+    cms = evaluate(model, loader, device=device, ignore_index=data.ignore_index, amp_dtype=amp, progress=False)
     heads = {name: dict(cm.compute(class_names=data_heads[name]["classes"]),
                         label_source=data_heads[name].get("label_source")) for name, cm in cms.items()}
     first = next(iter(heads.values()))
-    return {"checkpoint": str(checkpoint), "arch": record.get("arch"), "dataset": dataset, "root": str(root),
-            "split": split, "split_source": getattr(data, "split_source", None), "images": n,
+    return {**_what_was_scored(checkpoint, record, data, dataset, root, split, n),
             "tta": {"flip": False, "scales": [1.0]}, "excluded": [],
             "labels": {name: h["label_source"] for name, h in heads.items()}, **first, "heads": heads}
 

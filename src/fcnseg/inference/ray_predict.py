@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .checkpoint import atomic_write
-from .errors import FcnsegError, OutputExistsError, OutputWriteError, show_path
+from ..errors import FcnsegError, OutputExistsError, OutputWriteError, show_path
+from ..files import atomic_write
 from .prediction_files import PredictionFiles
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class _Predictor:
     def __init__(self, job: RayJob, threads: int) -> None:
         import torch
 
-        from .inference import Segmenter
+        from .segmenter import Segmenter
 
         # an actor is a process of its own: its thread count is set on purpose so that the pool does not
         # oversubscribe the cores (Ray would leave OMP_NUM_THREADS at the actor's num_cpus)
@@ -145,8 +145,8 @@ class _Predictor:
     def _one(self, source: str, stem: str) -> dict[str, Any]:
         import numpy as np
 
-        from .data.io import read_image
-        from .outputs import write_group
+        from ..data.io import read_image
+        from ..files import write_group
 
         job, start = self.job, time.perf_counter()
         row: dict[str, Any] = dict(source=source, outputs=job.files.names(stem), status="ok", error="",
@@ -351,7 +351,7 @@ def run_job(job: RayJob, inputs: Sequence[tuple[Path, str]], report: Callable[[s
             progress: bool = True) -> RayOutcome:
     """Run the job: every input gets one manifest row (ok, failed or skipped); each failed or skipped input is
     reported once through ``report``. Needs Ray; see the module docstring for what is retried."""
-    from .checkpoint import clean_stale_temps
+    from ..files import clean_stale_temps
 
     ray = import_ray()
     check_fresh_manifest(job)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import FcnsegError
+from ..errors import FcnsegError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def rank_images(segmenter, files: Sequence[str | Path], out: str | Path, measure
     reported through ``on_problem`` and left out; returns (rows, number failed)."""
     from tqdm import tqdm
 
-    from .checkpoint import atomic_write
-    from .data.io import read_image
+    from ..files import atomic_write
+    from ..data.io import read_image
 
     uncertainty(torch.ones(2, 1, 1) / 2, measure)  # an unknown measure fails before any image is read
     rows, failed = [], 0

@@ -1,12 +1,16 @@
-"""Pictures of predictions: palette PNGs of class ids, colour overlays, and a legend of class colours."""
+"""Pictures of predictions: palette PNGs of class ids (one per head for a multi-head net), colour overlays, and a
+legend of class colours."""
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import default_palette
+from ..errors import FcnsegError
+from ..record import default_palette
 
 
 def class_colors(colors: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
@@ -72,3 +76,22 @@ def legend(classes: Sequence[str], colors: np.ndarray, swatch: int = 20, width: 
         draw.rectangle([pad, y, pad + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in color), outline="black")
         draw.text((2 * pad + swatch, y + swatch // 2), label, fill="black", font=font, anchor="lm")
     return im
+
+
+def write_head_masks(logits: Mapping[str, torch.Tensor], colors: Mapping[str, Sequence[Sequence[int]]],
+                     out: str | Path, stem: str, overwrite: bool = False) -> list[Path]:
+    """One palette PNG of class ids per head, ``out/<stem>_<head>.png``, from one image's
+    ``{head: (K, H, W) or (1, K, H, W) logits}``; written all-or-nothing (``fcnseg.files.write_group``: an existing
+    file is an ``OutputExistsError`` unless ``overwrite``). Returns the paths."""
+    from ..files import write_group
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    group = []
+    for name, value in logits.items():
+        if name not in colors:
+            raise FcnsegError(f"no colours for head {name!r}; colours are given for {sorted(colors)}")
+        mask = (value[0] if value.dim() == 4 else value).argmax(0).cpu().numpy()
+        image = palette_image(mask, colors[name])
+        group.append((out / f"{stem}_{name}.png", lambda tmp, image=image: image.save(tmp, format="PNG")))
+    return write_group(group, overwrite=overwrite)

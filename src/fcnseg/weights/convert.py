@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import file_digest, make_record, read_state_dict, save_checkpoint
-from .errors import FcnsegError
-from .registry import build_model
+from ..files import file_digest, read_state_dict
+from .checkpoint import make_record, save_checkpoint
+from ..errors import FcnsegError
+from ..registry import build_model
 
 SOURCES = ("torchfcn", "caffe")
 ARCHS = ("fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "fcn8s_atonce_vgg16")
@@ -135,7 +136,7 @@ def read_layers(path: str | Path, source: str) -> Layers:
 
 def reference_names(model: nn.Module) -> dict[str, str]:
     """Reference layer name -> fcnseg module name, for a VGG16 FCN with deconvolution upsampling."""
-    from .models.backbones import VGG16Backbone
+    from ..models.backbones import VGG16Backbone
 
     if not isinstance(getattr(model, "backbone", None), VGG16Backbone):
         raise FcnsegError(f"{getattr(model, 'arch', type(model).__name__)}: only the VGG16 FCNs have reference "
@@ -293,7 +294,7 @@ def convert_file(path: str | Path, out: str | Path, source: str, arch: str | Non
     if classes is not None and len(classes) != model.num_classes:
         raise FcnsegError(f"{len(classes)} class names for a {model.num_classes}-class network")
     if classes is None and model.num_classes == 21:
-        from .data.voc import VOC_CLASSES  # every released 21-class FCN is a PASCAL VOC net
+        from ..data.voc import VOC_CLASSES  # every released 21-class FCN is a PASCAL VOC net
 
         classes = VOC_CLASSES
         provenance["classes"] = "assumed PASCAL VOC (21 classes); pass --classes-file if they are not"

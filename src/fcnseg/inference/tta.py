@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import FcnsegError
+from ..errors import FcnsegError
 
 
 def class_ids(scores: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def tta_probabilities(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torc
 class TestTimeAugmentation(nn.Module):
     """``model`` under test-time augmentation: forward gives the averaged class probabilities of
     ``tta_probabilities`` (their argmax is the augmented prediction), so it can stand wherever a model's
-    logits are only argmax-ed, as in ``engine.evaluate``."""
+    logits are only argmax-ed, as in ``fcnseg.evaluation.loop.evaluate``."""
 
     __test__ = False  # not a pytest class, whatever its name
 

@@ -1,12 +1,11 @@
 """Inference: ``Segmenter`` turns images into class masks (tiled for large images, with optional
-test-time augmentation), running an optimized copy of the model (``fcnseg.optimize``).
+test-time augmentation), running an optimized copy of the model (``fcnseg.inference.optimize``).
 
     seg = Segmenter.from_checkpoint("camvid")
     mask = seg(image)              # PIL image, (H, W, 3) array or (3, H, W) tensor -> (H, W) class ids
     masks = seg([im1, im2])        # a list in, a list out (same-sized images run as one batch)
 
-Large images are cut into overlapping tiles (``fcnseg.tiling``). The names of ``fcnseg.optimize``,
-``fcnseg.tiling`` and ``fcnseg.tta`` that callers used to import from here are re-exported.
+Large images are cut into overlapping tiles (``fcnseg.inference.tiling``).
 """
 from __future__ import annotations
 
@@ -20,18 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import open_model
-from .errors import FcnsegError
-from .record import normalization_of, refuse_multihead
-from .optimize import (DTYPES, BigWeightConv2d, bf16_slowness, copy_model, fold_batchnorm, native_bf16_cpu, optimize,
-                       parse_dtype)
+from ..weights.catalog import Weights
+from ..weights.checkpoint import open_model
+from ..errors import FcnsegError
+from ..preprocess import PairedTransform
+from ..record import normalization_of, refuse_multihead
+from ..hardware import parse_dtype
+from .optimize import copy_model, optimize
 from .tiling import tile_spans
-from .tta import TestTimeAugmentation, check_scales, class_ids, tta_probabilities
+from .tta import check_scales, class_ids, tta_probabilities
 from .visualize import class_colors
 
-__all__ = ["DTYPES", "BigWeightConv2d", "ImageLike", "Prediction", "Segmenter", "TestTimeAugmentation",
-           "bf16_slowness", "check_scales", "fold_batchnorm", "native_bf16_cpu", "optimize", "parse_dtype",
-           "tile_spans", "tta_probabilities"]
+__all__ = ["ImageLike", "Prediction", "Segmenter"]
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -74,7 +73,8 @@ class Prediction:
 
 
 class Segmenter:
-    """Images in, class masks out, for any model that maps (B, 3, H, W) to (B, K, H, W) logits.
+    """Images in, class masks out, for any model that maps (B, 3, H, W) to (B, K, H, W) logits, or for typed
+    weights (``Segmenter(fcnseg.get_weights("camvid"))``).
 
     ``classes``, ``colors``, ``mean`` and ``std`` default to the model's checkpoint record. ``dtype``
     and ``channels_last`` go to ``optimize``: the Segmenter runs an optimized copy (batch norm folded,
@@ -87,12 +87,14 @@ class Segmenter:
     pixels; 0 or None: never), or resized by a fixed ``scale``; masks come back at the photo's size.
     """
 
-    def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor], classes: Sequence[str] | None = None,
+    def __init__(self, model: "nn.Module | Callable[[torch.Tensor], torch.Tensor] | Weights", classes: Sequence[str] | None = None,
                  colors: Sequence[Sequence[int]] | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, *, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype | None = None, channels_last: bool = True, tile: int = 1024,
                  overlap: int = 256, flip: bool = False, scales: Sequence[float] = (1.0,), batch_size: int = 4,
                  inplace: bool = False, max_side: int | str | None = "auto", scale: float | None = None):
+        if isinstance(model, Weights):  # typed weights: loaded here, so ours to convert in place
+            model, inplace = model.load(device), True
         refuse_multihead(model, "Segmenter")
         record: Mapping[str, Any] = getattr(model, "record", None) or {}
         self.num_classes = int(getattr(model, "num_classes", 0) or record.get("num_classes", 0))
@@ -103,8 +105,7 @@ class Segmenter:
         self.device = torch.device(device)
         own_mean, own_std = normalization_of(model)
         mean, std = own_mean if mean is None else mean, own_std if std is None else std
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.preprocess = PairedTransform([], None, mean, std)  # the record's own (CheckpointRecord.transforms())
         if isinstance(model, nn.Module):
             if not inplace:
                 model = copy_model(model)  # the caller's model stays as it was
@@ -189,9 +190,7 @@ class Segmenter:
         return mask.long() if isinstance(like, torch.Tensor) else mask.numpy()
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        return (x - self.mean) / self.std
+        return self.preprocess.batch(x.to(self.device, non_blocking=True))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).float()

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .inference import Prediction
+from .segmenter import Prediction
 from . import uncertainty as unc, visualize as vis  # looked up at call time, as the CLI did (tests patch them)
 
 
