@@ -21,7 +21,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "dataset, rank unlabelled images by the model's uncertainty, download a public "
                                    "dataset. 'fcnseg data SUBCOMMAND --help' says more.")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    _add_check_and_import(dsub)
+    _add_rank_and_download(dsub)
+    return p
 
+
+def _add_check_and_import(dsub) -> None:
     c = dsub.add_parser("check", help="read every image/mask pair, print one line per problem, then class weights",
                         description="Read every image/mask pair of a split and print one line per problem (unreadable "
                                     "or truncated files, sizes that differ, labels out of range), then the pixel count "
@@ -62,6 +67,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="follow image names that lead outside the export's folders (absolute, '..', links)")
     i.set_defaults(_data=run_import)
 
+
+def _add_rank_and_download(dsub) -> None:
     r = dsub.add_parser("rank", help="rank unlabelled images by the model's mean uncertainty (label the top ones next)",
                         description="Segment each image, average the per-pixel uncertainty (normalised entropy or "
                                     "margin; 1 = no preference between classes) and write the images as CSV, most "
@@ -94,7 +101,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     limits.add_argument("--max-members", type=int, default=DEFAULT_LIMITS.max_members, metavar="N",
                         help="files and folders in one archive (default %(default)d)")
     d.set_defaults(_data=run_download)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
