@@ -202,8 +202,6 @@ def _parsers(parser: argparse.ArgumentParser, name: str = "fcnseg"):
 def test_every_command_has_a_description_and_every_option_help():
     missing = []
     for name, parser in _parsers(build_parser()):
-        if name == "fcnseg serve":  # cli/serve.py is another helper's in this issue (serve30)
-            continue
         if not parser.description:
             missing.append(f"{name}: no description")
         for action in parser._actions:

@@ -41,7 +41,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="allow browser pages from this origin to call the API (repeatable; default: none)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute type (as predict)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="how much the server logs (default info: one line per request)")
     return p
 
 
