@@ -39,14 +39,8 @@ async def spool_limited(chunks: AsyncIterator[bytes], limit: int, spool_bytes: i
     ``spool_bytes`` of memory however large it is declared. ``progress[0]`` counts the bytes as they come
     (for the message when the upload is cut)."""
     spool = tempfile.SpooledTemporaryFile(max_size=spool_bytes)
-    seen = 0
     try:
-        async for chunk in chunks:
-            seen += len(chunk)
-            if progress is not None:
-                progress[0] = seen
-            if seen > limit:
-                raise too_large(limit)
+        async for chunk in limited_stream(chunks, limit, progress):
             spool.write(chunk)
     except BaseException:
         spool.close()
