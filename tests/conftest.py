@@ -35,6 +35,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip("browser: Chromium is not installed (`make chromium`)")
 
 
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, through Playwright) for the page tests, which carry the browser marker."""
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: run `make chromium` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright  # the browser marker skips without it
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny() -> Iterator[list[str]]:
     """The tiny test models (tiny_models.TINY_BUILDERS) are registered for the whole session: checkpoints of

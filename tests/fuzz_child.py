@@ -23,6 +23,7 @@ import traceback
 import fcnseg  # noqa: F401  (imports done before the memory limit)
 import fcnseg.cli
 import fcnseg.data.io
+from tiny_models import vm_size
 
 CONNECTIONS: list[str] = []
 _connect = socket.socket.connect
@@ -35,14 +36,6 @@ def _guarded_connect(self, address):
     if proxy and isinstance(address, tuple) and address[:2] == ("127.0.0.1", int(proxy)):
         return _connect(self, address)
     raise ConnectionRefusedError(f"fuzz child: no network ({address})")
-
-
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize")
 
 
 def run_case(case: dict) -> dict:
@@ -71,7 +64,7 @@ def run_case(case: dict) -> dict:
 def main() -> None:
     cases = json.load(open(sys.argv[1]))
     socket.socket.connect = _guarded_connect
-    limit = _vm_size() + (2 << 30)
+    limit = vm_size() + (2 << 30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     results = [run_case(c) for c in cases]
     with open(sys.argv[2], "w") as f:

@@ -22,19 +22,12 @@ import traceback
 import fcnseg.cli
 import fcnseg.data.importers  # noqa: F401  (imports done before the memory limit)
 import pycocotools.mask  # noqa: F401
-
-
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize")
+from tiny_models import vm_size
 
 
 def main() -> None:
     cases = json.load(open(sys.argv[1]))
-    limit = _vm_size() + int(os.environ.get("FUZZ_HEADROOM_MB", "1024")) * 2**20
+    limit = vm_size() + int(os.environ.get("FUZZ_HEADROOM_MB", "1024")) * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     with open(sys.argv[2], "w") as results:
         results.write(json.dumps({"name": "<start>", "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from fcnseg.serve import ServeSettings, create_app
 from tiny_models import random_image, tiny_checkpoint
 from live_server import running_server
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_thread")]
 
 
@@ -39,18 +37,6 @@ def site(assets):
                       "three": Segmenter.from_checkpoint(str(three), batch_size=8)})
     with running_server(app) as (_server, url, _thread):
         yield url, photo, predicted
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"no Chromium at {CHROMIUM}: run `make chromium` (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright  # the browser marker skips without it
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield b
-        b.close()
 
 
 VISIBLE_PIXELS = "() => { const c = document.getElementById('mask'); " \

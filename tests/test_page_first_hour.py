@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import sync_playwright
 
 from fcnseg.weights.checkpoint import make_record, save_checkpoint
 from fcnseg.cli import main
@@ -20,7 +18,6 @@ from fcnseg.serve import create_app
 from live_server import running_server
 from tiny_models import random_image, tiny_model
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SIFTFLOW = json.loads((Path(__file__).resolve().parents[1] / "src" / "fcnseg" / "weights" /
                        "siftflow.json").read_text())
 NAME = "siftflow"  # as the built-in model is served, with its measured mean IU in the selector
@@ -39,16 +36,6 @@ def assets(tmp_path_factory):
     random_image(60, 80, 7).save(photo, quality=92)
     assert main(["predict", "--checkpoint", str(many), str(photo), "--out", str(tmp / "pred")]) == 0
     return many, photo, np.asarray(Image.open(tmp / "pred" / "street.png"))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"no Chromium at {CHROMIUM}: run `make chromium` (apt-get install chromium)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture

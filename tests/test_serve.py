@@ -27,7 +27,7 @@ from PIL import Image
 from fcnseg.cli import main
 from fcnseg.inference.segmenter import Segmenter
 from fcnseg.serve import ServeSettings, create_app
-from tiny_models import random_image, tiny_checkpoint
+from tiny_models import png_bytes, random_image, tiny_checkpoint
 from live_server import free_port, running_server
 
 
@@ -43,12 +43,6 @@ def ckpt(tmp_path_factory):
 def seg(ckpt):
     # the CLI's settings (fcnseg predict / fcnseg serve defaults), batches up to 8
     return Segmenter.from_checkpoint(str(ckpt), batch_size=8)
-
-
-def png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def error_of(resp: httpx.Response) -> dict:

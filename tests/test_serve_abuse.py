@@ -27,7 +27,7 @@ from fcnseg.serve import ServeSettings, create_app
 from fcnseg.serve.app import entropy_png
 from fcnseg.inference.uncertainty import normalized_entropy, to_png_array
 from live_server import free_port, running_server
-from tiny_models import env, random_image, tiny_checkpoint, write_launcher
+from tiny_models import env, png_bytes, random_image, tiny_checkpoint, write_launcher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,12 +43,6 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def seg(ckpt):
     return Segmenter.from_checkpoint(str(ckpt), batch_size=8)
-
-
-def png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def run_async(app, fn):

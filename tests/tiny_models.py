@@ -8,6 +8,7 @@ its own for a while uses ``temporarily_registered``.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
@@ -268,3 +269,19 @@ def run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
                f"_registered.__enter__()\n")
     return subprocess.run([sys.executable, "-c", prelude + code], env=env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def vm_size() -> int:
+    """This process's address-space size in bytes (the fuzz children set their memory limit above it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    """``im`` encoded as PNG (an upload's body)."""
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()

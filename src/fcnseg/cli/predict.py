@@ -200,9 +200,10 @@ def run(args: argparse.Namespace) -> int:
     def write_one(path: Path, stem: str) -> None:
         image = read_image(path)
         pred = seg.segment(image, probs=files_of.needs_probs)
-        write_group(files_of.group(out, stem, image, pred, seg.colors), overwrite=args.overwrite)
-        if args.uncertainty:
-            mean_uncertainty.append(float(uncertainty(pred.probs).mean()))
+        u = uncertainty(pred.probs) if args.uncertainty else None  # once: for the file and for the warning
+        write_group(files_of.group(out, stem, image, pred, seg.colors, uncertainty=u), overwrite=args.overwrite)
+        if u is not None:
+            mean_uncertainty.append(float(u.mean()))
 
     legends = {"legend.png": (seg.classes, seg.colors)}
     code = write_each(args, out, files, problems, files_of.names, write_one, legends)

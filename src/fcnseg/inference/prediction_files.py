@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .segmenter import Prediction
@@ -30,9 +31,10 @@ class PredictionFiles:
         return [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if self.overlay else []) + \
             ([f"{stem}_probs.npy"] if self.probs else []) + ([f"{stem}_uncertainty.png"] if self.uncertainty else [])
 
-    def group(self, out: Path, stem: str, image: Image.Image, pred: Prediction,
-              colors: Sequence[Sequence[int]]) -> list[tuple[Path, Callable[[str], Any]]]:
-        """(path, writer) pairs for ``outputs.write_group``, in the order of ``names``."""
+    def group(self, out: Path, stem: str, image: Image.Image, pred: Prediction, colors: Sequence[Sequence[int]],
+              uncertainty: torch.Tensor | None = None) -> list[tuple[Path, Callable[[str], Any]]]:
+        """(path, writer) pairs for ``files.write_group``, in the order of ``names``. ``uncertainty``: the map
+        when the caller has computed it already (predict averages it), else it is computed from ``pred.probs``."""
         mask = pred.mask.numpy()
         group: list[tuple[Path, Callable[[str], Any]]] = [
             (out / f"{stem}.png", lambda tmp: vis.palette_image(mask, colors).save(tmp, format="PNG"))]
@@ -48,6 +50,6 @@ class PredictionFiles:
 
             group.append((out / f"{stem}_probs.npy", save_npy))
         if self.uncertainty:
-            u = unc.to_png_array(unc.uncertainty(pred.probs))  # uint8 (H, W): an 8-bit grey PNG
+            u = unc.to_png_array(unc.uncertainty(pred.probs) if uncertainty is None else uncertainty)  # uint8 (H, W)
             group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
         return group
