@@ -4,8 +4,8 @@
 
 For each built-in model (camvid, siftflow) it draws a frame (``frame(name)``: a street, a landscape; drawn,
 not taken from the datasets, so the repository holds no dataset pixels), saves it as
-``<name>_frame.png``, runs ``Segmenter.from_checkpoint(name)`` on it and saves the class ids as
-``<name>_mask.png`` and the per-class mean probability and the class histogram in ``expected.json``.
+``<name>_drawn.png``, runs ``Segmenter.from_checkpoint(name)`` on it and saves the class ids as
+``<name>_drawn_mask.png`` and the per-class mean probability and the class histogram in ``expected.json``.
 tests/test_golden.py compares what the current code gives with these files (tolerances stated there).
 Run it only when a change of the outputs is intended, and say so in the commit.
 """
@@ -65,10 +65,10 @@ def main() -> int:
     expected = {}
     for name in SIZES:
         image = frame(name)
-        image.save(GOLDEN / f"{name}_frame.png", optimize=True)
-        image = Image.open(GOLDEN / f"{name}_frame.png").convert("RGB")  # what the test reads
+        image.save(GOLDEN / f"{name}_drawn.png", optimize=True)
+        image = Image.open(GOLDEN / f"{name}_drawn.png").convert("RGB")  # what the test reads
         mask, mean_probs = outputs(name, image)
-        Image.fromarray(mask).save(GOLDEN / f"{name}_mask.png", optimize=True)
+        Image.fromarray(mask).save(GOLDEN / f"{name}_drawn_mask.png", optimize=True)
         counts = np.bincount(mask.ravel(), minlength=len(mean_probs)).tolist()
         expected[name] = {"mean_probs": [round(p, 6) for p in mean_probs], "class_pixels": counts}
         print(f"{name}: classes {sorted(set(mask.ravel().tolist()))}, pixels per class {counts}")

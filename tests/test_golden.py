@@ -26,8 +26,8 @@ AGREEMENT, PROB_ATOL = 0.995, 0.002
 def test_builtin_model_output_is_preserved(name):
     from fcnseg.inference.segmenter import Segmenter
 
-    image = Image.open(GOLDEN / f"{name}_frame.png").convert("RGB")
-    want_mask = np.asarray(Image.open(GOLDEN / f"{name}_mask.png"))
+    image = Image.open(GOLDEN / f"{name}_drawn.png").convert("RGB")
+    want_mask = np.asarray(Image.open(GOLDEN / f"{name}_drawn_mask.png"))
     seg = Segmenter.from_checkpoint(name)
     pred = seg.segment(image, probs=True)
     mask = pred.mask.numpy()
@@ -44,5 +44,5 @@ def test_the_stored_frames_are_the_generators():
     """The stored frames are what scripts/make_golden.py draws, so the goldens can be regenerated."""
     make = load_script("scripts/make_golden.py")
     for name in ("camvid", "siftflow"):
-        stored = np.asarray(Image.open(GOLDEN / f"{name}_frame.png").convert("RGB"))
+        stored = np.asarray(Image.open(GOLDEN / f"{name}_drawn.png").convert("RGB"))
         assert np.array_equal(np.asarray(make.frame(name)), stored), name
