@@ -101,12 +101,13 @@ def test_a_killed_rank_restarts_from_the_resume_state_with_the_same_weights(setu
     nodes = two_nodes(launcher, train_args(data, out), "--max-restarts", "1")
     killed, deadline = None, time.monotonic() + 400
     while killed is None and time.monotonic() < deadline and all(n.poll() is None for n in nodes):
-        metrics = out / "metrics.jsonl"
-        epochs = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        # metrics.jsonl gets its row before the epoch's resume state is written: wait for the state's digest
+        # (written last, after the state file itself) so the restart has a state to continue from
+        saved = (out / "checkpoints" / "state-last.pt.sha256").exists()
         workers = children(nodes[1].pid)
-        if epochs >= 1 and workers:  # epoch 1's resume state is saved; the rank dies in a later epoch
+        if saved and workers:  # epoch 1's resume state is saved; the rank dies in a later epoch
             os.kill(workers[0], signal.SIGKILL)
-            killed = epochs
+            killed = len((out / "metrics.jsonl").read_text().splitlines())
         time.sleep(0.05)
     results = [n.communicate(timeout=600) for n in nodes]
     for i, (_, err) in enumerate(results):
