@@ -22,7 +22,7 @@ from PIL import EpsImagePlugin, Image
 from fcnseg.cli import main
 from fcnseg.data import build_dataset
 from fcnseg.data.folder import read_classes_txt
-from fcnseg.data.importers import _rle_runs, import_annotations, label_problem, write_classes_txt
+from fcnseg.data.importers import import_annotations, label_problem, rle_runs, write_classes_txt
 from fcnseg.data.io import DataFileError, read_image
 from fcnseg.errors import FcnsegError
 
@@ -159,13 +159,13 @@ def test_rle_string_decoder_agrees_with_pycocotools(tmp_path):
             m = np.zeros((h, w), np.uint8)
             m[rng.integers(0, h):, rng.integers(0, w):] = 1
         enc = coco_mask.encode(np.asfortranarray(m))
-        runs = _rle_runs(enc["counts"].decode(), h * w + 1)
+        runs = rle_runs(enc["counts"].decode(), h * w + 1)
         assert runs is not None and sum(runs) == h * w and min(runs) >= 0
         flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(np.uint8)
         np.testing.assert_array_equal(flat.reshape(w, h).T, m)  # column-major runs, zeros first
-    assert _rle_runs("garbage!!", 100) is None  # '!' is below the alphabet
-    assert _rle_runs("1" * 50, 10) is None  # more runs than the image has pixels
-    assert _rle_runs("o", 10) is None  # a number cut off after a continuation bit
+    assert rle_runs("garbage!!", 100) is None  # '!' is below the alphabet
+    assert rle_runs("1" * 50, 10) is None  # more runs than the image has pixels
+    assert rle_runs("o", 10) is None  # a number cut off after a continuation bit
 
 
 # ---- finding 3: files outside the export -----------------------------------------------------------------
