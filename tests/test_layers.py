@@ -160,15 +160,8 @@ def test_no_module_over_500_lines_and_no_function_over_60():
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_FUNCTION_LINES:
                     long_functions.append(f"{m}.{node.name}")
-    # what is left of issue 28 step 4, pinned so that the list can only shrink
-    assert set(long_modules) <= KNOWN_LONG_MODULES, sorted(set(long_modules) - KNOWN_LONG_MODULES)
-    assert set(long_functions) <= KNOWN_LONG_FUNCTIONS, sorted(set(long_functions) - KNOWN_LONG_FUNCTIONS)
-
-
-#: not split yet (issue 28, step 4): remove an entry when its module or function is split; nothing may join
-KNOWN_LONG_MODULES = {"fcnseg.data.importers"}  # grew past 500 with the hostile-input checks (issue 30)
-KNOWN_LONG_FUNCTIONS = {"fcnseg.serve.app.create_app", "fcnseg.data.importers.parse_labelme",
-                        "fcnseg.data.importers.parse_cvat", "fcnseg.data.importers.import_annotations"}
+    assert long_modules == [], f"over {MAX_MODULE_LINES} lines: split them"
+    assert long_functions == [], f"over {MAX_FUNCTION_LINES} lines: break them into named steps"
 
 
 @pytest.mark.parametrize("edge, why", [

@@ -216,7 +216,20 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
     require_key = _key_check(settings)
     keyed = schema.errors(401) if settings.api_key else {}
 
-    # -- endpoints ---------------------------------------------------------------------------------
+    _add_status_routes(app, models, default_model, batcher, metrics, require_key, keyed)
+    _add_segment_route(app, models, default_model, settings, batcher, in_flight, in_codec_thread, require_key, keyed)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _add_status_routes(app: FastAPI, models: dict[str, Segmenter], default_model: str, batcher: MicroBatcher,
+                       metrics: ServeMetrics, require_key, keyed: dict) -> None:
+    """The routes that describe the service: /healthz (open), /metrics and /v1/models (behind the key)."""
 
     @app.get("/healthz", response_model=schema.Health)
     async def healthz() -> dict[str, Any]:
@@ -231,6 +244,12 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
     @app.get("/v1/models", dependencies=[Depends(require_key)], response_model=schema.ModelList, responses=keyed)
     async def list_models() -> dict[str, Any]:
         return {"default": default_model, "models": [model_info(n, s) for n, s in models.items()]}
+
+
+def _add_segment_route(app: FastAPI, models: dict[str, Segmenter], default_model: str, settings: ServeSettings,
+                       batcher: MicroBatcher, in_flight: InFlight, in_codec_thread, require_key, keyed: dict) -> None:
+    """POST /v1/segment: admitted against --max-queue before the upload is read, decoded and encoded in the
+    codec threads, segmented by the micro-batcher, all within the request's deadline."""
 
     @app.post("/v1/segment", dependencies=[Depends(require_key)], response_class=JSONResponse,
               openapi_extra={"requestBody": schema.IMAGE_BODY},
@@ -261,13 +280,6 @@ def create_app(models: dict[str, Segmenter], settings: ServeSettings | None = No
                 raise DeadlineExceeded(f"the upload alone took longer than {settings.timeout_s:g} s")
             pred = await batcher.submit(key, image, left)
             return await in_codec_thread(render, fmt, name, models[name], image, pred, alpha, include_mask)
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
 
 
 class InFlight:
