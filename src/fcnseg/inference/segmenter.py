@@ -26,8 +26,9 @@ from ..preprocess import PairedTransform
 from ..record import normalization_of, refuse_multihead
 from ..hardware import parse_dtype
 from .optimize import copy_model, optimize
+from .options import TTA, UNSET, Resize, Tiling, grouped_options
 from .tiling import tile_spans
-from .tta import check_scales, class_ids, tta_probabilities
+from .tta import class_ids, tta_probabilities
 from .visualize import class_colors
 
 __all__ = ["ImageLike", "Prediction", "Segmenter"]
@@ -79,20 +80,27 @@ class Segmenter:
     ``classes``, ``colors``, ``mean`` and ``std`` default to the model's checkpoint record. ``dtype``
     and ``channels_last`` go to ``optimize``: the Segmenter runs an optimized copy (batch norm folded,
     weights cast) and leaves the caller's model as it was; ``inplace=True`` converts the model itself
-    instead, saving a copy when the caller has no further use for it. Images larger than
-    ``tile`` on a side are cut into tiles sharing ``overlap`` pixels. ``flip`` and ``scales`` add
-    test-time augmentation: probabilities are averaged over horizontal flips and input rescalings.
-    Photos larger than the model's working scale are shrunk to it first (``max_side="auto"``: the long
-    side of the record's ``working_size``, or of the built-in family's training images; a number of
-    pixels; 0 or None: never), or resized by a fixed ``scale``; masks come back at the photo's size.
+    instead, saving a copy when the caller has no further use for it.
+
+    The other options come in three groups, each a small checked value (``fcnseg.Tiling``, ``fcnseg.TTA``,
+    ``fcnseg.Resize``): ``tiling`` (images larger than ``tile`` on a side are cut into tiles sharing
+    ``overlap`` pixels; ``batch_size`` same-sized images at a time), ``tta`` (``flip`` and ``scales``:
+    probabilities averaged over horizontal flips and input rescalings) and ``resize`` (photos larger than
+    the model's working scale are shrunk to it first: ``max_side="auto"``, the long side of the record's
+    ``working_size`` or of the built-in family's training images; a number of pixels; 0 or None: never; or
+    a fixed ``scale``; masks come back at the photo's size). The flat keywords ``tile``, ``overlap``,
+    ``batch_size``, ``flip``, ``scales``, ``max_side`` and ``scale`` build the same objects.
     """
 
     def __init__(self, model: "nn.Module | Callable[[torch.Tensor], torch.Tensor] | Weights", classes: Sequence[str] | None = None,
                  colors: Sequence[Sequence[int]] | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, channels_last: bool = True, tile: int = 1024,
-                 overlap: int = 256, flip: bool = False, scales: Sequence[float] = (1.0,), batch_size: int = 4,
-                 inplace: bool = False, max_side: int | str | None = "auto", scale: float | None = None):
+                 dtype: str | torch.dtype | None = None, channels_last: bool = True, tiling: Tiling | None = None,
+                 tta: TTA | None = None, resize: Resize | None = None, inplace: bool = False,
+                 tile: int = UNSET, overlap: int = UNSET, batch_size: int = UNSET, flip: bool = UNSET,
+                 scales: Sequence[float] = UNSET, max_side: int | str | None = UNSET, scale: float | None = UNSET):
+        tiling, tta, resize = grouped_options(tiling, tta, resize, tile=tile, overlap=overlap, batch_size=batch_size,
+                                              flip=flip, scales=scales, max_side=max_side, scale=scale)
         if isinstance(model, Weights):  # typed weights: loaded here, so ours to convert in place
             model, inplace = model.load(device), True
         refuse_multihead(model, "Segmenter")
@@ -116,18 +124,12 @@ class Segmenter:
         self.model = model
         self.record = record
         self.align = int(getattr(model, "top_stride", 32))
-        self.tile, self.overlap = int(tile), int(overlap)
-        self.flip = bool(flip)
-        self.scales = check_scales(scales)
-        self.batch_size = max(1, int(batch_size))
+        self.tiling, self.tta, self.resize = tiling, tta, resize
+        self.tile, self.overlap, self.batch_size = tiling.tile, tiling.overlap, tiling.batch_size
+        self.flip, self.scales = tta.flip, tta.scales
         self.mask_dtype = torch.uint8 if self.num_classes <= 256 else torch.int32
-        if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale <= 16):
-            raise FcnsegError(f"scale must be a number in (0, 16], got {scale!r}")
-        if max_side == "auto":
-            max_side = working_long_side(record)
-        elif max_side is not None and (isinstance(max_side, str) or int(max_side) < 0):
-            raise FcnsegError(f"max_side must be 'auto', a pixel count or 0 (never shrink), got {max_side!r}")
-        self.scale, self.max_side = scale, (int(max_side) if max_side else None)
+        max_side = working_long_side(record) if resize.max_side == "auto" else resize.max_side
+        self.scale, self.max_side = resize.scale, (int(max_side) if max_side else None)
 
     @classmethod
     def from_checkpoint(cls, path_or_name: str | Path, *, backend: str | None = None, device: str = "cpu",
