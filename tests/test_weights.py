@@ -73,3 +73,18 @@ def test_build_model_with_weights():
     assert not net.training and net.record.arch == w.arch
     with pytest.raises(FcnsegError, match="are for fcn8s_efficientnet_lite0, not fcn8s_resnet18"):
         fcnseg.build_model("fcn8s_resnet18", weights=w)
+
+
+def test_meta_carries_the_training_cost_and_none_where_the_record_is_silent(tmp_path):
+    camvid, siftflow = fcnseg.get_weights("camvid").meta, fcnseg.get_weights("siftflow").meta
+    # the built-in records predate provenance naming the processor: their cpu is None, not a guess
+    assert camvid["cpu"] is None and siftflow["cpu"] is None
+    assert (camvid["wall_time_s"], camvid["train_images_per_second"], camvid["threads"]) == (3075.4, 4.16, 2)
+    assert (siftflow["wall_time_s"], siftflow["train_images_per_second"]) == (6193.0, 6.25)
+    from tiny_models import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "t.safetensors", provenance={
+        "cpu": "Intel(R) Xeon(R) Platinum 8480+", "wall_time_s": 12.5, "config": {"threads": 4}})
+    meta = fcnseg.get_weights(path).meta
+    assert (meta["cpu"], meta["wall_time_s"], meta["threads"]) == ("Intel(R) Xeon(R) Platinum 8480+", 12.5, 4)
+    assert meta["train_images_per_second"] is None and meta["split"] is None

@@ -19,7 +19,10 @@ from .checkpoint import builtin_checkpoints, load_checkpoint, read_record, resol
 class Weights:
     """One weight file: ``arch`` (the registered model it fills), its checked ``record``, its ``path``, and ``meta``:
     the measured ``metrics`` with their ``split`` and ``command``, how the checkpoint was chosen, the training
-    recipe and command, the code version and the wall time (each None where the record does not say)."""
+    recipe and command, the code version, and what the training cost: ``wall_time_s``, ``train_images_per_second``,
+    ``threads`` and ``cpu`` (the processor's name). Each is None where the record does not say: records written
+    before provenance named the processor (both built-in models among them) have ``cpu`` None, and their
+    ``threads`` is the count the recipe asked for."""
 
     name: str
     arch: str
@@ -53,12 +56,15 @@ def get_weights(name_or_path: str | Path) -> Weights:
 
 
 def _meta(record: CheckpointRecord) -> dict[str, Any]:
-    """What a record says about how its weights were made and measured."""
+    """What a record says about how its weights were made and measured (None for what it does not say)."""
     metrics = record.metrics
     provenance = record.provenance
+    recipe = provenance.get("config")
     released = str(provenance.get("released_from") or "")
     chosen = ("the epoch with the best validation mean IU (best.safetensors)" if released.endswith("best.safetensors")
               else "the last epoch (last.safetensors)" if released.endswith("last.safetensors") else None)
     return {"metrics": metrics, "split": metrics.get("split"), "metrics_command": metrics.get("command"),
-            "checkpoint_chosen": chosen, "recipe": provenance.get("config"), "command": provenance.get("command"),
-            "code": provenance.get("code"), "cpu": provenance.get("cpu"), "wall_time_s": provenance.get("wall_time_s")}
+            "checkpoint_chosen": chosen, "recipe": recipe, "command": provenance.get("command"),
+            "code": provenance.get("code"), "cpu": provenance.get("cpu"), "wall_time_s": provenance.get("wall_time_s"),
+            "train_images_per_second": provenance.get("train_images_per_second"),
+            "threads": recipe.get("threads") if isinstance(recipe, dict) else None}
