@@ -77,7 +77,7 @@ def test_build_model_with_weights():
 
 def test_meta_carries_the_training_cost_and_none_where_the_record_is_silent(tmp_path):
     camvid, siftflow = fcnseg.get_weights("camvid").meta, fcnseg.get_weights("siftflow").meta
-    # the built-in records predate provenance naming the processor: their cpu is None, not a guess
+    # the built-in records do not name the processor: their cpu is None, not a guess
     assert camvid["cpu"] is None and siftflow["cpu"] is None
     assert (camvid["wall_time_s"], camvid["train_images_per_second"], camvid["threads"]) == (3075.4, 4.16, 2)
     assert (siftflow["wall_time_s"], siftflow["train_images_per_second"]) == (6193.0, 6.25)
