@@ -8,6 +8,13 @@ except as a smoke test (``--images 8``).
 
     python benchmarks/ray_predict.py --images 2000                       # CamVid frames at 360x480
     python benchmarks/ray_predict.py --images 8 --source synthetic       # smoke test
+    python benchmarks/ray_predict.py --memory 1000 10000 100000          # memory against the number of inputs
+
+``--memory`` runs ``--engine ray`` (2 workers x 1 thread) on text manifests of N paths to one small synthetic image
+(hard links, so N files cost no disk) and samples, twice a second, the resident size of the driver (the predict
+process), of each actor and of the whole process tree (Ray's own daemons included), reporting each peak and the
+driver's size at 25%, 50% and 75% of the job: flat memory means those do not grow with N. Memory does not need
+quiet cores.
 """
 from __future__ import annotations
 
@@ -119,14 +126,81 @@ def run(variant: str, inputs: Path, n: int, out: Path, threads: int) -> dict:
                 rss_mb=sorted(round(v) for v in peaks.values()))
 
 
+def memory_run(n: int, work: Path, side: int = 24) -> dict:
+    """``--engine ray`` over a manifest of ``n`` paths; peak RSS of driver, actors and tree, and the driver's RSS
+    as the job progresses."""
+    import numpy as np
+    from PIL import Image
+
+    folder = work / f"mem-{n}"
+    folder.mkdir(parents=True)
+    first = folder / "im0000000.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(first)
+    for i in range(1, n):
+        os.link(first, folder / f"im{i:07d}.png")
+    listing = work / f"mem-{n}.txt"
+    listing.write_text("".join(f"{folder.name}/im{i:07d}.png\n" for i in range(n)))
+    out = work / f"mem-{n}-out"
+    cmd = [sys.executable, "-m", "fcnseg", "predict", str(listing), "--out", str(out), "--quiet", "--engine", "ray",
+           "--num-workers", "2", "--worker-threads", "1"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    driver = actor = tree = 0.0
+    line_bytes = 0
+    by_progress: dict[int, float] = {}
+    while proc.poll() is None:
+        kids = descendants(proc.pid)
+        sizes = {p: rss_mb(p) for p in kids}
+        d = rss_mb(proc.pid)
+        driver, tree = max(driver, d), max(tree, d + sum(sizes.values()))
+        actor = max([actor] + [v for p, v in sizes.items() if "_Predictor" in cmdline(p)])
+        journal = out / "manifest.jsonl"
+        size = journal.stat().st_size if journal.exists() else 0
+        if size and not line_bytes:
+            with open(journal, "rb") as f:
+                line_bytes = len(f.readline())
+        if size and line_bytes:
+            rows = size / line_bytes  # the rows are alike: reading 100,000 of them twice a second would skew the run
+            for q in (25, 50, 75):
+                if q not in by_progress and rows >= n * q / 100:
+                    by_progress[q] = d
+        time.sleep(0.5)
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"--memory {n}: exit {proc.returncode}: {err.strip().splitlines()[-1:]}")
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return dict(n=n, seconds=time.perf_counter() - start, driver=driver, actor=actor, tree=tree,
+                progress=by_progress)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--source", default=str(CAMVID), help="a folder of frames (searched for *.png) or 'synthetic'")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in all (default: CPUs)")
     ap.add_argument("--variants", nargs="+", default=["plain", "1x", "2x"], help="plain, 1x (1 worker), 2x, ...")
+    ap.add_argument("--memory", type=int, nargs="+", metavar="N", help="measure memory on manifests of N paths")
     args = ap.parse_args()
     import torch
+
+    if args.memory:
+        work = Path(tempfile.mkdtemp(prefix="fcnseg-bench-ray-mem-"))
+        try:
+            rows = [memory_run(n, work) for n in args.memory]
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}; {os.cpu_count()} CPUs; --engine ray, "
+              f"2 workers x 1 thread, 24x24 images")
+        print("| paths | wall s | driver RSS at 25% / 50% / 75% (MB) | peak driver (MB) | peak actor (MB) | "
+              "peak tree (MB) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            marks = " / ".join(f"{r['progress'][q]:.0f}" if q in r["progress"] else "-" for q in (25, 50, 75))
+            print(f"| {r['n']} | {r['seconds']:.0f} | {marks} | {r['driver']:.0f} | {r['actor']:.0f} | "
+                  f"{r['tree']:.0f} |")
+        return
 
     work = Path(tempfile.mkdtemp(prefix="fcnseg-bench-ray-"))
     try:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq  # noqa: E402  (a dependency of ray[data])
 
 from fcnseg.files import write_group  # noqa: E402
 from fcnseg.errors import OutputExistsError  # noqa: E402
-from fcnseg.inference.ray_predict import read_path_list  # noqa: E402
+from fcnseg.inference.ray_predict import read_path_list, write_manifest  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -74,6 +74,46 @@ def test_path_lists_from_txt_csv_and_parquet(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(Exception, match="lists no paths"):
         read_path_list(tmp_path / "empty.txt")
+
+
+def test_the_manifest_streams_in_row_groups(tmp_path):
+    """Rows go to the file a group at a time as they are produced: memory holds one group, not the job."""
+    produced = []
+
+    def rows():
+        for i in range(5):
+            produced.append(i)
+            yield dict(index=i, source=f"/in/{i}.png", outputs=[f"{i}.png"], status="ok", error="",
+                       class_shares=[0.25, 0.75], seconds=0.5, extra="not a column")
+
+    write_manifest(tmp_path / "m.parquet", rows(), group=2)
+    f = pq.ParquetFile(tmp_path / "m.parquet")
+    assert f.metadata.num_row_groups == 3 and produced == [0, 1, 2, 3, 4]
+    got = f.read().to_pylist()
+    assert [r["index"] for r in got] == [0, 1, 2, 3, 4] and "extra" not in got[0]
+    assert got[3] == dict(index=3, source="/in/3.png", outputs=["3.png"], status="ok", error="",
+                          class_shares=[0.25, 0.75], seconds=0.5)
+
+
+def test_a_job_with_every_output_there_starts_no_ray_and_names_each_input_once(tmp_path):
+    import ray
+
+    from fcnseg.inference.prediction_files import PredictionFiles
+    from fcnseg.inference.ray_predict import RayJob, run_job
+
+    src, out = photos(tmp_path / "in", 3), tmp_path / "out"
+    out.mkdir()
+    for i in range(3):
+        (out / f"im{i:02d}.png").write_bytes(b"the user's own file")
+    job = RayJob(checkpoint="camvid", out=out, files=PredictionFiles())
+    said: list[str] = []
+    outcome = run_job(job, [(src / f"im{i:02d}.png", f"im{i:02d}") for i in range(3)], said.append, progress=False)
+    assert not ray.is_initialized()
+    assert (outcome.written, outcome.skipped, outcome.failed, outcome.done_before) == (0, 3, 0, 0)
+    assert len(said) == 3 and all("exists already" in s for s in said)
+    rows = manifest(out)
+    assert [(r["index"], r["status"]) for r in rows] == [(0, "skipped"), (1, "skipped"), (2, "skipped")]
+    assert all((out / f"im{i:02d}.png").read_bytes() == b"the user's own file" for i in range(3))
 
 
 def test_write_group_keeps_its_own_identical_files_and_refuses_others(tmp_path):
@@ -143,6 +183,8 @@ def test_ray_equals_plain_predict_and_names_a_damaged_input_once(tmp_path):
     assert "Starting execution" not in ray.stderr + ray.stdout and " INFO " not in ray.stderr
     assert ray.stdout.startswith("wrote 6 prediction(s)") and "1 failed" in ray.stdout
     rows = manifest(tmp_path / "ray")
+    assert sorted(r["index"] for r in rows) == list(range(7))  # one row per input, each input once
+    rows.sort(key=lambda r: r["index"])  # rows come in the order they finished; index is the input's position
     assert [Path(r["source"]).name for r in rows] == sorted(p.name for p in src.iterdir())
     by = {Path(r["source"]).name: r for r in rows}
     assert by["broken.png"]["status"] == "failed" and "broken.png" in by["broken.png"]["error"]

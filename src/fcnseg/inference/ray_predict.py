@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import FcnsegError, OutputExistsError, OutputWriteError, show_path
 from ..files import atomic_write
@@ -57,14 +57,20 @@ class RayJob:
 
 @dataclass
 class RayOutcome:
-    """Counts of one job and its manifest rows, in input order."""
+    """Counts of one job (its rows are in the manifest, never all held in memory)."""
 
-    rows: list[dict[str, Any]]
     written: int = 0
     skipped: int = 0
     failed: int = 0
     done_before: int = 0  # --resume: inputs recorded ok earlier, their files all there
     seconds: float = 0.0
+
+    def count(self, row: dict[str, Any], before: bool = False) -> None:
+        if before:
+            self.done_before += 1
+        else:
+            setattr(self, {"ok": "written"}.get(row["status"], row["status"]),
+                    getattr(self, {"ok": "written"}.get(row["status"], row["status"])) + 1)
 
 
 # -- inputs -------------------------------------------------------------------------------------------
@@ -139,18 +145,20 @@ class _Predictor:
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        rows = [self._one(s, st) for s, st in zip(batch.column("source").to_pylist(), batch.column("stem").to_pylist())]
+        rows = [self._one(i, s, st) for i, s, st in zip(batch.column("index").to_pylist(),
+                                                          batch.column("source").to_pylist(),
+                                                          batch.column("stem").to_pylist())]
         return pa.Table.from_pylist(rows, schema=_schema())
 
-    def _one(self, source: str, stem: str) -> dict[str, Any]:
+    def _one(self, index: int, source: str, stem: str) -> dict[str, Any]:
         import numpy as np
 
         from ..data.io import read_image
         from ..files import write_group
 
         job, start = self.job, time.perf_counter()
-        row: dict[str, Any] = dict(source=source, outputs=job.files.names(stem), status="ok", error="",
-                                   class_shares=[], seconds=0.0)
+        row: dict[str, Any] = dict(index=index, source=source, outputs=job.files.names(stem), status="ok",
+                                   error="", class_shares=[], seconds=0.0)
         try:
             image = read_image(source)
             pred = self.seg.segment(image, probs=job.files.needs_probs)
@@ -184,7 +192,7 @@ class _Predictor:
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("source", pa.string()), ("outputs", pa.list_(pa.string())), ("status", pa.string()),
+    return pa.schema([("index", pa.int64()), ("source", pa.string()), ("outputs", pa.list_(pa.string())), ("status", pa.string()),
                       ("error", pa.string()), ("class_shares", pa.list_(pa.float64())), ("seconds", pa.float64())])
 
 
@@ -212,14 +220,21 @@ def read_journal(out: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def write_manifest(out: Path, rows: list[dict[str, Any]]) -> Path:
-    """``OUT/manifest.parquet`` from ``rows``, replaced atomically."""
+def write_manifest(path: str | os.PathLike, rows: Iterable[dict[str, Any]], group: int = 1024) -> None:
+    """Stream ``rows`` into the Parquet file ``path`` in row groups of ``group`` rows: memory holds one group,
+    however many rows there are (the job's rows are produced while this writes)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=_schema())
-    atomic_write(out / MANIFEST, lambda tmp: pq.write_table(table, tmp))
-    return out / MANIFEST
+    schema = _schema()
+    with pq.ParquetWriter(path, schema) as writer:
+        buf: list[dict[str, Any]] = []
+        for row in rows:
+            buf.append({k: row.get(k) for k in schema.names})
+            if len(buf) >= group:
+                writer.write_table(pa.Table.from_pylist(buf, schema=schema))
+                buf.clear()
+        writer.write_table(pa.Table.from_pylist(buf, schema=schema))
 
 
 # -- Ray itself --------------------------------------------------------------------------------------------
@@ -317,27 +332,21 @@ def source_key(path: Path) -> str:
     return os.path.abspath(path)
 
 
-def plan(job: RayJob, inputs: Sequence[tuple[Path, str]]) -> tuple[list[dict], dict[str, dict]]:
-    """Which inputs go to the actors, and the rows settled before any work: inputs whose outputs exist
-    (skipped, as predict skips them, unless --overwrite; with --resume, recorded-ok inputs whose files are all
-    there are carried over and the rest recomputed, any earlier file accepted only if identical)."""
-    recorded = read_journal(job.out) if job.resume else {}
-    todo, settled = [], {}
-    for path, stem in inputs:
-        source = source_key(path)
-        names = job.files.names(stem)
-        there = [n for n in names if (job.out / n).exists()]
-        prev = recorded.get(source)
-        if job.resume and prev and prev.get("status") == "ok" and prev.get("outputs") == names and \
-                len(there) == len(names):
-            settled[source] = dict(prev, _done_before=True)
-        elif there and not (job.overwrite or job.resume):
-            settled[source] = dict(source=source, outputs=names, status="skipped", class_shares=[], seconds=0.0,
-                                   error=f"{show_path(job.out / there[0])}: exists already, not replaced "
-                                         f"(--overwrite replaces it)")
-        else:
-            todo.append({"source": source, "stem": stem})
-    return todo, settled
+def settled_row(job: RayJob, index: int, path: Path, stem: str, prev: dict[str, Any] | None) -> dict | None:
+    """The row of an input settled before any work, or None when the actors must segment it: outputs that
+    exist are skipped, as predict skips them, unless --overwrite; with --resume, an input recorded ok whose files
+    are all there is carried over (``prev``, its row in the journal) and the rest recomputed, any earlier file
+    accepted only if identical."""
+    names = job.files.names(stem)
+    there = [n for n in names if (job.out / n).exists()]
+    if job.resume and prev and prev.get("status") == "ok" and prev.get("outputs") == names and \
+            len(there) == len(names):
+        return dict(prev, index=index)
+    if there and not (job.overwrite or job.resume):
+        return dict(index=index, source=source_key(path), outputs=names, status="skipped", class_shares=[],
+                    seconds=0.0, error=f"{show_path(job.out / there[0])}: exists already, not replaced "
+                                       f"(--overwrite replaces it)")
+    return None
 
 
 def check_fresh_manifest(job: RayJob) -> None:
@@ -350,7 +359,9 @@ def check_fresh_manifest(job: RayJob) -> None:
 def run_job(job: RayJob, inputs: Sequence[tuple[Path, str]], report: Callable[[str], None],
             progress: bool = True) -> RayOutcome:
     """Run the job: every input gets one manifest row (ok, failed or skipped); each failed or skipped input is
-    reported once through ``report``. Needs Ray; see the module docstring for what is retried."""
+    reported once through ``report``. Needs Ray; see the module docstring for what is retried. The rows stream
+    into ``OUT/manifest.parquet`` as they come (settled inputs first, then in the order the actors finish them;
+    ``index`` is the input's position), so memory does not grow with the number of inputs."""
     from ..files import clean_stale_temps
 
     ray = import_ray()
@@ -359,54 +370,77 @@ def run_job(job: RayJob, inputs: Sequence[tuple[Path, str]], report: Callable[[s
         check_address(job.address)  # before anything is created in OUT
     job.out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(job.out)
-    todo, settled = plan(job, inputs)
-    for row in settled.values():
-        if row["status"] != "ok":
-            report(row["error"])
-    start = time.perf_counter()
-    done: dict[str, dict] = {}
-    if todo:
-        mode = "a" if job.resume else "w"
-        with _Session(ray, job.address), open(job.out / JOURNAL, mode, encoding="utf-8") as journal:
-            for row in _stream(ray, job, todo, progress):
-                done[row["source"]] = row
-                journal.write(json.dumps(row) + "\n")
-                if row["status"] != "ok":
-                    report(row["error"])
-                journal.flush()
-    elif not (job.out / JOURNAL).exists():
-        (job.out / JOURNAL).touch()
-    rows = []
-    for path, _ in inputs:
-        row = done.get(source_key(path)) or settled.get(source_key(path))
-        if row is None:  # only if Ray lost a row without an error: never silently
-            row = dict(source=source_key(path), outputs=[], status="failed", class_shares=[], seconds=0.0,
-                       error=f"{show_path(path)}: no result came back from the Ray job")
-            report(row["error"])
-        rows.append(row)
-    outcome = RayOutcome(rows=[{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
-                         seconds=time.perf_counter() - start)
-    statuses = [("done_before" if r.get("_done_before") else r["status"]) for r in rows]
-    outcome.done_before, outcome.written = statuses.count("done_before"), statuses.count("ok")
-    outcome.skipped, outcome.failed = statuses.count("skipped"), statuses.count("failed")
-    write_manifest(job.out, outcome.rows)
+    outcome, start = RayOutcome(), time.perf_counter()
+    atomic_write(job.out / MANIFEST, lambda tmp: write_manifest(tmp, _rows(ray, job, inputs, report, progress,
+                                                                            outcome)))
+    outcome.seconds = time.perf_counter() - start
     return outcome
 
 
-def _stream(ray, job: RayJob, todo: list[dict], progress: bool) -> Iterator[dict[str, Any]]:
-    """Result rows as the actors finish them, with a progress bar (images/s) on stderr."""
+def _rows(ray, job: RayJob, inputs: Sequence[tuple[Path, str]], report: Callable[[str], None], progress: bool,
+          outcome: RayOutcome) -> Iterator[dict[str, Any]]:
+    """Every input's row, counted in ``outcome``: the settled ones, then the actors' results (each appended to
+    the journal as it comes), then a failed row for any input Ray lost without an error (never silently)."""
+    recorded = read_journal(job.out) if job.resume else {}
+    seen = bytearray(len(inputs))  # one byte per input: which have a row
+    todo: dict[str, list] = {"index": [], "source": [], "stem": []}
+    for i, (path, stem) in enumerate(inputs):
+        row = settled_row(job, i, path, stem, recorded.get(source_key(path)))
+        if row is None:
+            for k, v in zip(todo, (i, source_key(path), stem)):
+                todo[k].append(v)
+            continue
+        before = row["status"] == "ok"
+        outcome.count(row, before=before)
+        if not before:
+            report(row["error"])
+        seen[i] = 1
+        yield row
+    recorded.clear()
+    try:
+        if todo["index"]:
+            with _Session(ray, job.address), open(job.out / JOURNAL, "a" if job.resume else "w",
+                                                     encoding="utf-8") as journal:
+                for row in _stream(ray, job, todo, progress):
+                    journal.write(json.dumps(row) + "\n")
+                    journal.flush()
+                    outcome.count(row)
+                    if row["status"] != "ok":
+                        report(row["error"])
+                    seen[row["index"]] = 1
+                    yield row
+        elif not (job.out / JOURNAL).exists():
+            (job.out / JOURNAL).touch()
+    except OSError as e:  # said of the journal here, not of the manifest being written around this
+        raise OutputWriteError(f"{show_path(job.out / JOURNAL)}: could not write ({e.strerror or e})") from None
+    for i in (i for i, s in enumerate(seen) if not s):
+        path = inputs[i][0]
+        row = dict(index=i, source=source_key(path), outputs=[], status="failed", class_shares=[], seconds=0.0,
+                   error=f"{show_path(path)}: no result came back from the Ray job")
+        report(row["error"])
+        outcome.count(row)
+        yield row
+
+
+def _stream(ray, job: RayJob, todo: dict[str, list], progress: bool) -> Iterator[dict[str, Any]]:
+    """Result rows as the actors finish them, with a progress bar (images/s) on stderr. ``todo`` holds the
+    columns index, source and stem; they go to Ray as Arrow blocks (compact: about the paths' bytes)."""
     import sys
 
+    import pyarrow as pa
     from tqdm import tqdm
 
     threads = _threads(ray, job)
-    # one block per actor call (up to a bound): every actor gets work, and a retry redoes one small block
-    blocks = max(job.num_workers, min(-(-len(todo) // job.batch_size), 4 * 1024))
-    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    table, n = pa.table(todo), len(todo["index"])
+    todo.clear()
+    # small blocks (up to a bound on their number): every actor gets work, and a retry redoes one small block
+    blocks = max(job.num_workers, min(-(-n // job.batch_size), 4 * 1024))
+    size = -(-n // blocks)
+    ds = ray.data.from_arrow([table.slice(k, size) for k in range(0, n, size)])
     ds = ds.map_batches(_Predictor, fn_constructor_kwargs=dict(job=job, threads=threads), batch_size=job.batch_size,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=job.num_workers),
                         num_cpus=threads)
-    with tqdm(total=len(todo), unit="image", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=n, unit="image", disable=not progress, file=sys.stderr) as bar:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 rows = batch.to_pylist()
