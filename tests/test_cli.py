@@ -51,6 +51,7 @@ def test_models_lists_every_architecture(capsys):
     assert "134," in rows["fcn8s_vgg16"][1][:4]  # 134M parameters, as in the paper's VGG16 FCNs
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_the_entry_points_run():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "fcnseg", "--help"], capture_output=True, text=True, timeout=300,

@@ -3,11 +3,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tiny_models import REPO, load_script
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_layout_precision_benchmark_runs_and_finds_no_error_in_float64():
     """benchmarks/layout_precision.py at a tiny size: it prints both layouts and every layer, and its error measure
     is zero for a float64 pass against itself (so a non-zero figure is the float32 arithmetic, not the harness)."""

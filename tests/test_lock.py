@@ -126,6 +126,7 @@ def test_many_processes_at_once_exactly_one_holds(tmp_path):
     assert got == ["held"] + ["refused"] * 5
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_stale_lock_of_a_sigkilled_process_is_taken_over(tmp_path):
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fcnseg.lock import OutputLock\n"
@@ -192,6 +193,7 @@ def test_cli_says_the_takeover_and_the_refusal_in_one_line(tmp_path, tiny_ckpt, 
 
 # ---- the commands, as two real processes -----------------------------------------------------------------------
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_two_imports_into_one_folder_one_succeeds_nothing_mixed(tmp_path):
     a = labelme_export(tmp_path / "a", ("car", "road"), 40, seed=1)
     b = labelme_export(tmp_path / "b", ("person", "sky"), 40, seed=2)
@@ -218,6 +220,7 @@ def test_two_imports_into_one_folder_one_succeeds_nothing_mixed(tmp_path):
     assert not lock_path(out).exists()
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_two_imports_started_together_exactly_one_succeeds(tmp_path):
     a = labelme_export(tmp_path / "a", ("car", "road"), 30, seed=1)
     b = labelme_export(tmp_path / "b", ("person", "sky"), 30, seed=2)
@@ -234,6 +237,7 @@ def test_two_imports_started_together_exactly_one_succeeds(tmp_path):
     assert len(list((out / "masks").iterdir())) == 30
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_two_trainings_into_one_run_directory(tmp_path):
     launcher = write_launcher(tmp_path / "bin")
     data = make_folder_dataset(tmp_path / "data")
@@ -273,6 +277,7 @@ def test_an_existing_folder_in_an_unwritable_parent_is_locked_inside(tmp_path, m
     assert lock_path(tmp_path / "home" / "new") == out.parent / ".new.fcnseg-lock"  # not a folder yet: beside it
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_a_sigkilled_predict_leaves_a_lock_the_next_predict_takes_over(tmp_path, tiny_ckpt, image_folder):
     launcher = write_launcher(tmp_path / "bin")
     out = tmp_path / "masks"

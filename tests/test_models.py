@@ -24,12 +24,13 @@ from tiny_models import StridedTinyBackbone, temporarily_registered
 
 NUM_CLASSES = 7
 SIZES = [(1, 1), (37, 53), (224, 224), (333, 500)]
-# the four VGG16 nets (134 M parameters each) share one trunk; the default run checks one of them
-KEPT_VGG16 = "fcn8s_vgg16"
+# the big trunks (VGG16's 134 M parameters, ResNet-50, GoogLeNet) take seconds per test each: their contract
+# runs in the slow group (CI runs both); the fast group keeps the light trunks, which share the same code paths
+HEAVY_TRUNKS = ("_vgg16", "_resnet50", "_googlenet")
 
 
 def _contract_params() -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if n.endswith("_vgg16") and n != KEPT_VGG16 else n
+    return [pytest.param(n, marks=pytest.mark.slow) if n.endswith(HEAVY_TRUNKS) else n
             for n in fcnseg.list_models()]
 
 

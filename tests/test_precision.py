@@ -224,6 +224,7 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(setup, tmp_path, cap
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 @pytest.mark.openvino
 def test_onnx_bfloat16_export_is_gated_as_openvino_runs_it(setup, capsys):
     """--format onnx --dtype bfloat16 writes the float32 graph with a record saying bf16, and gates it as OpenVINO

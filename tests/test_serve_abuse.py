@@ -139,6 +139,7 @@ def read_status(sock: socket.socket) -> tuple[int, bytes]:
     return int(data.split(b" ", 2)[1]), data
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_stalled_uploads_are_cut_with_408_count_against_max_queue_and_memory_stays_bounded(server):
     # issue 30 finding 6: 100 connections declaring 20 MB and stalling after 19 MB raised the server's
     # memory by 1.9 GB and were held without end. Here 8 connections (the --max-queue) send 4 MB of a
@@ -368,6 +369,7 @@ def test_the_openapi_document_describes_the_upload_the_answers_and_the_errors(se
     assert metrics.headers["content-type"].startswith("text/plain")
 
 
+@pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 @pytest.mark.parametrize("api_key", [None, "s3cret"])
 def test_schemathesis_finds_nothing_against_a_live_server(tmp_path, seg, api_key):
     # issue 30 finding 13: ST103, ST105, ST202 against today's main; bounded: 10 examples per operation
