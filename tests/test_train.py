@@ -215,6 +215,9 @@ def test_train_then_evaluate(tiny, data, tmp_path, capsys):
     rec = model.record
     assert rec["arch"] == "tiny_fcn8s" and rec["classes"] == ["background", "square", "disc"]
     assert rec["provenance"]["config"]["seed"] == 3 and "mean_iou" in rec["metrics"]
+    # the machine that trained it, as the figures name it: processor, PyTorch capability, cores
+    from fcnseg.hardware import cpu_description
+    assert rec["provenance"]["cpu"] == cpu_description() and rec["provenance"]["device"] == "cpu"
 
     capsys.readouterr()
     out_json = tmp_path / "scores.json"

@@ -88,3 +88,13 @@ def test_meta_carries_the_training_cost_and_none_where_the_record_is_silent(tmp_
     meta = fcnseg.get_weights(path).meta
     assert (meta["cpu"], meta["wall_time_s"], meta["threads"]) == ("Intel(R) Xeon(R) Platinum 8480+", 12.5, 4)
     assert meta["train_images_per_second"] is None and meta["split"] is None
+
+
+def test_the_cpu_description_names_the_processor_its_capability_and_cores():
+    import os
+
+    from fcnseg.hardware import cpu_description
+
+    name, capability, cores = cpu_description().rsplit(", ", 2)
+    assert name and capability == torch.backends.cpu.get_cpu_capability()
+    assert cores == f"{os.cpu_count()} cores"

@@ -7,6 +7,8 @@ entry point (the CLI and the benchmark workers call them); no library function c
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 from typing import Iterator
 
 import torch
@@ -121,6 +123,18 @@ def vnni_cpu() -> bool:
         return bool(torch.cpu._is_vnni_supported())
     except (AttributeError, RuntimeError):  # an older torch: assume the worst
         return False
+
+
+def cpu_description() -> str:
+    """This machine's processor as a figure should name it: the model name (``/proc/cpuinfo`` on Linux, else
+    ``platform.processor()``), PyTorch's CPU capability (AVX2, AVX512, AVX512_BF16, AMX...) and the core count,
+    e.g. ``"AMD EPYC 9B14, AVX512, 2 cores"``."""
+    name = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count() or 1} cores"
 
 
 def bf16_slowness() -> str | None:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..data.io import median_image_size
+from ..hardware import cpu_description
 from ..weights.checkpoint import make_record, save_checkpoint
 from .setup import Position, Run
 from .state import rng_state, save_state
@@ -26,7 +27,8 @@ def save_weights(run: Run, name: str, scores: dict[str, Any] | None, epoch: int)
     """``checkpoints/{name}.safetensors`` with its record: provenance, and the validation scores if any."""
     cfg, data = run.cfg, run.data
     provenance = {"command": run.command, "config": cfg.to_dict(), "code": run.code,
-                  "dataset": cfg.dataset, "split": cfg.split, "epoch": epoch, "step": run.pos.step}
+                  "dataset": cfg.dataset, "split": cfg.split, "epoch": epoch, "step": run.pos.step,
+                  "cpu": cpu_description(), "device": str(run.info.device)}
     metrics = dict(summary(scores), split=cfg.val_split, epoch=epoch) if scores else {}
     files = getattr(data.train, "files", None)
     extra = {"working_size": median_image_size([f[0] for f in files])} if files else {}

@@ -20,9 +20,9 @@ class Weights:
     """One weight file: ``arch`` (the registered model it fills), its checked ``record``, its ``path``, and ``meta``:
     the measured ``metrics`` with their ``split`` and ``command``, how the checkpoint was chosen, the training
     recipe and command, the code version, and what the training cost: ``wall_time_s``, ``train_images_per_second``,
-    ``threads`` (as the recipe asked) and ``cpu`` (the processor's name, from ``provenance["cpu"]``). Each is None
-    where the record does not say; ``fcnseg train`` does not write ``provenance["cpu"]`` yet, so ``cpu`` is None
-    for both built-in models and for runs trained here, and set only where a record was given one."""
+    ``threads`` (as the recipe asked) and ``cpu`` (the processor, its PyTorch capability and cores, from
+    ``provenance["cpu"]``, which ``fcnseg train`` writes into every checkpoint). Each is None where the record does
+    not say (weights trained before the CPU was recorded)."""
 
     name: str
     arch: str
