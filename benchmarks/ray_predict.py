@@ -31,7 +31,7 @@ CAMVID = Path("/work/shared/datasets/camvid")
 
 
 def images(source: str, n: int, folder: Path) -> list[Path]:
-    """``n`` images in ``folder``: CamVid frames (360x480, repeated as links when fewer) or synthetic ones."""
+    """``n`` images in ``folder``: CamVid frames (360x480, copied again when fewer) or synthetic ones."""
     import numpy as np
     from PIL import Image
 
@@ -41,8 +41,8 @@ def images(source: str, n: int, folder: Path) -> list[Path]:
     out = []
     for i in range(n):
         dst = folder / f"frame{i:06d}.png"
-        if frames:
-            os.symlink(frames[i % len(frames)].resolve(), dst)
+        if frames:  # copies: predict takes a file once however many links lead to it
+            shutil.copyfile(frames[i % len(frames)], dst)
         else:
             rng = np.random.default_rng(i)
             small = rng.integers(0, 256, (46, 61, 3), dtype=np.uint8)
@@ -116,6 +116,9 @@ def run(variant: str, inputs: Path, n: int, out: Path, threads: int) -> dict:
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{variant}: exit {proc.returncode}: {stderr.strip().splitlines()[-1:]}")
+    written = len(list(out.glob("frame*.png")))
+    if written != n:  # a steady state over images that were never segmented would be made up
+        raise SystemExit(f"{variant}: wrote {written} masks for {n} images")
     seen += [total] * (n - len(seen))
     # images/s between the 10% and 90% marks; results arrive in blocks, so a job of a few blocks has no
     # steady state to speak of (None)

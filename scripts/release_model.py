@@ -38,6 +38,22 @@ def run_timing(run: Path) -> dict:
     return out
 
 
+def selected_on(record: dict, prov: dict) -> dict | None:
+    """How the checkpoint was chosen, when its run chose on a shipped dev split: the split, the criterion, the
+    split lists' SHA-256 and the chosen epoch's scores on dev (the training run's own evaluation, kept in the
+    record before the reported figures replace them); None for a run that validated on anything else."""
+    config = prov.get("config") or {}
+    split, dataset = config.get("val_split"), config.get("dataset")
+    metrics = record.get("metrics") or {}
+    if split != "dev" or metrics.get("split") != "dev":
+        return None
+    from fcnseg.data.dev import split_digests
+
+    return {"split": "dev", "by": "mean IU, evaluated every eval_every epochs and at the last (best.safetensors)",
+            "epoch": metrics.get("epoch"), "lists_sha256": split_digests(dataset),
+            "scores": {k: metrics[k] for k in METRIC_KEYS if k in metrics}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
@@ -68,13 +84,19 @@ def main() -> int:
         prov["stages"] = stages
     prov["released_from"] = f"{args.run.name}/checkpoints/{args.which}.safetensors"
     record["provenance"] = prov
+    selection = selected_on(record, prov)
     if args.eval_json:
         scores = json.loads(args.eval_json.read_text())
+        if selection and scores.get("split") == selection["split"]:
+            raise SystemExit(f"--eval-json scores the {selection['split']} split that chose the checkpoint; "
+                             f"report another split (val)")
         record["metrics"] = {k: scores[k] for k in METRIC_KEYS}
         record["metrics"]["per_class_iou"] = {c["name"]: c["iou"] for c in scores["per_class"]}
         record["metrics"]["split"] = scores.get("split", record.get("metrics", {}).get("split"))
         record["metrics"]["command"] = args.eval_command
         record["metrics"]["excluded"] = scores.get("excluded", [])
+        if selection:
+            record["metrics"]["selected_on"] = selection
     if args.tta_eval_json:
         scores = json.loads(args.tta_eval_json.read_text())
         record["metrics"]["with_tta"] = {**{k: scores[k] for k in METRIC_KEYS}, **scores["tta"],

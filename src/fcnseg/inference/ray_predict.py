@@ -135,8 +135,12 @@ class _Predictor:
 
         from .segmenter import Segmenter
 
-        # an actor is a process of its own: its thread count is set on purpose so that the pool does not
+        # an actor is a process of this job's own, so its process-wide settings are the job's to make, as
+        # ``fcnseg predict`` makes them at its entry point: subnormal floats flushed to zero (the same numbers
+        # as plain predict, and no slow path where activations underflow), set before the first parallel work
+        # so that the OpenMP threads inherit it; and the thread count set on purpose so that the pool does not
         # oversubscribe the cores (Ray would leave OMP_NUM_THREADS at the actor's num_cpus)
+        torch.set_flush_denormal(True)
         torch.set_num_threads(threads)
         self.job = job
         self.seg = Segmenter.from_checkpoint(job.checkpoint, backend=job.backend, **job.segmenter_options)
@@ -145,9 +149,12 @@ class _Predictor:
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        rows = [self._one(i, s, st) for i, s, st in zip(batch.column("index").to_pylist(),
-                                                          batch.column("source").to_pylist(),
-                                                          batch.column("stem").to_pylist())]
+        from ..hardware import flush_denormal
+
+        with flush_denormal():  # the flag is per thread: this call may run on another thread than __init__
+            rows = [self._one(i, s, st) for i, s, st in zip(batch.column("index").to_pylist(),
+                                                              batch.column("source").to_pylist(),
+                                                              batch.column("stem").to_pylist())]
         return pa.Table.from_pylist(rows, schema=_schema())
 
     def _one(self, index: int, source: str, stem: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from .checkpoint import builtin_checkpoints, load_checkpoint, read_record, resol
 @dataclass(frozen=True)
 class Weights:
     """One weight file: ``arch`` (the registered model it fills), its checked ``record``, its ``path``, and ``meta``:
-    the measured ``metrics`` with their ``split`` and ``command``, how the checkpoint was chosen, the training
+    the measured ``metrics`` with their ``split`` and ``command``, how the checkpoint was chosen (``checkpoint_chosen``;
+    ``selection``: the dev split, its lists' SHA-256 and the dev scores, for weights chosen on dev), the training
     recipe and command, the code version, and what the training cost: ``wall_time_s``, ``train_images_per_second``,
     ``threads`` (as the recipe asked) and ``cpu`` (the processor, its PyTorch capability and cores, from
     ``provenance["cpu"]``, which ``fcnseg train`` writes into every checkpoint). Each is None where the record does
@@ -61,10 +62,12 @@ def _meta(record: CheckpointRecord) -> dict[str, Any]:
     provenance = record.provenance
     recipe = provenance.get("config")
     released = str(provenance.get("released_from") or "")
-    chosen = ("the epoch with the best validation mean IU (best.safetensors)" if released.endswith("best.safetensors")
+    selection = metrics.get("selected_on")  # weights chosen on a shipped dev split (scripts/release_model.py)
+    on = selection["split"] if isinstance(selection, dict) and selection.get("split") else "validation"
+    chosen = (f"the epoch with the best {on} mean IU (best.safetensors)" if released.endswith("best.safetensors")
               else "the last epoch (last.safetensors)" if released.endswith("last.safetensors") else None)
     return {"metrics": metrics, "split": metrics.get("split"), "metrics_command": metrics.get("command"),
-            "checkpoint_chosen": chosen, "recipe": recipe, "command": provenance.get("command"),
+            "checkpoint_chosen": chosen, "selection": selection if isinstance(selection, dict) else None, "recipe": recipe, "command": provenance.get("command"),
             "code": provenance.get("code"), "cpu": provenance.get("cpu"), "wall_time_s": provenance.get("wall_time_s"),
             "train_images_per_second": provenance.get("train_images_per_second"),
             "threads": recipe.get("threads") if isinstance(recipe, dict) else None}
