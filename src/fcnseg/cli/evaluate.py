@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import FcnsegError, show_path
 
-    from .predict import check_checkpoint_name
+    from ..weights.checkpoint import check_checkpoint_name
 
     if args.dense is None and args.dense_stride is not None:  # named as the flags are
         raise FcnsegError("--dense-stride needs --dense shift-and-stitch or --dense rarefaction")

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..weights.export import export, parity
     from ..weights.runtimes import load_exported
     from ..files import output_file
-    from .predict import check_checkpoint_name
+    from ..weights.checkpoint import check_checkpoint_name
 
     output_file(args.out, what="--out")
     hold_output(args, args.out)  # one writer per file

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.prediction_files import PredictionFiles
     from ..inference.segmenter import Segmenter
     from ..inference.uncertainty import uncertainty
-    from ..weights.checkpoint import checkpoint_heads, load_checkpoint
+    from ..weights.checkpoint import check_checkpoint_name, checkpoint_heads, load_checkpoint
 
     if not args.out.exists() and args.out.suffix.lower() in IMAGE_SUFFIXES:  # not a folder named result.png
         raise FcnsegError(f"--out {show_path(args.out)}: predict writes a folder (OUT/<image>.png per image), and "
@@ -227,7 +227,8 @@ def run_ray(args: argparse.Namespace, out: Path) -> int:
     from ..errors import FcnsegError
     from ..inference.prediction_files import PredictionFiles
     from ..inference.ray_predict import RayJob, expand_manifests, import_ray, quiet_ray, run_job, summary
-    from ..weights.checkpoint import check_weights_fit, checkpoint_heads, read_record, resolve_checkpoint
+    from ..weights.checkpoint import (check_checkpoint_name, check_weights_fit, checkpoint_heads, read_record,
+                                      resolve_checkpoint)
 
     if args.engine != "ray":
         raise FcnsegError("--resume, --address, --num-workers and --worker-threads go with --engine ray")
@@ -373,41 +374,11 @@ def say(message: str, bar=None) -> None:
         print(line, file=sys.stderr)
 
 
-def check_checkpoint_name(checkpoint: str) -> None:
-    """A checkpoint that is neither an installed built-in name nor an existing file or folder gets one line,
-    the same from every command ("no such checkpoint file" for a path), with a close match as "did you mean"."""
-    import difflib
-
-    from ..weights.checkpoint import builtin_checkpoints
-    from ..errors import FcnsegError
-
-    path = Path(checkpoint)
-    builtins = builtin_checkpoints()
-    try:
-        if checkpoint in builtins or path.exists():
-            return
-    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file either
-        pass
-    installed = ", ".join(builtins) or "none installed"
-    if not any(c in checkpoint for c in "/\\."):  # a bare name: a built-in one
-        close = difflib.get_close_matches(checkpoint, list(builtins), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FcnsegError(f"built-in checkpoint {checkpoint!r} is not installed ({hint}built-in: {installed}); "
-                          f"pass --checkpoint PATH to a .safetensors checkpoint, run directory or .onnx file")
-    parent = path.parent
-    try:
-        near = [p.name for p in parent.iterdir()] if parent.is_dir() else []
-    except OSError:
-        near = []
-    close = difflib.get_close_matches(path.name, near, n=1, cutoff=0.6)
-    hint = f"; did you mean {show_path(parent / close[0])!r}?" if close else ""
-    raise FcnsegError(f"{show_path(checkpoint)}: no such checkpoint file (built-in checkpoints: {installed}){hint}")
-
-
 def load_segmenter(checkpoint: str, backend: str | None = None, **kwargs):
     """A Segmenter for the CLI, after ``check_checkpoint_name``. A process-wide step the library leaves to
     programs: a 16-bit conversion's freed float32 weights go back to the OS (glibc keeps freed pages)."""
     from ..inference.segmenter import Segmenter
+    from ..weights.checkpoint import check_checkpoint_name
     from ..hardware import return_freed_memory
 
     check_checkpoint_name(checkpoint)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .. import models  # noqa: F401  (fills the model registry that records are checked against)
-from ..errors import FcnsegError
+from ..errors import FcnsegError, show_path
 from ..files import atomic_write, clean_stale_temps, file_digest, output_file, read_state_dict
 from ..hardware import parse_dtype
 from ..record import IMAGENET_MEAN, IMAGENET_STD, CheckpointRecord, default_palette
@@ -163,6 +163,34 @@ def builtin_checkpoints() -> dict[str, Path]:
     if not WEIGHTS_DIR.is_dir():
         return {}
     return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
+
+
+def check_checkpoint_name(checkpoint: str) -> None:
+    """A checkpoint that is neither an installed built-in name nor an existing file or folder gets one line,
+    the same from every command ("no such checkpoint file" for a path), with a close match as "did you mean"."""
+    import difflib
+
+    path = Path(checkpoint)
+    builtins = builtin_checkpoints()
+    try:
+        if checkpoint in builtins or path.exists():
+            return
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file either
+        pass
+    installed = ", ".join(builtins) or "none installed"
+    if not any(c in checkpoint for c in "/\\."):  # a bare name: a built-in one
+        close = difflib.get_close_matches(checkpoint, list(builtins), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FcnsegError(f"built-in checkpoint {checkpoint!r} is not installed ({hint}built-in: {installed}); "
+                          f"pass --checkpoint PATH to a .safetensors checkpoint, run directory or .onnx file")
+    parent = path.parent
+    try:
+        near = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        near = []
+    close = difflib.get_close_matches(path.name, near, n=1, cutoff=0.6)
+    hint = f"; did you mean {show_path(parent / close[0])!r}?" if close else ""
+    raise FcnsegError(f"{show_path(checkpoint)}: no such checkpoint file (built-in checkpoints: {installed}){hint}")
 
 
 def verify_builtin(path: Path) -> None:
