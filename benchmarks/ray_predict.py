@@ -189,20 +189,20 @@ def main() -> None:
     import torch
 
     if args.memory:
-        work = Path(tempfile.mkdtemp(prefix="fcnseg-bench-ray-mem-"))
-        try:
-            rows = [memory_run(n, work) for n in args.memory]
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}; {os.cpu_count()} CPUs; --engine ray, "
               f"2 workers x 1 thread, 24x24 images")
         print("| paths | wall s | driver RSS at 25% / 50% / 75% (MB) | peak driver (MB) | peak actor (MB) | "
               "peak tree (MB) |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            marks = " / ".join(f"{r['progress'][q]:.0f}" if q in r["progress"] else "-" for q in (25, 50, 75))
-            print(f"| {r['n']} | {r['seconds']:.0f} | {marks} | {r['driver']:.0f} | {r['actor']:.0f} | "
-                  f"{r['tree']:.0f} |")
+        print("|---|---|---|---|---|---|", flush=True)
+        work = Path(tempfile.mkdtemp(prefix="fcnseg-bench-ray-mem-"))
+        try:
+            for n in args.memory:  # each row as it is measured: a long run cut short keeps the rows before
+                r = memory_run(n, work)
+                marks = " / ".join(f"{r['progress'][q]:.0f}" if q in r["progress"] else "-" for q in (25, 50, 75))
+                print(f"| {r['n']} | {r['seconds']:.0f} | {marks} | {r['driver']:.0f} | {r['actor']:.0f} | "
+                      f"{r['tree']:.0f} |", flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return
 
     work = Path(tempfile.mkdtemp(prefix="fcnseg-bench-ray-"))
