@@ -66,11 +66,15 @@ class RayOutcome:
     seconds: float = 0.0
 
     def count(self, row: dict[str, Any], before: bool = False) -> None:
+        """Count one row: carried over by --resume (``before``), or by its status."""
         if before:
             self.done_before += 1
+        elif row["status"] == "ok":
+            self.written += 1
+        elif row["status"] == "skipped":
+            self.skipped += 1
         else:
-            setattr(self, {"ok": "written"}.get(row["status"], row["status"]),
-                    getattr(self, {"ok": "written"}.get(row["status"], row["status"])) + 1)
+            self.failed += 1
 
 
 # -- inputs -------------------------------------------------------------------------------------------
