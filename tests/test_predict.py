@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fcnseg.cli import main
-from fcnseg.cli.predict import expand_inputs, output_stems, renamed_stems
+from fcnseg.cli.predict import expand_inputs, output_stems, renamed_stems, say
 from tiny_models import random_image
 
 
@@ -71,6 +71,44 @@ def test_a_bad_file_among_good_ones(tmp_path, ckpt, images, capsys):
     assert any("*.gif" in e for e in err) and any("empty.jpg" in e for e in err)
     assert (out / "a.png").is_file() and (out / "b.png").is_file() and (out / "legend.png").is_file()
     assert not (out / "broken.png").exists()
+
+
+def test_a_line_said_under_an_open_progress_bar_starts_its_own_line(capsys):
+    """The Ray engine's bar belongs to the library; a failed image is said while it is drawn. The line must not
+    be glued to the bar's text (CI once read `43%|...| 3/7 [...]fcnseg: broken.png: ...`)."""
+    import sys
+
+    from tqdm import tqdm
+
+    with tqdm(total=7, unit="image", file=sys.stderr) as bar:
+        bar.update(3)
+        say("in/broken.png: unreadable image")
+        bar.update(4)
+    err = capsys.readouterr().err.splitlines()
+    assert "fcnseg: in/broken.png: unreadable image" in err, err
+
+
+def test_a_library_log_record_under_an_open_progress_bar_starts_its_own_line(capsys):
+    """The same for what the library logs while a bar is drawn (a training epoch's, an evaluation's): the CLI's
+    handler shows it as its own line."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    from fcnseg.cli import _LineHandler, _LogFormat
+
+    handler = _LineHandler()
+    handler.setFormatter(_LogFormat())
+    log = logging.getLogger("fcnseg.test_bar")
+    log.addHandler(handler)
+    try:
+        with tqdm(total=4, file=sys.stderr) as bar:
+            bar.update(1)
+            log.warning("checkpoint saved late")
+    finally:
+        log.removeHandler(handler)
+    assert "fcnseg: warning: checkpoint saved late" in capsys.readouterr().err.splitlines()
 
 
 def test_large_images_are_tiled_to_the_input_size(tmp_path, ckpt):

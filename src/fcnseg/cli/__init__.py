@@ -52,8 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stderr_line(text: str) -> None:
+    """One line on stderr through ``tqdm.write``: a progress bar open at the time (a command's own, or one the
+    library draws, such as the Ray job's or a training epoch's) is cleared and redrawn below the line, so the
+    line never lands in the middle of the bar's text."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"fcnseg: warning: {printable(str(message))}", file=sys.stderr)
+    stderr_line(f"fcnseg: warning: {printable(str(message))}")
+
+
+class _LineHandler(logging.Handler):
+    """The library's log records on stderr, each through ``stderr_line``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stderr_line(self.format(record))
+        except Exception:  # logging's own rule: a record that cannot be shown never stops the program
+            self.handleError(record)
 
 
 class _LogFormat(logging.Formatter):
@@ -98,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     # the library logs to "fcnseg"; the program shows those messages on stderr while the command runs
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler()
     handler.setFormatter(_LogFormat())
     lib_logger = logging.getLogger("fcnseg")
     level = lib_logger.level

@@ -327,23 +327,23 @@ def write_each(args: argparse.Namespace, out: Path, files: list[Path], problems:
         there = [n for n in names_of(stem) if (out / n).exists()] if not args.overwrite else []
         if there:  # checked before the work; the exclusive write still catches a name taken meanwhile
             skipped += 1
-            say(f"{show_path(out / there[0])}: exists already, not replaced (--overwrite replaces it)", bar)
+            say(f"{show_path(out / there[0])}: exists already, not replaced (--overwrite replaces it)")
             continue
         try:
             write_one(path, stem)
             written += 1
         except OutputExistsError as e:
             skipped += 1
-            say(f"{e} (another run wrote it meanwhile; --overwrite replaces it)", bar)
+            say(f"{e} (another run wrote it meanwhile; --overwrite replaces it)")
         except OutputWriteError as e:  # a full disk or a read-only folder fails every later image too
             failed += 1
             stopped = len(todo) - i - 1
-            say(str(e), bar)
+            say(str(e))
             break
         except (FcnsegError, OSError, ValueError, RuntimeError) as e:
             failed += 1
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            say(msg if str(path) in msg else f"{show_path(path)}: {msg}", bar)
+            say(msg if str(path) in msg else f"{show_path(path)}: {msg}")
     bar.close()
     if written:
         for name, (classes, colors) in legends.items():
@@ -363,15 +363,11 @@ def write_each(args: argparse.Namespace, out: Path, files: list[Path], problems:
     return 1 if failed or problems or skipped else 0
 
 
-def say(message: str, bar=None) -> None:
-    """One ``fcnseg:`` line on stderr (above the progress bar), control characters escaped."""
-    from tqdm import tqdm
+def say(message: str) -> None:
+    """One ``fcnseg:`` line on stderr, control characters escaped, never inside an open progress bar."""
+    from . import stderr_line
 
-    line = f"fcnseg: {printable(message)}"
-    if bar is not None:
-        tqdm.write(line, file=sys.stderr)
-    else:
-        print(line, file=sys.stderr)
+    stderr_line(f"fcnseg: {printable(message)}")
 
 
 def load_segmenter(checkpoint: str, backend: str | None = None, **kwargs):
