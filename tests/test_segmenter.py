@@ -13,7 +13,7 @@ import fcnseg
 from fcnseg.errors import FcnsegError
 from fcnseg.inference.optimize import optimize
 from fcnseg.inference.segmenter import Segmenter
-from fcnseg.inference.tiling import tile_spans
+from fcnseg.inference.options import tile_spans
 
 from tiny_models import random_image, tiny_checkpoint, tiny_model
 
@@ -275,7 +275,7 @@ def test_a_model_in_training_mode_is_segmented_in_eval_mode_and_left_as_it_was()
 
 def test_the_tta_module_gives_the_segmenters_probabilities():
     """evaluate --flip/--scales and Segmenter share one averaging: same probabilities for the same image."""
-    from fcnseg.inference.tta import TestTimeAugmentation
+    from fcnseg.inference.options import TestTimeAugmentation
 
     model = tiny_model().eval()
     img = random_image(40, 56, 7)

@@ -52,7 +52,7 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, root
     """
     from ..data import build_dataset
     from .loop import evaluate_model
-    from ..inference.tta import check_scales
+    from ..inference.options import check_scales
 
     dataset, root, split, dataset_kwargs = _what_to_score(checkpoint, dataset, root, split, dataset_kwargs)
     scales = check_scales(scales)

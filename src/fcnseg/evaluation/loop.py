@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from ..errors import FcnsegError
 from ..inference.optimize import optimize
-from ..inference.tta import TestTimeAugmentation, check_scales, class_ids
+from ..inference.options import TestTimeAugmentation, check_scales, class_ids
 from ..models.multihead import head_targets
 from ..modes import eval_mode
 from .metrics import ConfusionMatrix

@@ -5,7 +5,7 @@ test-time augmentation), running an optimized copy of the model (``fcnseg.infere
     mask = seg(image)              # PIL image, (H, W, 3) array or (3, H, W) tensor -> (H, W) class ids
     masks = seg([im1, im2])        # a list in, a list out (same-sized images run as one batch)
 
-Large images are cut into overlapping tiles (``fcnseg.inference.tiling``).
+Large images are cut into overlapping tiles (``fcnseg.inference.options.tile_spans``).
 """
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ from ..preprocess import PairedTransform
 from ..record import normalization_of, refuse_multihead
 from ..hardware import parse_dtype
 from .optimize import copy_model, optimize
-from .options import TTA, UNSET, Resize, Tiling, grouped_options
-from .tiling import tile_spans
-from .tta import class_ids, tta_probabilities
+from .options import TTA, UNSET, Resize, Tiling, class_ids, grouped_options, tile_spans, tta_probabilities
 from .visualize import class_colors
 
 __all__ = ["ImageLike", "Prediction", "Segmenter"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import FcnsegError
 from ..evaluation.loop import autocast
-from ..inference.tta import class_ids
+from ..inference.options import class_ids
 from ..models.multihead import head_targets, multihead_loss
 from .batchnorm import exact_batch_norm
 
