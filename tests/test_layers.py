@@ -18,7 +18,7 @@ PACKAGE = SRC / "fcnseg"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("fcnseg.errors", "fcnseg.version")),
     ("files and machine", ("fcnseg.files", "fcnseg.hardware", "fcnseg.lock", "fcnseg.modes")),
-    ("record", ("fcnseg.registry", "fcnseg.record", "fcnseg.preprocess", "fcnseg.config")),
+    ("record", ("fcnseg.registry", "fcnseg.record", "fcnseg.config")),
     ("models and data", ("fcnseg.models", "fcnseg.data")),
     ("weights", ("fcnseg.weights",)),
     ("inference", ("fcnseg.inference",)),

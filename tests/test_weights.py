@@ -8,7 +8,7 @@ from PIL import Image
 
 import fcnseg
 from fcnseg.errors import FcnsegError
-from fcnseg.preprocess import PairedTransform
+from fcnseg.record import PairedTransform
 
 
 def test_builtin_weights_are_listed_and_typed():

@@ -13,9 +13,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..record import IMAGENET_MEAN, IMAGENET_STD
+from ..record import IMAGENET_MEAN, IMAGENET_STD, PairedTransform
 from ..errors import FcnsegError
-from ..preprocess import PairedTransform
 
 IGNORE_INDEX = 255  # the mask value of unlabelled pixels: no loss, no score
 

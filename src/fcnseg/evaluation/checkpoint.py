@@ -148,9 +148,8 @@ def _open_for_scoring(checkpoint: str | Path, data, dataset: str, *, onnx: bool,
     and out; densified for ``dense``), its device and compute dtype; sets ``data``'s transforms to the checkpoint's
     own normalisation at original resolution."""
     from ..weights.checkpoint import open_model
-    from ..preprocess import PairedTransform
     from ..weights.runtimes import OnnxRuntimeModule
-    from ..record import normalization_of
+    from ..record import PairedTransform, normalization_of
     from ..hardware import pick_device
 
     device = torch.device("cpu") if onnx else pick_device(str(device))

@@ -22,8 +22,7 @@ from PIL import Image
 from ..weights.catalog import Weights
 from ..weights.checkpoint import open_model
 from ..errors import FcnsegError
-from ..preprocess import PairedTransform
-from ..record import normalization_of, refuse_multihead
+from ..record import PairedTransform, normalization_of, refuse_multihead
 from ..hardware import parse_dtype
 from .optimize import copy_model, optimize
 from .options import TTA, UNSET, Resize, Tiling, class_ids, grouped_options, tile_spans, tta_probabilities

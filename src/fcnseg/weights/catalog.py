@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import FcnsegError
-from ..preprocess import PairedTransform
-from ..record import CheckpointRecord
+from ..record import CheckpointRecord, PairedTransform
 from .checkpoint import builtin_checkpoints, load_checkpoint, read_record, resolve_checkpoint
 
 
