@@ -98,7 +98,7 @@ def test_the_manifest_streams_in_row_groups(tmp_path):
 def test_a_job_with_every_output_there_starts_no_ray_and_names_each_input_once(tmp_path):
     import ray
 
-    from fcnseg.inference.prediction_files import PredictionFiles
+    from fcnseg.inference.visualize import PredictionFiles
     from fcnseg.inference.ray_predict import RayJob, run_job
 
     src, out = photos(tmp_path / "in", 3), tmp_path / "out"

@@ -66,6 +66,13 @@ def default_palette(n: int) -> list[list[int]]:
     return out
 
 
+def class_colors(colors: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours: the given ones, completed with the VOC palette where missing."""
+    base = default_palette(num_classes)
+    given = [list(map(int, c)) for c in (colors or [])][:num_classes]
+    return np.array(given + base[len(given):], dtype=np.uint8).reshape(num_classes, 3)
+
+
 class CheckpointRecord(Mapping):
     """A checked checkpoint record. Build it with ``CheckpointRecord.parse(data, source)``.
 

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.io import read_image
     from ..errors import FcnsegError
     from ..files import output_dir, write_group
-    from ..inference.prediction_files import PredictionFiles
+    from ..inference.visualize import PredictionFiles
     from ..inference.segmenter import Segmenter
     from ..inference.uncertainty import uncertainty
     from ..weights.checkpoint import check_checkpoint_name, checkpoint_heads, load_checkpoint
@@ -225,7 +225,7 @@ def uniform_uncertainty(means: list[float], floor: float = 0.9) -> str | None:
 def run_ray(args: argparse.Namespace, out: Path) -> int:
     """``predict --engine ray``: the same checks and lines as predict, the work done by ``fcnseg.inference.ray_predict``."""
     from ..errors import FcnsegError
-    from ..inference.prediction_files import PredictionFiles
+    from ..inference.visualize import PredictionFiles
     from ..inference.ray_predict import RayJob, expand_manifests, import_ray, quiet_ray, run_job, summary
     from ..weights.checkpoint import (check_checkpoint_name, check_weights_fit, checkpoint_heads, read_record,
                                       resolve_checkpoint)

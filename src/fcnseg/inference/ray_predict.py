@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import FcnsegError, OutputExistsError, OutputWriteError, show_path
 from ..files import atomic_write
-from .prediction_files import PredictionFiles
+from .visualize import PredictionFiles, legend
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,6 @@ class _Predictor:
     def _legend(self, row: dict[str, Any]) -> None:
         """``legend.png`` once something is written, as predict writes it (a replace: every actor writes the
         same bytes); a failure to write it is said in the row's error, the image itself stays ok."""
-        from .visualize import legend
-
         try:
             atomic_write(self.job.out / "legend.png",
                          lambda tmp: legend(self.seg.classes, self.seg.colors).save(tmp, format="PNG"))

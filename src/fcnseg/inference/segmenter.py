@@ -22,11 +22,10 @@ from PIL import Image
 from ..weights.catalog import Weights
 from ..weights.checkpoint import open_model
 from ..errors import FcnsegError
-from ..record import PairedTransform, normalization_of, refuse_multihead
+from ..record import PairedTransform, class_colors, normalization_of, refuse_multihead
 from ..hardware import parse_dtype
 from .optimize import copy_model, optimize
 from .options import TTA, UNSET, Resize, Tiling, class_ids, grouped_options, tile_spans, tta_probabilities
-from .visualize import class_colors
 
 __all__ = ["ImageLike", "Prediction", "Segmenter"]
 

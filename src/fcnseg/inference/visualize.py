@@ -1,23 +1,19 @@
-"""Pictures of predictions: palette PNGs of class ids (one per head for a multi-head net), colour overlays, and a
-legend of class colours."""
+"""Pictures of predictions and the files they go into: palette PNGs of class ids (one per head for a multi-head
+net), colour overlays, a legend of class colours, and ``PredictionFiles``, the group of files ``fcnseg predict``
+writes for one image (mask, overlay, uncertainty, probabilities), shared by both of its engines."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import FcnsegError
-from ..record import default_palette
-
-
-def class_colors(colors: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours: the given ones, completed with the VOC palette where missing."""
-    base = default_palette(num_classes)
-    given = [list(map(int, c)) for c in (colors or [])][:num_classes]
-    return np.array(given + base[len(given):], dtype=np.uint8).reshape(num_classes, 3)
+from . import uncertainty as unc
+from .segmenter import Prediction
 
 
 def palette_image(mask: np.ndarray, colors: np.ndarray) -> Image.Image:
@@ -95,3 +91,45 @@ def write_head_masks(logits: Mapping[str, torch.Tensor], colors: Mapping[str, Se
         image = palette_image(mask, colors[name])
         group.append((out / f"{stem}_{name}.png", lambda tmp, image=image: image.save(tmp, format="PNG")))
     return write_group(group, overwrite=overwrite)
+
+
+@dataclass(frozen=True)
+class PredictionFiles:
+    """Which files one image gets: always ``<stem>.png`` (palette PNG of class ids), and on request
+    ``<stem>_overlay.jpg``, ``<stem>_uncertainty.png`` and ``<stem>_probs.npy``."""
+
+    overlay: bool = False
+    alpha: float = 0.5
+    probs: bool = False
+    uncertainty: bool = False
+
+    @property
+    def needs_probs(self) -> bool:
+        return self.probs or self.uncertainty
+
+    def names(self, stem: str) -> list[str]:
+        return [f"{stem}.png"] + ([f"{stem}_overlay.jpg"] if self.overlay else []) + \
+            ([f"{stem}_probs.npy"] if self.probs else []) + ([f"{stem}_uncertainty.png"] if self.uncertainty else [])
+
+    def group(self, out: Path, stem: str, image: Image.Image, pred: Prediction, colors: Sequence[Sequence[int]],
+              uncertainty: torch.Tensor | None = None) -> list[tuple[Path, Callable[[str], Any]]]:
+        """(path, writer) pairs for ``files.write_group``, in the order of ``names``. ``uncertainty``: the map
+        when the caller has computed it already (predict averages it), else it is computed from ``pred.probs``."""
+        mask = pred.mask.numpy()
+        group: list[tuple[Path, Callable[[str], Any]]] = [
+            (out / f"{stem}.png", lambda tmp: palette_image(mask, colors).save(tmp, format="PNG"))]
+        if self.overlay:
+            pic = overlay(image, mask, colors, self.alpha)
+            group.append((out / f"{stem}_overlay.jpg", lambda tmp: pic.save(tmp, format="JPEG", quality=90)))
+        if self.probs:
+            probs = pred.probs.numpy()
+
+            def save_npy(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    np.save(f, probs)
+
+            group.append((out / f"{stem}_probs.npy", save_npy))
+        if self.uncertainty:
+            u = unc.to_png_array(unc.uncertainty(pred.probs) if uncertainty is None else uncertainty)  # uint8 (H, W)
+            group.append((out / f"{stem}_uncertainty.png", lambda tmp: Image.fromarray(u).save(tmp, format="PNG")))
+        return group
