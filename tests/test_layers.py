@@ -17,7 +17,7 @@ PACKAGE = SRC / "fcnseg"
 #: layer name -> module prefixes in it, lowest layer first (``fcnseg/__init__.py``, the public facade, is on top)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("fcnseg.errors", "fcnseg.version")),
-    ("files and machine", ("fcnseg.files", "fcnseg.hardware", "fcnseg.lock", "fcnseg.modes")),
+    ("files and machine", ("fcnseg.files", "fcnseg.hardware", "fcnseg.modes")),
     ("record", ("fcnseg.registry", "fcnseg.record", "fcnseg.config")),
     ("models and data", ("fcnseg.models", "fcnseg.data")),
     ("weights", ("fcnseg.weights",)),

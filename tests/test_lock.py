@@ -19,7 +19,7 @@ from PIL import Image
 
 from fcnseg.cli import main
 from fcnseg.errors import FcnsegError
-from fcnseg.lock import OutputLock, OutputLockedError, lock_path
+from fcnseg.files import OutputLock, OutputLockedError, lock_path
 from tiny_models import env, make_folder_dataset, tiny_train_args, write_launcher
 
 FCNSEG = [sys.executable, "-m", "fcnseg"]
@@ -129,7 +129,7 @@ def test_many_processes_at_once_exactly_one_holds(tmp_path):
 @pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_stale_lock_of_a_sigkilled_process_is_taken_over(tmp_path):
     out = tmp_path / "out"
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fcnseg.lock import OutputLock\n"
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fcnseg.files import OutputLock\n"
                               f"OutputLock({str(out)!r}, ['fcnseg', 'train']).acquire()\nprint('held', flush=True)\n"
                               "time.sleep(600)"], env=env(), stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"

@@ -91,9 +91,10 @@ def add_progress_argument(p: argparse.ArgumentParser, default: str = "when stder
 
 def hold_output(args: argparse.Namespace, path, what: str = "--out") -> None:
     """Take the lock of the output ``path`` for the rest of the command (one writer per output; see
-    fcnseg.lock): a second writer is refused in one line naming the holder; a dead holder's lock is taken over
-    with a message. Released when the command ends. In a distributed run only rank 0, the writer, holds it."""
-    from ..lock import OutputLock
+    fcnseg.files.OutputLock): a second writer is refused in one line naming the holder; a dead holder's lock is
+    taken over with a message. Released when the command ends. In a distributed run only rank 0, the writer,
+    holds it."""
+    from ..files import OutputLock
 
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return
