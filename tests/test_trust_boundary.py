@@ -426,6 +426,21 @@ def test_a_record_asking_for_imagenet_weights_is_refused_before_anything_is_buil
     assert called == []
 
 
+def test_no_checkpoint_load_or_plain_build_calls_the_imagenet_loader(monkeypatch):
+    """A checkpoint's weights come from its file alone: the builders consult the ImageNet loader only when ImageNet
+    weights are asked for, so loading a checkpoint (or building any registered net without them) never runs it."""
+    from fcnseg.models import light, paper, resnet
+
+    calls = []
+    for module in (light, paper, resnet):
+        monkeypatch.setattr(module, "load_imagenet", lambda *args: calls.append(args))
+    fcnseg.load_checkpoint("camvid")
+    with torch.device("meta"):
+        for name in fcnseg.list_models():
+            fcnseg.build_model(name, num_classes=2)
+    assert calls == []
+
+
 def test_imagenet_weights_from_the_hub_cache_are_read_without_unpickling(tmp_path, monkeypatch):
     """Where a user asks for ImageNet weights themselves, a poisoned cache is refused, not run."""
     marker = tmp_path / "RAN"

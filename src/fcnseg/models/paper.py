@@ -26,8 +26,9 @@ def _keep_fc8(model: FCN, fc8: tuple[torch.Tensor, torch.Tensor] | None) -> None
 
 def _paper_fcn(family: str, backbone_cls, num_classes: int, pretrained, keep_fc8: bool, **kwargs) -> FCN:
     """One builder for the paper's nets: ImageNet weights into the trunk, fc6/fc7 convolutionalized
-    into the head where the classifier has them, fc8 as the score layer with ``keep_fc8``."""
-    weights = load_imagenet(family, pretrained)
+    into the head where the classifier has them, fc8 as the score layer with ``keep_fc8``. Without ImageNet weights
+    (``pretrained`` False or None: every checkpoint load) the ImageNet loader is not consulted."""
+    weights = None if pretrained is None or pretrained is False else load_imagenet(family, pretrained)
     backbone = backbone_cls(weights.state if weights else None)
     model = FCN(backbone, num_classes, **kwargs)
     if weights is not None and weights.fc6 is not None and isinstance(model.fc, ConvClassifier):

@@ -12,7 +12,8 @@ def _register_resnet(depth: int, kind: str) -> None:
     name = f"fcn{kind}_resnet{depth}"
 
     def build(num_classes: int = 21, pretrained=False, **kwargs) -> FCN:
-        weights = load_imagenet(f"resnet{depth}", pretrained)
+        # without ImageNet weights (every checkpoint load) the ImageNet loader is not consulted
+        weights = None if pretrained is None or pretrained is False else load_imagenet(f"resnet{depth}", pretrained)
         return light_fcn(ResNetBackbone(depth, weights.state if weights else None), num_classes, SKIPS[kind], **kwargs)
 
     build.__doc__ = f"FCN-{kind} on torchvision ResNet-{depth} (torchvision's ImageNet weights when pretrained)."
