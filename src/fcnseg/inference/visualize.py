@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import FcnsegError
 from . import uncertainty as unc
+from .options import class_ids
 from .segmenter import Prediction
 
 
@@ -87,7 +88,7 @@ def write_head_masks(logits: Mapping[str, torch.Tensor], colors: Mapping[str, Se
     for name, value in logits.items():
         if name not in colors:
             raise FcnsegError(f"no colours for head {name!r}; colours are given for {sorted(colors)}")
-        mask = (value[0] if value.dim() == 4 else value).argmax(0).cpu().numpy()
+        mask = class_ids(value if value.dim() == 4 else value[None])[0].cpu().numpy()  # the one argmax
         image = palette_image(mask, colors[name])
         group.append((out / f"{stem}_{name}.png", lambda tmp, image=image: image.save(tmp, format="PNG")))
     return write_group(group, overwrite=overwrite)
