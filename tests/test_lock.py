@@ -3,6 +3,7 @@ cannot both succeed or mix their files; a dead holder's lock is taken over with 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,58 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         assert proc.poll() is None, f"ended before taking the lock: {proc.communicate()}"
         assert time.monotonic() < end, "the lock never appeared"
         time.sleep(0.01)
+
+
+#: ``python PAUSE UNDER SCRIPT ARGS...`` runs ``SCRIPT ARGS...`` and stops the process (SIGSTOP, by itself) the
+#: first time it opens a file under the folder UNDER. What that moment means needs nothing of the code under test
+#: (no lock, no log line), so a test built on it runs on any version: a command pauses as it first reads its
+#: input (every check of its output done, nothing written) or as it first writes into its output.
+PAUSE = """import os, runpy, signal, sys
+under = os.path.realpath(sys.argv[1]) + os.sep
+paused = []
+
+
+def pause_at_first_open(event, args):
+    if event != "open" or paused or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    if os.path.realpath(os.fsdecode(args[0])).startswith(under):
+        paused.append(args[0])
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+sys.addaudithook(pause_at_first_open)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def start_paused(folder: Path, under: Path, script: Path, *args: str) -> subprocess.Popen:
+    """``python script args...`` that stops itself at its first open of a file under ``under``; returns once
+    it has (see ``PAUSE``)."""
+    pause = folder / "pause.py"
+    pause.write_text(PAUSE)
+    proc = start([sys.executable, str(pause), str(under), str(script), *args])
+    end = time.monotonic() + 240
+    while _state(proc.pid) != "T":
+        assert proc.poll() is None, f"ended before it opened anything under {under}: {proc.communicate()}"
+        assert time.monotonic() < end, f"never opened anything under {under}"
+        time.sleep(0.01)
+    return proc
+
+
+def _state(pid: int) -> str:
+    """The process state letter of ``pid`` (``T``: stopped by a signal)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@contextlib.contextmanager
+def continued_at_exit(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``proc``, sent SIGCONT when the block ends however it ends (a failed test leaves no stopped child)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
 
 
 def _has_record(path: Path) -> bool:
@@ -194,28 +248,32 @@ def test_cli_says_the_takeover_and_the_refusal_in_one_line(tmp_path, tiny_ckpt, 
 # ---- the commands, as two real processes -----------------------------------------------------------------------
 
 @pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
-def test_two_imports_into_one_folder_one_succeeds_nothing_mixed(tmp_path):
+@pytest.mark.parametrize("pause_in", ["export", "out"])
+def test_two_imports_into_one_folder_one_succeeds_nothing_mixed(tmp_path, pause_in):
+    # issue 30 finding 4: two `data import --out SAME` both said "imported 500 images", exit 0, and the folder
+    # mixed their masks. The first pauses as it first reads its export ("export": every check of --out passed,
+    # nothing written yet, where a second import used to get in) or as it first writes into --out ("out"); the
+    # second, with more images and other classes, runs into the same folder meanwhile.
     a = labelme_export(tmp_path / "a", ("car", "road"), 40, seed=1)
-    b = labelme_export(tmp_path / "b", ("person", "sky"), 40, seed=2)
+    b = labelme_export(tmp_path / "b", ("person", "sky"), 50, seed=2)
     reference = tmp_path / "reference"
     assert main(["data", "import", str(a), "--from", "labelme", "--out", str(reference)]) == 0
     out = tmp_path / "same"
-    first = start([*FCNSEG, "data", "import", str(a), "--from", "labelme", "--out", str(out)])
-    wait_for(lock_path(out), first)
-    os.kill(first.pid, signal.SIGSTOP)  # the first is mid-import while the second starts
-    try:
-        second = subprocess.run([*FCNSEG, "data", "import", str(b), "--from", "labelme", "--out", str(out)],
-                                env=env(), capture_output=True, text=True, timeout=300)
-    finally:
+    launcher = write_launcher(tmp_path / "bin")
+    first = start_paused(tmp_path, a if pause_in == "export" else out, launcher,
+                         "data", "import", str(a), "--from", "labelme", "--out", str(out))
+    with continued_at_exit(first):
+        second = subprocess.run([sys.executable, str(launcher), "data", "import", str(b), "--from", "labelme",
+                                 "--out", str(out)], env=env(), capture_output=True, text=True, timeout=300)
         os.kill(first.pid, signal.SIGCONT)
-    stdout, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr
+        stdout, stderr = first.communicate(timeout=300)
+    assert (first.returncode, second.returncode) == (0, 1), (stdout, stderr, second.stdout, second.stderr)
     assert "imported 40 images" in stdout
-    assert second.returncode == 1 and second.stdout == ""
+    assert second.stdout == ""
     line = one_error_line(second.stderr)
     assert line.startswith(f"fcnseg: error: --out {out} is being written by another fcnseg process "
                            f"(PID {first.pid} on {socket.gethostname()}: fcnseg data import {a} --from labelme")
-    assert tree(out) == tree(reference)  # the first import's files only, byte for byte
+    assert tree(out) == tree(reference)  # the first import's files only, byte for byte: no mask of b's
     assert "person" not in (out / "classes.txt").read_text()
     assert not lock_path(out).exists()
 
@@ -239,28 +297,31 @@ def test_two_imports_started_together_exactly_one_succeeds(tmp_path):
 
 @pytest.mark.slow  # moved out of the fast suite (issue 29: make test within 5 minutes); CI runs it
 def test_two_trainings_into_one_run_directory(tmp_path):
+    # issue 30 finding 5: two `train --out SAME` both exited 0 and printed the same "next:" lines; one run was
+    # gone. The first pauses as it first writes into the run directory (its config.yaml: past the check for a
+    # run already there); the second, another seed, runs into the same directory meanwhile.
     launcher = write_launcher(tmp_path / "bin")
     data = make_folder_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, str(launcher), *tiny_train_args(data, run)], env=env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lock_path(run), first)
-    os.kill(first.pid, signal.SIGSTOP)
-    try:
+    first = start_paused(tmp_path, run, launcher, *tiny_train_args(data, run))
+    with continued_at_exit(first):
         second = subprocess.run([sys.executable, str(launcher), *tiny_train_args(data, run, "--seed", "5")],
                                 env=env(), capture_output=True, text=True, timeout=300)
-    finally:
         os.kill(first.pid, signal.SIGCONT)
-    stdout, stderr = first.communicate(timeout=600)
-    assert first.returncode == 0, stderr
+        stdout, stderr = first.communicate(timeout=600)
+    assert (first.returncode, second.returncode) == (0, 1), (stdout, stderr, second.stdout, second.stderr)
     assert "next:" in stdout
-    assert second.returncode == 1 and "next:" not in second.stdout
+    assert "next:" not in second.stdout
     line = one_error_line(second.stderr)
     assert line.startswith(f"fcnseg: error: --out {run} is being written by another fcnseg process "
                            f"(PID {first.pid} on ")
     assert "fcnseg train --model tiny_fcn8s" in line
-    # the run directory is the first run's: its config, not the second's seed
+    # the run directory is the first run's, whole: its config and command, both its epochs, its checkpoints
     assert "seed: 0" in (run / "config.yaml").read_text()
+    assert "--seed" not in json.loads((run / "version.json").read_text())["command"]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"last.safetensors", "best.safetensors"} <= {p.name for p in (run / "checkpoints").iterdir()}
     assert not lock_path(run).exists()
 
 
