@@ -177,7 +177,7 @@ def run_rank(args: argparse.Namespace) -> int:
     from ..errors import FcnsegError
     from ..files import output_file
     from ..inference.uncertainty import rank_images
-    from .predict import expand_inputs, load_segmenter, uniform_uncertainty
+    from .predict import expand_inputs, load_segmenter, say, uniform_uncertainty
 
     output_file(args.out, what="--out", overwrite=False)  # before the images are read and the model loads
     files, problems = expand_inputs([str(i) for i in args.inputs])
@@ -188,7 +188,7 @@ def run_rank(args: argparse.Namespace) -> int:
         raise FcnsegError("no images to rank")
     seg = load_segmenter(args.checkpoint, device=args.device)
     rows, failed = rank_images(seg, files, args.out, measure=args.measure, progress=args.progress is not False,
-                               on_problem=lambda m: print(f"fcnseg: {m}", file=sys.stderr))
+                               on_problem=say)  # said while rank's progress bar is drawn: predict's own line
     print(f"ranked {len(rows)} images by mean {args.measure} uncertainty into {show_path(args.out)}"
           + (f"; {failed} failed" if failed else ""))
     for row in rows[:5]:
